@@ -5,3 +5,7 @@ from .errors import ModelFileError, RosenblattError
 __version__ = "0.1.0"
 
 __all__ = ["ModelFileError", "RosenblattError", "__version__"]
+
+from .engine import Engine  # noqa: E402
+
+__all__ += ["Engine"]

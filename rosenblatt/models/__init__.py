@@ -1,0 +1,12 @@
+"""Model architectures. One module per family; :func:`build_model` picks by ``general.architecture``."""
+
+from __future__ import annotations
+
+from ..backends import MatmulBackend
+from ..config import ModelConfig
+from ..gguf_file import GGUFFile
+
+
+def build_model(g: GGUFFile, cfg: ModelConfig, backend: MatmulBackend, n_ctx: int):
+    from .llama import LlamaModel
+    return LlamaModel(g, cfg, backend, n_ctx)

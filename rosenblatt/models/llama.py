@@ -1,0 +1,175 @@
+"""The llama family forward pass: Llama (SmolLM2) and Qwen2, as llama.cpp computes them.
+
+Per layer::
+
+    h = x + W_o · attention(rope(W_q·n + b_q), rope(W_k·n + b_k), W_v·n + b_v)   n = rmsnorm(x) * attn_norm
+    x' = h + W_down · (silu(W_gate·m) * (W_up·m))                             m = rmsnorm(h) * ffn_norm
+
+Differences between the two architectures are flags of :class:`~rosenblatt.config.ModelConfig`:
+``qkv_bias`` (Qwen2 has q/k/v biases) and ``rope_neox`` (Qwen2 rotates the pairs (i, i+d/2),
+llama.cpp's llama rotates adjacent pairs (2i, 2i+1) because its converter permuted W_q/W_k).
+Prefill (many tokens) and decode (one token) run the same :meth:`LlamaModel.forward`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..backends import MatmulBackend
+from ..config import ModelConfig
+from ..errors import ModelFileError
+from ..gguf_file import GGUFFile, TensorInfo
+from ..kv_cache import KVCache
+from ..quants import F16, F32, dequantize
+
+
+def _vector(g: GGUFFile, name: str, length: int) -> np.ndarray:
+    """A 1-D F32/F16 tensor (norm weight, bias) as a float32 array of the expected length."""
+    t = g.tensor(name)
+    if t.shape != (length,):
+        raise ModelFileError(g.path, f"tensor {name!r}", f"shape {list(t.shape)}, expected [{length}]")
+    if int(t.qtype) not in (F32, F16):
+        raise ModelFileError(g.path, f"tensor {name!r}", f"type {t.qtype.name}, expected F32 or F16")
+    return dequantize(t.data, int(t.qtype), length).reshape(length)
+
+
+def _matrix(g: GGUFFile, name: str, n_in: int, n_out: int, backend: MatmulBackend):
+    t = g.tensor(name)
+    if t.shape != (n_in, n_out):
+        raise ModelFileError(g.path, f"tensor {name!r}", f"shape {list(t.shape)}, expected [{n_in}, {n_out}]")
+    try:
+        return backend.prepare(t)
+    except ValueError as e:
+        raise ModelFileError(g.path, f"tensor {name!r}", str(e).split(": ", 1)[-1]) from None
+
+
+class Layer:
+    def __init__(self, g: GGUFFile, cfg: ModelConfig, i: int, backend: MatmulBackend):
+        p = f"blk.{i}."
+        d, q_dim = cfg.d_model, cfg.n_heads * cfg.head_dim
+        k_dim, v_dim = cfg.n_kv_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim_v
+        self.attn_norm = _vector(g, p + "attn_norm.weight", d)
+        self.wq = _matrix(g, p + "attn_q.weight", d, q_dim, backend)
+        self.wk = _matrix(g, p + "attn_k.weight", d, k_dim, backend)
+        self.wv = _matrix(g, p + "attn_v.weight", d, v_dim, backend)
+        self.wo = _matrix(g, p + "attn_output.weight", cfg.n_heads * cfg.head_dim_v, d, backend)
+        if cfg.qkv_bias:
+            self.bq = _vector(g, p + "attn_q.bias", q_dim)
+            self.bk = _vector(g, p + "attn_k.bias", k_dim)
+            self.bv = _vector(g, p + "attn_v.bias", v_dim)
+        else:
+            self.bq = self.bk = self.bv = None
+        self.ffn_norm = _vector(g, p + "ffn_norm.weight", d)
+        self.w_gate = _matrix(g, p + "ffn_gate.weight", d, cfg.d_ff, backend)
+        self.w_up = _matrix(g, p + "ffn_up.weight", d, cfg.d_ff, backend)
+        self.w_down = _matrix(g, p + "ffn_down.weight", cfg.d_ff, d, backend)
+
+
+def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+    ms = np.einsum("td,td->t", x, x, dtype=np.float32) / np.float32(x.shape[-1])
+    return x * (np.float32(1.0) / np.sqrt(ms + np.float32(eps)))[:, None] * weight
+
+
+def rope_tables(cfg: ModelConfig, n_ctx: int) -> tuple[np.ndarray, np.ndarray]:
+    """cos/sin of pos * base^(-2i/rope_dim), [n_ctx, rope_dim/2], computed in float64."""
+    inv_freq = cfg.rope_base ** (-np.arange(0, cfg.rope_dim, 2, dtype=np.float64) / cfg.rope_dim)
+    angles = np.arange(n_ctx, dtype=np.float64)[:, None] * cfg.rope_freq_scale * inv_freq[None, :]
+    return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+
+
+def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, rope_dim: int, neox: bool) -> None:
+    """Rotate ``x`` [T, heads, head_dim] in place; cos/sin are [T, rope_dim/2]."""
+    c, s = cos[:, None, :], sin[:, None, :]
+    half = rope_dim // 2
+    if neox:
+        x0, x1 = x[..., :half].copy(), x[..., half:rope_dim].copy()
+        x[..., :half] = x0 * c - x1 * s
+        x[..., half:rope_dim] = x0 * s + x1 * c
+    else:
+        x0, x1 = x[..., 0:rope_dim:2].copy(), x[..., 1:rope_dim:2].copy()
+        x[..., 0:rope_dim:2] = x0 * c - x1 * s
+        x[..., 1:rope_dim:2] = x0 * s + x1 * c
+
+
+def attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, start: int, n_kv: int) -> np.ndarray:
+    """Causal grouped-query attention of T new queries against the cache.
+
+    q: [T, H, hd]; k_cache/v_cache: [n_kv, n_ctx, hd] already holding positions [0, start+T).
+    Query head h reads kv head h // (H / n_kv). Returns [T, H * hd_v].
+    """
+    t, h, hd = q.shape
+    s = start + t
+    group = h // n_kv
+    qg = q.transpose(1, 0, 2).reshape(n_kv, group, t, hd)
+    keys = k_cache[:, None, :s, :]
+    scores = np.matmul(qg, keys.swapaxes(-1, -2)) * np.float32(1.0 / np.sqrt(hd))   # [n_kv, g, T, S]
+    if t > 1:
+        future = np.arange(s)[None, :] > (start + np.arange(t))[:, None]
+        scores[..., future] = -np.inf
+    scores -= scores.max(axis=-1, keepdims=True)
+    np.exp(scores, out=scores)
+    scores /= scores.sum(axis=-1, keepdims=True)
+    out = np.matmul(scores, v_cache[:, None, :s, :])                                    # [n_kv, g, T, hd_v]
+    return out.reshape(h, t, -1).transpose(1, 0, 2).reshape(t, -1)
+
+
+def silu_mul(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
+    with np.errstate(over="ignore"):
+        return gate / (np.float32(1.0) + np.exp(-gate)) * up
+
+
+class LlamaModel:
+    """Weights (prepared by a matmul backend), RoPE tables and the forward pass."""
+
+    def __init__(self, g: GGUFFile, cfg: ModelConfig, backend: MatmulBackend, n_ctx: int):
+        self.cfg = cfg
+        self.backend = backend
+        self.n_ctx = n_ctx
+        self.tok_embd = _matrix(g, "token_embd.weight", cfg.d_model, cfg.vocab_size, backend)
+        self.layers = [Layer(g, cfg, i, backend) for i in range(cfg.n_layers)]
+        self.out_norm = _vector(g, "output_norm.weight", cfg.d_model)
+        self.output = self.tok_embd if cfg.tied_output else \
+            _matrix(g, "output.weight", cfg.d_model, cfg.vocab_size, backend)
+        self.cos, self.sin = rope_tables(cfg, n_ctx)
+
+    def new_cache(self) -> KVCache:
+        c = self.cfg
+        return KVCache(c.n_layers, c.n_kv_heads, self.n_ctx, c.head_dim, c.head_dim_v)
+
+    def embed(self, tokens: np.ndarray) -> np.ndarray:
+        return self.backend.embed(self.tok_embd, tokens)
+
+    def forward(self, tokens: np.ndarray, cache: KVCache, logits: str = "last") -> np.ndarray | None:
+        """Run ``tokens`` (positions ``cache.length`` onward) through the model.
+
+        ``logits``: "all" → [T, vocab], "last" → [1, vocab], "none" → None (cache fill only).
+        """
+        cfg, mm = self.cfg, self.backend.matmul
+        t = len(tokens)
+        start = cache.length
+        if start + t > self.n_ctx:
+            raise ValueError(f"context overflow: {start} + {t} tokens > n_ctx {self.n_ctx}")
+        cos, sin = self.cos[start:start + t], self.sin[start:start + t]
+        x = self.embed(tokens)
+        for i, L in enumerate(self.layers):
+            n = rms_norm(x, L.attn_norm, cfg.rms_eps)
+            q, k, v = mm(n, L.wq), mm(n, L.wk), mm(n, L.wv)
+            if L.bq is not None:
+                q += L.bq
+                k += L.bk
+                v += L.bv
+            q = q.reshape(t, cfg.n_heads, cfg.head_dim)
+            k = k.reshape(t, cfg.n_kv_heads, cfg.head_dim)
+            apply_rope(q, cos, sin, cfg.rope_dim, cfg.rope_neox)
+            apply_rope(k, cos, sin, cfg.rope_dim, cfg.rope_neox)
+            kc, vc = cache.store(i, start, k, v.reshape(t, cfg.n_kv_heads, cfg.head_dim_v))
+            a = attention(q, kc, vc, start, cfg.n_kv_heads)
+            x += mm(np.ascontiguousarray(a), L.wo)
+            m = rms_norm(x, L.ffn_norm, cfg.rms_eps)
+            x += mm(silu_mul(mm(m, L.w_gate), mm(m, L.w_up)), L.w_down)
+        cache.length = start + t
+        if logits == "none":
+            return None
+        if logits == "last":
+            x = x[-1:]
+        return mm(np.ascontiguousarray(rms_norm(x, self.out_norm, cfg.rms_eps)), self.output)

@@ -1,0 +1,321 @@
+"""GGML block formats, decoded by numba kernels.
+
+One function per format decodes ``nb`` consecutive blocks of a row (raw bytes) into float32,
+with the same float32 operations in the same order as ``gguf.quants`` (and so bit-exact with
+it). :func:`dequant_row` dispatches on the ggml type code; the matmul kernels in
+:mod:`rosenblatt.backends.cpu` call it row by row, so the weights are never decoded whole.
+
+Block layouts (bytes): see ggml's ``ggml-common.h``; the comment on each decoder gives the one
+it reads.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+from numba import njit, prange
+
+F32 = 0
+F16 = 1
+Q4_0 = 2
+Q4_1 = 3
+Q5_0 = 6
+Q5_1 = 7
+Q8_0 = 8
+Q2_K = 10
+Q3_K = 11
+Q4_K = 12
+Q5_K = 13
+Q6_K = 14
+BF16 = 30
+
+#: every ggml type the kernels decode
+SUPPORTED_TYPES = frozenset(
+    GGMLQuantizationType(c) for c in (F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K))
+
+# fp16 -> fp32 by table: exact for every bit pattern (subnormals, inf, nan) and one load per block.
+_F16 = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
+
+
+def block_size(qtype: int) -> int:
+    return GGML_QUANT_SIZES[GGMLQuantizationType(qtype)][0]
+
+
+def type_size(qtype: int) -> int:
+    return GGML_QUANT_SIZES[GGMLQuantizationType(qtype)][1]
+
+
+@njit(inline="always")
+def _h(src, off):
+    """The fp16 value stored little-endian at src[off:off+2], as float32."""
+    return _F16[np.int64(src[off]) | (np.int64(src[off + 1]) << 8)]
+
+
+@njit(cache=True)
+def _deq_f16(src, dst, n):
+    for i in range(n):
+        dst[i] = _h(src, 2 * i)
+
+
+@njit(cache=True)
+def _deq_bf16(src, dst, n):
+    bits = dst.view(np.uint32)
+    for i in range(n):
+        bits[i] = (np.uint32(src[2 * i]) << 16) | (np.uint32(src[2 * i + 1]) << 24)
+
+
+@njit(cache=True)
+def _deq_f32(src, dst, n):
+    vals = src.view(np.float32)
+    for i in range(n):
+        dst[i] = vals[i]
+
+
+@njit(cache=True)
+def _deq_q4_0(src, dst, nb):
+    # d:f16, qs[16]: element j = low nibble of qs[j], element j+16 = high nibble; value (q-8)*d
+    for b in range(nb):
+        o = b * 18
+        d = _h(src, o)
+        y = b * 32
+        for j in range(16):
+            q = src[o + 2 + j]
+            dst[y + j] = d * np.float32(np.int32(q & 0xF) - 8)
+            dst[y + j + 16] = d * np.float32(np.int32(q >> 4) - 8)
+
+
+@njit(cache=True)
+def _deq_q4_1(src, dst, nb):
+    # d:f16, m:f16, qs[16]: value d*q + m
+    for b in range(nb):
+        o = b * 20
+        d = _h(src, o)
+        m = _h(src, o + 2)
+        y = b * 32
+        for j in range(16):
+            q = src[o + 4 + j]
+            dst[y + j] = d * np.float32(q & 0xF) + m
+            dst[y + j + 16] = d * np.float32(q >> 4) + m
+
+
+@njit(cache=True)
+def _deq_q5_0(src, dst, nb):
+    # d:f16, qh:u32 (bit i = 5th bit of element i), qs[16]: value (q-16)*d
+    for b in range(nb):
+        o = b * 22
+        d = _h(src, o)
+        qh = (np.uint32(src[o + 2]) | (np.uint32(src[o + 3]) << 8)
+              | (np.uint32(src[o + 4]) << 16) | (np.uint32(src[o + 5]) << 24))
+        y = b * 32
+        for j in range(16):
+            q = src[o + 6 + j]
+            lo = np.int32(q & 0xF) | np.int32(((qh >> j) & 1) << 4)
+            hi = np.int32(q >> 4) | np.int32(((qh >> (j + 16)) & 1) << 4)
+            dst[y + j] = d * np.float32(lo - 16)
+            dst[y + j + 16] = d * np.float32(hi - 16)
+
+
+@njit(cache=True)
+def _deq_q5_1(src, dst, nb):
+    # d:f16, m:f16, qh:u32, qs[16]: value d*q + m
+    for b in range(nb):
+        o = b * 24
+        d = _h(src, o)
+        m = _h(src, o + 2)
+        qh = (np.uint32(src[o + 4]) | (np.uint32(src[o + 5]) << 8)
+              | (np.uint32(src[o + 6]) << 16) | (np.uint32(src[o + 7]) << 24))
+        y = b * 32
+        for j in range(16):
+            q = src[o + 8 + j]
+            lo = np.int32(q & 0xF) | np.int32(((qh >> j) & 1) << 4)
+            hi = np.int32(q >> 4) | np.int32(((qh >> (j + 16)) & 1) << 4)
+            dst[y + j] = d * np.float32(lo) + m
+            dst[y + j + 16] = d * np.float32(hi) + m
+
+
+@njit(cache=True)
+def _deq_q8_0(src, dst, nb):
+    # d:f16, qs:int8[32]: value q*d
+    qs = src.view(np.int8)
+    for b in range(nb):
+        o = b * 34
+        d = _h(src, o)
+        y = b * 32
+        for j in range(32):
+            dst[y + j] = np.float32(qs[o + 2 + j]) * d
+
+
+@njit(cache=True)
+def _deq_q2_k(src, dst, nb):
+    # scales[16] (lo nibble scale, hi nibble min), qs[64] (2 bits), d:f16, dmin:f16
+    # element h*128 + s*32 + l = (qs[h*32+l] >> 2s) & 3, sub-block of 16 = element // 16
+    for b in range(nb):
+        o = b * 84
+        d = _h(src, o + 80)
+        dmin = _h(src, o + 82)
+        y = b * 256
+        for h in range(2):
+            for s in range(4):
+                for l in range(32):
+                    e = h * 128 + s * 32 + l
+                    sc = src[o + e // 16]
+                    dl = d * np.float32(sc & 0xF)
+                    ml = dmin * np.float32(sc >> 4)
+                    q = (src[o + 16 + h * 32 + l] >> (2 * s)) & 3
+                    dst[y + e] = dl * np.float32(q) - ml
+
+
+@njit(cache=True)
+def _deq_q3_k(src, dst, nb):
+    # hmask[32], qs[64], scales[12] (16 x 6-bit, offset 32), d:f16
+    # element e = h*128 + s*32 + l: low 2 bits (qs[h*32+l] >> 2s) & 3, high bit (hmask[l] >> (e//32)) & 1
+    # value = d*(scale-32) * (low - 4*(1-high))
+    for b in range(nb):
+        o = b * 110
+        d = _h(src, o + 108)
+        y = b * 256
+        for i in range(16):
+            lo = (src[o + 96 + (i % 8)] >> (4 * (i // 8))) & 0xF
+            hi = (src[o + 104 + (i % 4)] >> (2 * (i // 4))) & 3
+            sc = np.int32(lo | (hi << 4)) - 32
+            dl = d * np.float32(sc)
+            for k in range(16):
+                e = i * 16 + k
+                h = e // 128
+                r = e % 128
+                s = r // 32
+                l = r % 32
+                q = np.int32((src[o + 32 + h * 32 + l] >> (2 * s)) & 3)
+                bit = np.int32((src[o + l] >> (e // 32)) & 1)
+                dst[y + e] = dl * np.float32(q - ((bit ^ 1) << 2))
+
+
+@njit(inline="always")
+def _scale_min_k4(src, o, j):
+    """6-bit scale and min of sub-block j (0..7) from the 12 packed bytes at src[o:o+12]."""
+    if j < 4:
+        sc = src[o + j] & 0x3F
+        mn = src[o + 4 + j] & 0x3F
+    else:
+        sc = (src[o + 4 + j] & 0xF) | ((src[o + j - 4] >> 2) & 0x30)
+        mn = (src[o + 4 + j] >> 4) | ((src[o + j] >> 2) & 0x30)
+    return sc, mn
+
+
+@njit(cache=True)
+def _deq_q4_k(src, dst, nb):
+    # d:f16, dmin:f16, scales[12], qs[128]; sub-block j = 2c+s holds (qs[c*32+l] >> 4s) & 0xF
+    for b in range(nb):
+        o = b * 144
+        d = _h(src, o)
+        dmin = _h(src, o + 2)
+        y = b * 256
+        for j in range(8):
+            sc, mn = _scale_min_k4(src, o + 4, j)
+            dl = d * np.float32(sc)
+            ml = dmin * np.float32(mn)
+            c = j // 2
+            sh = 4 * (j % 2)
+            for l in range(32):
+                q = (src[o + 16 + c * 32 + l] >> sh) & 0xF
+                dst[y + j * 32 + l] = dl * np.float32(q) - ml
+
+
+@njit(cache=True)
+def _deq_q5_k(src, dst, nb):
+    # d:f16, dmin:f16, scales[12], qh[32], qs[128]; 5th bit of sub-block j element l = (qh[l] >> j) & 1
+    for b in range(nb):
+        o = b * 176
+        d = _h(src, o)
+        dmin = _h(src, o + 2)
+        y = b * 256
+        for j in range(8):
+            sc, mn = _scale_min_k4(src, o + 4, j)
+            dl = d * np.float32(sc)
+            ml = dmin * np.float32(mn)
+            c = j // 2
+            sh = 4 * (j % 2)
+            for l in range(32):
+                q = ((src[o + 48 + c * 32 + l] >> sh) & 0xF) | (((src[o + 16 + l] >> j) & 1) << 4)
+                dst[y + j * 32 + l] = dl * np.float32(q) - ml
+
+
+@njit(cache=True)
+def _deq_q6_k(src, dst, nb):
+    # ql[128], qh[64], scales:int8[16], d:f16
+    # element e = h*128 + r: low 4 bits (ql[h*64 + r%64] >> 4*(r//64)) & 0xF,
+    # high 2 bits (qh[h*32 + r%32] >> 2*(r//32)) & 3; value d*scale[e//16]*(q-32)
+    sc8 = src.view(np.int8)
+    for b in range(nb):
+        o = b * 210
+        d = _h(src, o + 208)
+        y = b * 256
+        for i in range(16):
+            dl = d * np.float32(sc8[o + 192 + i])
+            for k in range(16):
+                e = i * 16 + k
+                h = e // 128
+                r = e % 128
+                ql = (src[o + h * 64 + r % 64] >> (4 * (r // 64))) & 0xF
+                qh = (src[o + 128 + h * 32 + r % 32] >> (2 * (r // 32))) & 3
+                q = np.int32(ql | (qh << 4)) - 32
+                dst[y + e] = dl * np.float32(q)
+
+
+@njit(cache=True)
+def dequant_row(qtype, src, dst):
+    """Decode one row: ``src`` uint8 bytes of the row, ``dst`` float32 of the row length."""
+    n = dst.shape[0]
+    if qtype == Q4_K:
+        _deq_q4_k(src, dst, n // 256)
+    elif qtype == Q6_K:
+        _deq_q6_k(src, dst, n // 256)
+    elif qtype == Q8_0:
+        _deq_q8_0(src, dst, n // 32)
+    elif qtype == Q4_0:
+        _deq_q4_0(src, dst, n // 32)
+    elif qtype == Q4_1:
+        _deq_q4_1(src, dst, n // 32)
+    elif qtype == Q5_0:
+        _deq_q5_0(src, dst, n // 32)
+    elif qtype == Q5_1:
+        _deq_q5_1(src, dst, n // 32)
+    elif qtype == Q5_K:
+        _deq_q5_k(src, dst, n // 256)
+    elif qtype == Q3_K:
+        _deq_q3_k(src, dst, n // 256)
+    elif qtype == Q2_K:
+        _deq_q2_k(src, dst, n // 256)
+    elif qtype == F16:
+        _deq_f16(src, dst, n)
+    elif qtype == BF16:
+        _deq_bf16(src, dst, n)
+    elif qtype == F32:
+        _deq_f32(src, dst, n)
+    else:
+        raise ValueError("unsupported ggml type")
+
+
+@njit(parallel=True, cache=True)
+def dequant_rows(qtype, rows, row_ids, out):
+    """``out[i] = decode(rows[row_ids[i]])``: rows uint8 [N, row_bytes], out float32 [len(ids), K]."""
+    for i in prange(row_ids.shape[0]):
+        dequant_row(qtype, rows[row_ids[i]], out[i])
+
+
+@njit(parallel=True, cache=True)
+def dequant_row_range(qtype, rows, start, out):
+    """``out[i] = decode(rows[start + i])`` for a contiguous band of rows."""
+    for i in prange(out.shape[0]):
+        dequant_row(qtype, rows[start + i], out[i])
+
+
+def dequantize(data: np.ndarray, qtype: int, row_len: int) -> np.ndarray:
+    """Decode a whole tensor given as raw bytes into float32 ``[n_rows, row_len]`` (tests, small tensors)."""
+    qtype = int(qtype)
+    bs, ts = block_size(qtype), type_size(qtype)
+    row_bytes = row_len // bs * ts
+    rows = np.ascontiguousarray(data, dtype=np.uint8).reshape(-1, row_bytes)
+    out = np.empty((rows.shape[0], row_len), dtype=np.float32)
+    dequant_row_range(qtype, rows, 0, out)
+    return out

