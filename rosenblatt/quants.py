@@ -310,6 +310,13 @@ def dequant_row_range(qtype, rows, start, out):
         dequant_row(qtype, rows[start + i], out[i])
 
 
+@njit(nogil=True, cache=True)
+def dequant_band(qtype, rows, start, out):
+    """Serial :func:`dequant_row_range` that releases the GIL (one band per Python worker thread)."""
+    for i in range(out.shape[0]):
+        dequant_row(qtype, rows[start + i], out[i])
+
+
 def dequantize(data: np.ndarray, qtype: int, row_len: int) -> np.ndarray:
     """Decode a whole tensor given as raw bytes into float32 ``[n_rows, row_len]`` (tests, small tensors)."""
     qtype = int(qtype)

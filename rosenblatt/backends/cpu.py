@@ -2,46 +2,64 @@
 
 Two regimes, chosen per call by the number of activation rows M:
 
-* M < ``blas_min_rows`` (decode): each output row of W is decoded into a per-thread scratch
-  row and dotted with every activation row, in parallel over output rows. W is streamed once
-  from the file mapping, never materialised.
+* M < ``blas_min_rows`` (decode): the fused kernels of :mod:`rosenblatt.qdot` dot each
+  quantized row of W with every activation row, in parallel over output rows. W is streamed
+  once from the file mapping, never materialised.
 * M >= ``blas_min_rows`` (prefill): W is decoded a band of rows at a time into a small float32
-  tile and multiplied with the float32 BLAS GEMM, so the decoding cost is shared by M rows.
+  tile and multiplied with the float32 BLAS GEMM, so the decoding cost is shared by M rows;
+  the bands are spread over the backend's worker threads.
 
 Accumulation is float32 in both.
 """
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
+import numba
 from numba import njit, prange
 
 from ..gguf_file import TensorInfo
-from ..quants import F32, SUPPORTED_TYPES, dequant_row, dequant_row_range
+from ..qdot import FASTMATH, block_sums, dot_row
+from ..quants import F32, SUPPORTED_TYPES, dequant_band
 from . import MatmulBackend, PreparedWeight
 
 _ROWS_PER_CHUNK = 16
-_TILE_FLOATS = 1 << 20  # a 4 MiB float32 tile per band in the BLAS regime
+_TILE_FLOATS = 1 << 18  # a 1 MiB float32 tile per band and worker in the BLAS regime
+_blas_limiter = None
 
 
-@njit(parallel=True, fastmath={"reassoc", "contract", "nsz"}, cache=True)
-def _matmul_rows(x, rows, qtype, out):
+def _configure_threads(threads: int | None) -> int:
+    """Set numba's thread count and pin OpenBLAS to one thread (see CPUBackend)."""
+    global _blas_limiter
+    available = numba.config.NUMBA_NUM_THREADS
+    threads = available if threads is None else max(1, min(int(threads), available))
+    numba.set_num_threads(threads)
+    if _blas_limiter is None:
+        from threadpoolctl import threadpool_limits
+        _blas_limiter = threadpool_limits(limits=1, user_api="blas")
+    return threads
+
+
+def _split(n: int, parts: int) -> list[tuple[int, int]]:
+    step = -(-n // parts)
+    return [(s, min(n, s + step)) for s in range(0, n, step)]
+
+
+@njit(parallel=True, fastmath=FASTMATH, cache=True)
+def _matmul_rows(x, xs, rows, qtype, out):
     m_rows, k = x.shape
     n = rows.shape[0]
     n_chunks = (n + _ROWS_PER_CHUNK - 1) // _ROWS_PER_CHUNK
     for c in prange(n_chunks):
-        buf = np.empty(k, np.float32)
+        scratch = np.empty(k, np.float32)  # used only by types without a fused kernel
         stop = min(n, (c + 1) * _ROWS_PER_CHUNK)
         for r in range(c * _ROWS_PER_CHUNK, stop):
-            dequant_row(qtype, rows[r], buf)
+            src = rows[r]
             for m in range(m_rows):
-                xm = x[m]
-                acc = np.float32(0.0)
-                for i in range(k):
-                    acc += buf[i] * xm[i]
-                out[m, r] = acc
+                out[m, r] = dot_row(qtype, src, x[m], xs[m], scratch)
 
 
 @dataclass
@@ -55,10 +73,20 @@ class CPUWeight(PreparedWeight):
 
 
 class CPUBackend(MatmulBackend):
+    """Quantized matmuls on ``threads`` CPU threads (default: every core numba sees).
+
+    OpenBLAS is limited to one thread for the life of the process: its worker threads spin
+    after each call and fight numba's for the same cores (measured: both run 2-15x slower).
+    Large products are instead split over the backend's own thread pool, one band of W per
+    worker, each decoding its band (numba, GIL released) and multiplying it (BLAS, GIL released).
+    """
+
     name = "cpu"
 
-    def __init__(self, blas_min_rows: int = 8):
+    def __init__(self, threads: int | None = None, blas_min_rows: int = 8):
+        self.threads = _configure_threads(threads)
         self.blas_min_rows = blas_min_rows
+        self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="rosenblatt-mm") if self.threads > 1 else None
 
     def prepare(self, tensor: TensorInfo) -> CPUWeight:
         if tensor.qtype not in SUPPORTED_TYPES:
@@ -71,18 +99,29 @@ class CPUBackend(MatmulBackend):
         m = x.shape[0]
         if out is None:
             out = np.empty((m, w.n_out), dtype=np.float32)
-        if w.dense is not None:
-            np.matmul(x, w.dense.T, out=out)
-        elif m < self.blas_min_rows:
-            _matmul_rows(x, w.rows, w.qtype, out)
+        if m < self.blas_min_rows and w.dense is None:
+            xs = np.empty((m, w.n_in // 32), dtype=np.float32)
+            block_sums(x, xs)
+            _matmul_rows(x, xs, w.rows, w.qtype, out)
+            return out
+        parts = _split(w.n_out, self.threads if w.n_out * m >= 1 << 16 else 1)
+        if len(parts) == 1 or self._pool is None:
+            self._gemm_part(x, w, out, 0, w.n_out)
         else:
-            band = max(_ROWS_PER_CHUNK, _TILE_FLOATS // w.n_in)
-            tile = np.empty((min(band, w.n_out), w.n_in), dtype=np.float32)
-            for start in range(0, w.n_out, band):
-                t = tile[: min(band, w.n_out - start)]
-                dequant_row_range(w.qtype, w.rows, start, t)
-                out[:, start:start + t.shape[0]] = x @ t.T
+            list(self._pool.map(lambda p: self._gemm_part(x, w, out, *p), parts))
         return out
+
+    @staticmethod
+    def _gemm_part(x, w, out, start, stop):
+        if w.dense is not None:
+            out[:, start:stop] = x @ w.dense[start:stop].T
+            return
+        band = max(_ROWS_PER_CHUNK, _TILE_FLOATS // w.n_in)
+        tile = np.empty((min(band, stop - start), w.n_in), dtype=np.float32)
+        for s in range(start, stop, band):
+            t = tile[: min(band, stop - s)]
+            dequant_band(w.qtype, w.rows, s, t)
+            out[:, s:s + t.shape[0]] = x @ t.T
 
     def embed(self, w: CPUWeight, ids: np.ndarray) -> np.ndarray:
         """Decode only the looked-up rows (token embedding)."""
