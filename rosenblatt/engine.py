@@ -3,28 +3,98 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from .backends import get_backend
+from .chat_template import ChatTemplate
 from .config import ModelConfig
 from .errors import ModelFileError
 from .gguf_file import GGUFFile
 from .models import build_model
+from .sampling import Sampler, SamplingParams
+from .tokenizer import Tokenizer
 
 #: prompts are evaluated in chunks of this many tokens (bounds the attention score memory)
 PREFILL_CHUNK = 256
 
 
-class Engine:
-    """A loaded model with its KV cache.
+@dataclass
+class GenerationStats:
+    """Counts and timings of one generate/stream/chat call."""
 
-    >>> engine = Engine.load("model.gguf")
-    >>> logits = engine.logits([1, 2, 3])      # [3, vocab] float32
+    prompt_tokens: int = 0          # tokens of the prompt
+    cached_tokens: int = 0          # of those, reused from the KV cache (not evaluated again)
+    generated_tokens: int = 0
+    prefill_s: float = 0.0          # evaluating the new prompt tokens (= time to first token)
+    decode_s: float = 0.0
+    finish_reason: str = ""         # "stop" (end-of-generation token or stop string) or "length"
+    tokens: list[int] = field(default_factory=list)   # generated ids (an end-of-generation id included)
+
+    @property
+    def prefill_tok_s(self) -> float:
+        n = self.prompt_tokens - self.cached_tokens
+        return n / self.prefill_s if self.prefill_s > 0 else 0.0
+
+    @property
+    def decode_tok_s(self) -> float:
+        # the first generated token comes out of the prefill; each later one costs one decode step
+        return (self.generated_tokens - 1) / self.decode_s if self.decode_s > 0 and self.generated_tokens > 1 else 0.0
+
+    @property
+    def ttft_s(self) -> float:
+        return self.prefill_s
+
+    def summary(self) -> str:
+        new = self.prompt_tokens - self.cached_tokens
+        return (f"prompt {self.prompt_tokens} tok ({new} new) {self.prefill_tok_s:.1f} tok/s | "
+                f"generated {self.generated_tokens} tok {self.decode_tok_s:.1f} tok/s")
+
+
+@dataclass
+class _StopScanner:
+    """Holds back streamed text that might be the start of a stop string."""
+
+    stops: tuple[str, ...]
+    buffer: str = ""
+    hit: bool = field(default=False)
+
+    def feed(self, text: str) -> str:
+        self.buffer += text
+        cut = min((i for i in (self.buffer.find(s) for s in self.stops) if i >= 0), default=-1)
+        if cut >= 0:
+            out, self.buffer, self.hit = self.buffer[:cut], "", True
+            return out
+        keep = 0
+        for s in self.stops:
+            for n in range(min(len(s) - 1, len(self.buffer)), 0, -1):
+                if self.buffer.endswith(s[:n]):
+                    keep = max(keep, n)
+                    break
+        out = self.buffer[:len(self.buffer) - keep]
+        self.buffer = self.buffer[len(out):]
+        return out
+
+    def flush(self) -> str:
+        out, self.buffer = self.buffer, ""
+        return out
+
+
+class Engine:
+    """A loaded model: weights, KV cache, tokenizer, chat template.
+
+    >>> engine = Engine.load("qwen2.5-1.5b-instruct-q4_k_m.gguf")
+    >>> engine.generate("The capital of France is", max_new_tokens=16, temperature=0)
+    >>> for piece in engine.stream_chat([{"role": "user", "content": "Hi!"}]):
+    ...     print(piece, end="", flush=True)
+    >>> engine.stats            # counts and tok/s of the last call
     """
 
-    def __init__(self, gguf: GGUFFile, config: ModelConfig, model, device: str, n_ctx: int):
+    def __init__(self, gguf: GGUFFile, config: ModelConfig, model, device: str, n_ctx: int,
+                 tokenizer: Tokenizer | None = None, template: ChatTemplate | None = None):
         self.gguf = gguf
         self.path = gguf.path
         self.config = config
@@ -32,17 +102,25 @@ class Engine:
         self.device = device
         self.n_ctx = n_ctx
         self.cache = model.new_cache()
+        self.tokenizer = tokenizer
+        self.template = template
+        self.stats = GenerationStats()
+        self._context: list[int] = []       # the tokens whose keys/values are in the cache
 
     @classmethod
-    def load(cls, path: str | os.PathLike, device: str = "cpu", n_ctx: int = 4096) -> "Engine":
+    def load(cls, path: str | os.PathLike, device: str = "cpu", n_ctx: int = 4096,
+             threads: int | None = None, progress=None) -> "Engine":
+        """Open a GGUF model. ``progress(done, total, what)`` is called while weights are prepared."""
         g = GGUFFile(path)
         cfg = ModelConfig.from_gguf(g)
         if n_ctx <= 0:
             raise ValueError(f"n_ctx must be positive, got {n_ctx}")
         n_ctx = min(n_ctx, cfg.context_length)
-        backend = get_backend(device)
-        model = build_model(g, cfg, backend, n_ctx)
-        return cls(g, cfg, model, device, n_ctx)
+        tokenizer = Tokenizer.from_metadata(g.metadata, g.path) if "tokenizer.ggml.tokens" in g.metadata else None
+        template = ChatTemplate.from_metadata(g.metadata, tokenizer) if tokenizer is not None else None
+        backend = get_backend(device, threads=threads)
+        model = build_model(g, cfg, backend, n_ctx, progress=progress)
+        return cls(g, cfg, model, device, n_ctx, tokenizer, template)
 
     def _check_tokens(self, token_ids: Sequence[int]) -> np.ndarray:
         ids = np.asarray(token_ids, dtype=np.int64).reshape(-1)
@@ -73,13 +151,123 @@ class Engine:
         self.reset()
         if len(token_ids) == 0:
             return np.zeros((0, self.config.vocab_size), dtype=np.float32)
-        return self.eval(token_ids, logits="all")
+        out = self.eval(token_ids, logits="all")
+        self._context = [int(t) for t in token_ids]
+        return out
 
     def reset(self) -> None:
         self.cache.reset()
+        self._context = []
 
     def truncate(self, length: int) -> None:
         self.cache.truncate(length)
+        del self._context[length:]
+
+    # -- text ------------------------------------------------------------------------------
+    def _tok(self) -> Tokenizer:
+        if self.tokenizer is None:
+            raise ModelFileError(self.path, "metadata 'tokenizer.ggml.tokens'", "missing: this GGUF has no tokenizer")
+        return self.tokenizer
+
+    def tokenize(self, text: str, add_special: bool = True) -> list[int]:
+        """Token ids of ``text``; special-token text such as ``<|im_start|>`` is parsed, as llama.cpp does."""
+        return self._tok().encode(text, add_special=add_special, parse_special=True)
+
+    def detokenize(self, ids: Sequence[int]) -> str:
+        return self._tok().decode(ids)
+
+    def apply_chat_template(self, messages: Sequence[Mapping], add_generation_prompt: bool = True) -> str:
+        self._tok()
+        return self.template.render(messages, add_generation_prompt=add_generation_prompt)
+
+    def _prefill(self, ids: list[int]) -> np.ndarray:
+        """Bring the cache to exactly ``ids`` reusing the longest common prefix; logits of the last."""
+        n = 0
+        limit = min(len(ids) - 1, len(self._context))   # re-evaluate at least the last token
+        while n < limit and self._context[n] == ids[n]:
+            n += 1
+        self.truncate(n)
+        logits = self.eval(ids[n:], logits="last")[0]
+        self._context = list(ids)
+        self.stats.cached_tokens = n
+        return logits
+
+    def stream(self, prompt: str | Sequence[int], max_new_tokens: int = 256, temperature: float = 0.8,
+               top_k: int = 40, top_p: float = 0.95, min_p: float = 0.05, repeat_penalty: float = 1.0,
+               repeat_last_n: int = 64, seed: int | None = None, stop: str | Sequence[str] | None = None,
+               add_special: bool = True) -> Iterator[str]:
+        """Continue ``prompt`` (text, or token ids), yielding text pieces as they are decoded.
+
+        Stops at an end-of-generation token, at any of the ``stop`` strings (not included in
+        the output) or after ``max_new_tokens``. ``engine.stats`` holds the counts and timings.
+        """
+        tok = self._tok()
+        ids = tok.encode(prompt, add_special=add_special, parse_special=True) if isinstance(prompt, str) \
+            else [int(t) for t in prompt]
+        if not ids:
+            raise ValueError("the prompt is empty (no tokens)")
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        if len(ids) + max_new_tokens > self.n_ctx:
+            if len(ids) >= self.n_ctx:
+                raise ValueError(f"the prompt has {len(ids)} tokens; the context holds {self.n_ctx}")
+            max_new_tokens = self.n_ctx - len(ids)
+        sampler = Sampler(SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                                         repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n, seed=seed))
+        stops = (stop,) if isinstance(stop, str) else tuple(s for s in (stop or ()) if s)
+        return self._generate(ids, max_new_tokens, sampler, stops)
+
+    def _generate(self, ids, max_new_tokens, sampler, stops) -> Iterator[str]:
+        tok = self._tok()
+        self.stats = st = GenerationStats(prompt_tokens=len(ids))
+        detok = tok.streaming()
+        scanner = _StopScanner(stops)
+        history = list(ids)
+        t0 = time.perf_counter()
+        logits = self._prefill(ids)
+        st.prefill_s = time.perf_counter() - t0
+        st.finish_reason = "length"
+        t1 = time.perf_counter()
+        try:
+            for i in range(max_new_tokens):
+                token = sampler(logits, history)
+                st.generated_tokens += 1
+                st.tokens.append(token)
+                if tok.is_eog(token):
+                    st.finish_reason = "stop"
+                    break
+                history.append(token)
+                piece = detok.add(token)
+                if stops:
+                    piece = scanner.feed(piece)
+                if piece:
+                    yield piece
+                if scanner.hit:
+                    st.finish_reason = "stop"
+                    break
+                if i + 1 < max_new_tokens:
+                    logits = self.eval([token], logits="last")[0]
+                    self._context.append(token)
+            tail = detok.flush()
+            tail = scanner.feed(tail) + scanner.flush() if stops and not scanner.hit else ("" if scanner.hit else tail)
+            if tail:
+                yield tail
+        finally:
+            st.decode_s = time.perf_counter() - t1
+
+    def generate(self, prompt: str | Sequence[int], **kwargs) -> str:
+        """The whole continuation of ``prompt`` as one string (see :meth:`stream` for the options)."""
+        return "".join(self.stream(prompt, **kwargs))
+
+    def stream_chat(self, messages: Sequence[Mapping], **kwargs) -> Iterator[str]:
+        """Render ``messages`` with the model's chat template and stream the assistant's answer."""
+        text = self.apply_chat_template(messages, add_generation_prompt=True)
+        stop = kwargs.pop("stop", None)
+        stops = ((stop,) if isinstance(stop, str) else tuple(stop or ())) + tuple(self.template.stop_strings)
+        return self.stream(text, stop=stops, add_special=False, **kwargs)
+
+    def chat(self, messages: Sequence[Mapping], **kwargs) -> str:
+        return "".join(self.stream_chat(messages, **kwargs))
 
     def __repr__(self) -> str:
         c = self.config

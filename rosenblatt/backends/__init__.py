@@ -35,8 +35,8 @@ class MatmulBackend(ABC):
         """``x`` float32 ``[M, K]`` (C-contiguous) → float32 ``[M, N]`` = ``x @ W.T``."""
 
 
-def get_backend(name: str, **options) -> MatmulBackend:
+def get_backend(name: str, threads: int | None = None, **options) -> MatmulBackend:
     if name == "cpu":
         from .cpu import CPUBackend
-        return CPUBackend(**options)
+        return CPUBackend(threads=threads, **options)
     raise ValueError(f"unknown matmul backend {name!r} (known: cpu)")

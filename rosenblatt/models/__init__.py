@@ -7,6 +7,6 @@ from ..config import ModelConfig
 from ..gguf_file import GGUFFile
 
 
-def build_model(g: GGUFFile, cfg: ModelConfig, backend: MatmulBackend, n_ctx: int):
+def build_model(g: GGUFFile, cfg: ModelConfig, backend: MatmulBackend, n_ctx: int, progress=None):
     from .llama import LlamaModel
-    return LlamaModel(g, cfg, backend, n_ctx)
+    return LlamaModel(g, cfg, backend, n_ctx, progress=progress)

@@ -121,12 +121,16 @@ def silu_mul(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
 class LlamaModel:
     """Weights (prepared by a matmul backend), RoPE tables and the forward pass."""
 
-    def __init__(self, g: GGUFFile, cfg: ModelConfig, backend: MatmulBackend, n_ctx: int):
+    def __init__(self, g: GGUFFile, cfg: ModelConfig, backend: MatmulBackend, n_ctx: int, progress=None):
         self.cfg = cfg
         self.backend = backend
         self.n_ctx = n_ctx
         self.tok_embd = _matrix(g, "token_embd.weight", cfg.d_model, cfg.vocab_size, backend)
-        self.layers = [Layer(g, cfg, i, backend) for i in range(cfg.n_layers)]
+        self.layers = []
+        for i in range(cfg.n_layers):
+            self.layers.append(Layer(g, cfg, i, backend))
+            if progress is not None:
+                progress(i + 1, cfg.n_layers, "layers")
         self.out_norm = _vector(g, "output_norm.weight", cfg.d_model)
         self.output = self.tok_embd if cfg.tied_output else \
             _matrix(g, "output.weight", cfg.d_model, cfg.vocab_size, backend)

