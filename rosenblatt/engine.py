@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .backends import get_backend
-from .chat_template import ChatTemplate
+from .chat_template import ChatTemplate, ChatTemplateError
 from .config import ModelConfig
 from .errors import ModelFileError
 from .gguf_file import GGUFFile
@@ -94,7 +94,7 @@ class Engine:
     """
 
     def __init__(self, gguf: GGUFFile, config: ModelConfig, model, device: str, n_ctx: int,
-                 tokenizer: Tokenizer | None = None, template: ChatTemplate | None = None):
+                 tokenizer: Tokenizer | None = None, template: ChatTemplate | ModelFileError | None = None):
         self.gguf = gguf
         self.path = gguf.path
         self.config = config
@@ -117,7 +117,12 @@ class Engine:
             raise ValueError(f"n_ctx must be positive, got {n_ctx}")
         n_ctx = min(n_ctx, cfg.context_length)
         tokenizer = Tokenizer.from_metadata(g.metadata, g.path) if "tokenizer.ggml.tokens" in g.metadata else None
-        template = ChatTemplate.from_metadata(g.metadata, tokenizer) if tokenizer is not None else None
+        template = None
+        if tokenizer is not None:
+            try:
+                template = ChatTemplate.from_metadata(g.metadata, tokenizer)
+            except ChatTemplateError as e:   # the model still runs; chat() reports this when used
+                template = ModelFileError(g.path, "metadata 'tokenizer.chat_template'", str(e))
         backend = get_backend(device, threads=threads)
         model = build_model(g, cfg, backend, n_ctx, progress=progress)
         return cls(g, cfg, model, device, n_ctx, tokenizer, template)
@@ -178,6 +183,8 @@ class Engine:
 
     def apply_chat_template(self, messages: Sequence[Mapping], add_generation_prompt: bool = True) -> str:
         self._tok()
+        if isinstance(self.template, Exception):
+            raise self.template
         return self.template.render(messages, add_generation_prompt=add_generation_prompt)
 
     def _prefill(self, ids: list[int]) -> np.ndarray:

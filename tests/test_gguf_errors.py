@@ -221,3 +221,18 @@ def test_mutated_files_load_or_refuse_cleanly(tmp_path, src):
     assert res["loaded"] + res["refused"] == 120
     assert res["refused"] >= 40 and res["loaded"] >= 10, res
     assert res["max_alloc_ratio"] < 1.0, res
+
+
+def test_broken_chat_template_loads_but_chat_names_the_field(tmp_path):
+    p = rewrite(SRC, tmp_path / "tpl.gguf",
+                meta={"tokenizer.chat_template": (GGUFValueType.STRING, "{% if messages %}{{ oops }")})
+    e = Engine.load(p, n_ctx=32)
+    assert e.logits([1, 2]).shape == (2, e.config.vocab_size)
+    assert e.generate("hi", max_new_tokens=2, temperature=0) is not None
+    with pytest.raises(ModelFileError, match="tokenizer.chat_template"):
+        e.chat([{"role": "user", "content": "hi"}])
+
+
+def test_bad_tokenizer_metadata_is_a_model_file_error(tmp_path):
+    p = rewrite(SRC, tmp_path / "tok.gguf", meta={"tokenizer.ggml.pre": (GGUFValueType.STRING, "no-such-pre")})
+    expect_error(p, "no-such-pre")
