@@ -1,0 +1,162 @@
+"""Every hardware assumption of the NPU path that no source states as a fact, in one place.
+
+Each constant names its status and source (tags of ../shared/npu-reference.md):
+``[code]`` read in a driver/Mesa source, ``[empirical]`` a third-party project reports it working
+on hardware, ``[inferred]`` derived from consistent evidence, unconfirmed, ``[report]`` a field
+report (gregordinary/rocket-userspace, "G") that we design for without having confirmed it.
+The regcmd builder, the tiling planner and the simulator all read these names, so changing an
+assumption here changes the program the NPU gets and the rule the simulator enforces together.
+docs/npu.md lists how ``npu-probe`` on a board confirms or refutes each one.
+"""
+
+from __future__ import annotations
+
+# --- Convolution buffer (CBUF) --------------------------------------------------------------
+#: [code] Mesa rkt_ml.h, TRM "384KB buffer": 12 banks of 32 KiB per core.
+CBUF_BANKS = 12
+CBUF_BANK_BYTES = 32 * 1024
+#: [code] Mesa rkt_ml.h: a bank is 256 entries of 128 bytes.
+CBUF_ENTRY_BYTES = 128
+CBUF_ENTRIES_PER_BANK = 256
+
+#: [report] G: "at some (M, K) shapes one extra data bank beyond ceil(M*K/32 KiB) avoided
+#: corrupted tail rows". The planner reserves this many spare data banks (the simulator only
+#: enforces capacity). Set to 0 once the board shows the tail rows are right without it.
+DATA_BANK_MARGIN = 1
+
+#: [code]/[empirical] Mesa rkt_task.c and mtx512 keep a whole kernel (one output channel's
+#: weights) within one bank: bytes per kernel <= 32 KiB.
+MAX_BYTES_PER_KERNEL = CBUF_BANK_BYTES
+
+#: [code] Mesa rkt_task.c: WEIGHT_REUSE on the tasks after the first of a job, when all tasks of
+#: the job use the same weights and those stay resident in the weight banks (same core, in
+#: order). The simulator models the resident weights and refuses a reuse it cannot honour.
+WEIGHT_REUSE_WITHIN_JOB = True
+
+
+def cbuf_entries_per_row(width: int, channels: int) -> int:
+    """[code] Mesa rkt_task.c estimate of CBUF entries one input row (``width`` pixels of
+    ``channels`` int8 channels) occupies. For width 1 it is ceil(channels/128)."""
+    c16 = -(-channels // 16)
+    rem = c16 % 8
+    whole = (c16 // 8) * width
+    if rem == 3:
+        return whole + width
+    return whole + -(-(rem * width) // 8)
+
+
+def cbuf_data_banks(width: int, height: int, channels: int) -> int:
+    """Banks the input cube needs: the larger of Mesa's entry estimate and mtx512's
+    byte count (ceil(W*H*C / 32 KiB)); [inferred] that the larger one is safe."""
+    by_entries = -(-(cbuf_entries_per_row(width, channels) * height) // CBUF_ENTRIES_PER_BANK)
+    by_bytes = -(-(width * height * channels) // CBUF_BANK_BYTES)
+    return max(by_entries, by_bytes, 1)
+
+
+def cbuf_weight_banks(weight_bytes: int) -> int:
+    """[empirical] mtx512: weights occupy ceil(bytes / 32 KiB) banks."""
+    return max(1, -(-weight_bytes // CBUF_BANK_BYTES))
+
+
+def cbuf_data_entries(width: int, channels: int) -> int:
+    """[code]/[empirical] CBUF_CON1.DATA_ENTRIES: Mesa ceil(W*ceil(C/16)/4), mtx512
+    ceil(W*C/64) for int8; equal for C a multiple of 16."""
+    return -(-(width * -(-channels // 16)) // 4)
+
+
+# --- Feature (input) layout in memory -------------------------------------------------------
+#: [code] Mesa/mtx512: NC1HWC2 with a 16-byte atom (16 int8 channels).
+FEATURE_ATOM_BYTES = 16
+#: [empirical] mtx512's int8 matmul test runs M % 4 == 0 (or M == 1 with a negative surface
+#: stride); G reports M == 1 broken on rocket. Rows per task and row offsets are multiples of 4.
+ROW_ALIGN = 4
+#: [empirical] mtx512's tests reach M = 544; FEATURE_GRAINS (10 bits) = rows + 1 must fit.
+MAX_ROWS_PER_TASK = 512
+
+
+def cna_line_stride(width: int) -> int:
+    """[inferred] DMA_CON1.LINE_STRIDE for a feature row of ``width`` pixels: 4*W (Mesa, X).
+    The hardware reads one row at 4*LINE_STRIDE bytes (the 4x is undocumented)."""
+    return 4 * width
+
+
+def cna_surf_stride(width: int, plane_bytes: int) -> int:
+    """[inferred] DMA_CON2.SURF_STRIDE such that one 16-channel plane spans
+    ``plane_bytes`` = 16*(SURF_STRIDE + LINE_STRIDE) bytes (holds for every Mesa/X case)."""
+    if plane_bytes % FEATURE_ATOM_BYTES:
+        raise ValueError("plane size must be a multiple of the 16-byte atom")
+    return plane_bytes // FEATURE_ATOM_BYTES - cna_line_stride(width)
+
+
+def cna_line_bytes(line_stride: int) -> int:
+    """[inferred] inverse of :func:`cna_line_stride` used by the simulator."""
+    return 4 * line_stride
+
+
+def cna_plane_bytes(line_stride: int, surf_stride: int) -> int:
+    """[inferred] inverse of :func:`cna_surf_stride` used by the simulator (SURF_STRIDE is a
+    28-bit two's-complement value)."""
+    return FEATURE_ATOM_BYTES * (surf_stride + line_stride)
+
+
+def feature_grains(rows: int) -> int:
+    """[empirical] CONV_CON2.FEATURE_GRAINS: rows + 1 (mtx512 int8/fp16 matmul).
+    Mesa uses 50 + stride + 1 for convolutions; the TRM text suggests stride_y + kernel_h + 1
+    as the minimum. The simulator only requires it to cover kernel_h + stride_y + 1 rows."""
+    return rows + 1
+
+
+# --- Weight layout --------------------------------------------------------------------------
+#: [code] Mesa rkt_coefs.c / mtx512 weight_int8: int8 weights in blocks of 32 kernels x 32
+#: channels. Mesa compacts a partial last group/chunk, mtx512 always strides by 32: we pad N
+#: and K to multiples of 32 so both conventions give the same bytes (the open question whether
+#: the hardware compacts never arises). The simulator refuses kernels/channels not multiples
+#: of these.
+WEIGHT_KERNEL_GROUP = 32
+WEIGHT_CHANNEL_CHUNK = 32
+
+# --- Output (DPU write DMA) -----------------------------------------------------------------
+#: [empirical] mtx512 int32 output: 4 int32 per 16-byte atom, plane = rows*16 bytes.
+OUT_INT32_PER_ATOM = 4
+#: [empirical] BS_OW_CFG.SIZE_E_{0,1,2} per output precision (int32 7, fp32 3, int8/fp16 1).
+#: The simulator refuses other values for int32 output.
+SIZE_E_INT32 = 7
+#: [empirical] DPU.SURFACE_ADD field (bits 31:4) = DST_SURF_STRIDE/16 * (32 kernels / channels
+#: per atom); 8 for int32 output (mtx512 surf_add = dst_surf_stride * 8).
+SURFACE_ADD_FACTOR_INT32 = 8
+
+# --- Task program ---------------------------------------------------------------------------
+#: [code] Mesa rkt_ml.c uses 0x1D (CNA, CORE, DPU, DPU_RDMA) and programs the DPU_RDMA block;
+#: [report] G says a bias-less GEMM on mainline times out unless DPU_RDMA is programmed with
+#: its reads disabled and enabled in the mask; [empirical] mtx512 (vendor driver) and allbilly
+#: (6.18 rocket) ran 0x0D without DPU_RDMA writes. Switch both together.
+PROGRAM_DPU_RDMA = True
+OP_ENABLE_MASK = 0x1D if PROGRAM_DPU_RDMA else 0x0D
+
+#: [empirical] CORE.MISC_CFG.QD_EN as mtx512's int8 matmul and G set it (1). With
+#: BS_OW_CFG.OD_BYPASS = 1 it should not change an int32 result; the simulator refuses
+#: OD_BYPASS = 0 (the CPEND/OW path) rather than guess its arithmetic.
+CORE_QD_EN = 1
+
+#: [code] Mesa rkt_ml.c aligns each task's regcmd block to 64 bytes (the PC needs 16).
+REGCMD_TASK_ALIGN = 64
+#: [code] kernel rocket_job.c: PC fetches (regcmd_count + 1) / 2 pairs of words; we keep the
+#: count even (zero-word padding) so the PC never fetches a word past the program.
+REGCMD_EVEN_COUNT = True
+
+# --- Timing ---------------------------------------------------------------------------------
+#: [code] kernel JOB_TIMEOUT_MS: a job (all of its tasks) that runs longer is reset.
+JOB_TIMEOUT_S = 0.5
+#: [code] DT assigned-clock-rates (no devfreq in rocket) and [inferred] 1024 int8 MAC/cycle.
+NPU_CLOCK_HZ = 200_000_000
+MACS_PER_CYCLE = 1024
+#: [inferred] planner cost model (only used to choose among legal tilings): fixed cost of a
+#: task (IRQ + kick), of a job (scheduler, fences), effective DMA bandwidth in bytes/s and the
+#: CPU cost per int32 element of summing K-split partials. Tune from `npu-probe` numbers.
+TASK_OVERHEAD_S = 30e-6
+JOB_OVERHEAD_S = 50e-6
+DMA_BYTES_PER_S = 2.0e9
+CPU_SUM_S_PER_ELEMENT = 1.0e-9
+#: Budget per job, well under JOB_TIMEOUT_S, at the DT clock: the planner never builds a job
+#: whose estimated run time exceeds it.
+JOB_TIME_BUDGET_S = 0.1
