@@ -249,6 +249,29 @@ def info(model):
 
 
 @main.command()
+@click.option("--model", "-m", type=str, default=None, help=MODEL_HELP)
+@click.option("--prompt-tokens", type=click.IntRange(min=1), default=128, show_default=True)
+@click.option("--gen-tokens", type=click.IntRange(min=2), default=64, show_default=True)
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads (default: all cores).")
+@click.option("--device", type=click.Choice(["cpu", "npu", "npu-sim"]), default="cpu", show_default=True)
+@click.option("--repeat", type=click.IntRange(min=1), default=3, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the report.")
+@user_errors
+def bench(model, prompt_tokens, gen_tokens, threads, device, repeat, as_json):
+    """Measure load time, time to first token, prefill and decode tok/s, peak RSS and a per-stage
+    split of one decode step, on random prompt tokens (medians of --repeat runs)."""
+    import json as _json
+
+    from .bench import format_report, run_bench
+    model = model or default_model()
+    if model is None:
+        _fail(NO_MODEL)
+    res = run_bench(model, prompt_tokens=prompt_tokens, gen_tokens=gen_tokens, threads=threads, device=device,
+                    repeat=repeat)
+    click.echo(_json.dumps(res) if as_json else format_report(res))
+
+
+@main.command()
 @click.option("--sim", is_flag=True, help="Run the whole probe against the register-level NPU simulator.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def probe(sim, as_json):
@@ -258,6 +281,49 @@ def probe(sim, as_json):
     """
     from .npu.probe import run_probe
     sys.exit(run_probe(sim=sim, json=as_json))
+
+
+@main.command()
+@click.option("--model", "-m", type=str, default=None, help=MODEL_HELP)
+@click.option("--host", type=str, default="127.0.0.1", show_default=True,
+              help="Address to listen on (loopback by default; 0.0.0.0 exposes the server to the network).")
+@click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True, help="TCP port (0 = any free one).")
+@click.option("--device", type=str, default="cpu", show_default=True, help="Matmul backend.")
+@click.option("--api-key", type=str, default=None, envvar="ROSENBLATT_API_KEY",
+              help="Require 'Authorization: Bearer KEY' on every request but /health (also $ROSENBLATT_API_KEY).")
+@click.option("--ctx", "n_ctx", type=click.IntRange(min=16), default=4096, show_default=True,
+              help="Context size in tokens (capped by the model's).")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads (default: all cores).")
+@user_errors
+def serve(model, host, port, device, api_key, n_ctx, threads):
+    """OpenAI-compatible HTTP server: /v1/chat/completions, /v1/completions, /v1/models, /health.
+
+    Requests are answered one at a time, in arrival order (streaming with "stream": true).
+    """
+    try:
+        from .server import create_app, is_loopback, make_server
+    except ImportError as e:
+        _fail(f"the server needs starlette and uvicorn: pip install 'rosenblatt[server]' ({e})")
+    engine = load_engine(model, n_ctx, threads, device=device)
+    app = create_app(engine, api_key=api_key)
+    model_id = app.state.server.model_id
+    if not is_loopback(host) and not api_key:
+        click.echo(f"warning: listening on {host} without --api-key: anyone who can reach it can use it", err=True)
+
+    def ready(url):
+        click.echo(f"serving {model_id} ({engine.config.arch}, {engine.device}, ctx {engine.n_ctx}) "
+                   f"at {url}/v1  (Ctrl-C to stop)")
+
+    server = make_server(app, host=host, port=port, on_ready=ready)
+    try:
+        server.run()
+    except KeyboardInterrupt:           # uvicorn re-raises the Ctrl-C it handled
+        pass
+    except SystemExit:                  # uvicorn could not bind (it logged why)
+        pass
+    if not getattr(server, "started", False):
+        _fail(f"could not listen on {host}:{port} (see the message above)")
+    click.echo("server stopped", err=True)
 
 
 if __name__ == "__main__":

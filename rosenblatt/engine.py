@@ -202,11 +202,12 @@ class Engine:
     def stream(self, prompt: str | Sequence[int], max_new_tokens: int = 256, temperature: float = 0.8,
                top_k: int = 40, top_p: float = 0.95, min_p: float = 0.05, repeat_penalty: float = 1.0,
                repeat_last_n: int = 64, seed: int | None = None, stop: str | Sequence[str] | None = None,
-               add_special: bool = True) -> Iterator[str]:
+               add_special: bool = True, ignore_eos: bool = False) -> Iterator[str]:
         """Continue ``prompt`` (text, or token ids), yielding text pieces as they are decoded.
 
         Stops at an end-of-generation token, at any of the ``stop`` strings (not included in
         the output) or after ``max_new_tokens``. ``engine.stats`` holds the counts and timings.
+        ``ignore_eos`` keeps going past end-of-generation tokens (benchmarks, like llama-bench).
         """
         tok = self._tok()
         ids = tok.encode(prompt, add_special=add_special, parse_special=True) if isinstance(prompt, str) \
@@ -222,9 +223,9 @@ class Engine:
         sampler = Sampler(SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                                          repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n, seed=seed))
         stops = (stop,) if isinstance(stop, str) else tuple(s for s in (stop or ()) if s)
-        return self._generate(ids, max_new_tokens, sampler, stops)
+        return self._generate(ids, max_new_tokens, sampler, stops, ignore_eos)
 
-    def _generate(self, ids, max_new_tokens, sampler, stops) -> Iterator[str]:
+    def _generate(self, ids, max_new_tokens, sampler, stops, ignore_eos=False) -> Iterator[str]:
         tok = self._tok()
         self.stats = st = GenerationStats(prompt_tokens=len(ids))
         detok = tok.streaming()
@@ -240,7 +241,7 @@ class Engine:
                 token = sampler(logits, history)
                 st.generated_tokens += 1
                 st.tokens.append(token)
-                if tok.is_eog(token):
+                if tok.is_eog(token) and not ignore_eos:
                     st.finish_reason = "stop"
                     break
                 history.append(token)

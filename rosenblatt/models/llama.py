@@ -13,6 +13,8 @@ Prefill (many tokens) and decode (one token) run the same :meth:`LlamaModel.forw
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 
 from ..backends import MatmulBackend
@@ -136,6 +138,26 @@ class LlamaModel:
             _matrix(g, "output.weight", cfg.d_model, cfg.vocab_size, backend)
         self.cos, self.sin = rope_tables(cfg, n_ctx)
 
+    #: when a dict, forward() adds the seconds spent per stage to it (see rosenblatt.bench)
+    profile: dict | None = None
+
+    def ops(self):
+        """The stage functions forward() calls; timed wrappers when profiling."""
+        ops = (self.backend.matmul, attention, rms_norm, apply_rope, silu_mul)
+        if self.profile is None:
+            return ops
+        prof = self.profile
+
+        def timed(fn, stage):
+            def run(*args):
+                t0 = time.perf_counter()
+                out = fn(*args)
+                prof[stage] = prof.get(stage, 0.0) + time.perf_counter() - t0
+                return out
+            return run
+        return tuple(timed(f, s) for f, s in zip(ops, ("matmul", "attention", "norms/rope/act", "norms/rope/act",
+                                                       "norms/rope/act")))
+
     def new_cache(self) -> KVCache:
         c = self.cfg
         return KVCache(c.n_layers, c.n_kv_heads, self.n_ctx, c.head_dim, c.head_dim_v)
@@ -148,7 +170,8 @@ class LlamaModel:
 
         ``logits``: "all" → [T, vocab], "last" → [1, vocab], "none" → None (cache fill only).
         """
-        cfg, mm = self.cfg, self.backend.matmul
+        cfg = self.cfg
+        mm, attention, rms_norm, apply_rope, silu_mul = self.ops()
         t = len(tokens)
         start = cache.length
         if start + t > self.n_ctx:

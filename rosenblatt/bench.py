@@ -1,0 +1,123 @@
+"""`python -m rosenblatt bench`: load time, time to first token, prefill and decode speed, RSS.
+
+The benchmark drives the same path as chat and ``Engine.generate`` (``Engine.stream`` with
+greedy sampling and end-of-generation ignored, like llama-bench), on a prompt of random token
+ids, ``repeat`` times; timings are medians with min/max. One extra decode step runs with the
+model's per-stage profiler on to split a token's time into matmuls, attention, norms/RoPE and
+activations, sampling, and the Python that glues them.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import statistics
+import time
+
+import numpy as np
+
+from .sampling import Sampler, SamplingParams
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _stat(values: list[float]) -> dict:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def prompt_ids(engine, n: int, seed: int = 0) -> list[int]:
+    """n random ordinary token ids (no end-of-generation or control tokens)."""
+    from .tokenizer import TokenAttr
+    tok = engine.tokenizer
+    vocab = np.arange(engine.config.vocab_size)
+    if tok is not None:
+        vocab = np.array([t for t in vocab if tok.token_type(int(t)) & (TokenAttr.NORMAL | TokenAttr.BYTE)])
+    if vocab.size == 0:
+        raise ValueError(f"{engine.path}: no ordinary tokens to build a benchmark prompt from")
+    return [int(t) for t in np.random.default_rng(seed).choice(vocab, size=n)]
+
+
+def decode_step_profile(engine, context: list[int]) -> dict:
+    """Seconds per stage of one decode step after ``context``."""
+    engine.reset()
+    engine.eval(context[:-1], logits="none")
+    model = engine.model
+    model.profile = prof = {}
+    sampler = Sampler(SamplingParams(temperature=0))
+    try:
+        t0 = time.perf_counter()
+        logits = engine.eval(context[-1:], logits="last")[0]
+        t1 = time.perf_counter()
+        sampler(logits, context)
+        t2 = time.perf_counter()
+    finally:
+        model.profile = None
+    split = {k: v for k, v in prof.items()}
+    split["sampling"] = t2 - t1
+    split["python/other"] = max(0.0, (t1 - t0) - sum(prof.values()))
+    split["total"] = t2 - t0
+    return split
+
+
+def run_bench(model: str, prompt_tokens: int = 128, gen_tokens: int = 64, threads: int | None = None,
+              device: str = "cpu", repeat: int = 3, n_ctx: int | None = None, progress=None) -> dict:
+    from .engine import Engine
+    t0 = time.perf_counter()
+    engine = Engine.load(model, device=device, n_ctx=n_ctx or (prompt_tokens + gen_tokens + 8), threads=threads)
+    load_s = time.perf_counter() - t0
+    ids = prompt_ids(engine, prompt_tokens)
+    engine.generate(ids[:8], max_new_tokens=2, temperature=0)       # warm-up: compile / load cached kernels
+    prefill, decode, ttft = [], [], []
+    for r in range(repeat):
+        engine.reset()
+        engine.generate(ids, max_new_tokens=gen_tokens, temperature=0, ignore_eos=True)
+        st = engine.stats
+        prefill.append(st.prefill_tok_s)
+        decode.append(st.decode_tok_s)
+        ttft.append(st.ttft_s)
+        if progress:
+            progress(r + 1, repeat)
+    split = decode_step_profile(engine, ids)
+    backend = engine.model.backend
+    return {
+        "model": os.path.basename(str(model)),
+        "device": device,
+        "threads": getattr(backend, "threads", threads),
+        "prompt_tokens": prompt_tokens,
+        "gen_tokens": gen_tokens,
+        "repeat": repeat,
+        "load_s": load_s,
+        "ttft_s": statistics.median(ttft),
+        "prefill_tok_s": statistics.median(prefill),
+        "decode_tok_s": statistics.median(decode),
+        "prefill_tok_s_range": [min(prefill), max(prefill)],
+        "decode_tok_s_range": [min(decode), max(decode)],
+        "ttft_s_range": [min(ttft), max(ttft)],
+        "peak_rss_mb": _peak_rss_mb(),
+        "file_mb": os.path.getsize(model) / 2**20,
+        "kv_cache_mb": engine.cache.nbytes / 2**20,
+        "decode_step_split_s": split,
+    }
+
+
+def format_report(res: dict) -> str:
+    lines = [
+        f"model         {res['model']}  ({res['file_mb']:.0f} MiB, device {res['device']}, {res['threads']} threads)",
+        f"load          {res['load_s']:.2f} s",
+        f"prefill       {res['prefill_tok_s']:.1f} tok/s  ({res['prompt_tokens']} tokens; "
+        f"min {res['prefill_tok_s_range'][0]:.1f}, max {res['prefill_tok_s_range'][1]:.1f})",
+        f"time to 1st   {res['ttft_s']:.3f} s",
+        f"decode        {res['decode_tok_s']:.2f} tok/s  ({res['gen_tokens']} tokens; "
+        f"min {res['decode_tok_s_range'][0]:.2f}, max {res['decode_tok_s_range'][1]:.2f})",
+        f"peak RSS      {res['peak_rss_mb']:.0f} MiB (file {res['file_mb']:.0f} + KV cache {res['kv_cache_mb']:.0f})",
+        "one decode step:",
+    ]
+    split = res["decode_step_split_s"]
+    total = split["total"]
+    for k, v in sorted(split.items(), key=lambda kv: -kv[1]):
+        if k != "total":
+            lines.append(f"  {k:<16}{v * 1e3:8.2f} ms  {100 * v / total:5.1f} %")
+    lines.append(f"  {'total':<16}{total * 1e3:8.2f} ms")
+    return "\n".join(lines)

@@ -1,0 +1,29 @@
+"""`bench --json` smoke test on a tiny fixture (benchmarks are measured, never asserted on time)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from conftest import micro_path
+
+FIELDS = ("prefill_tok_s", "decode_tok_s", "ttft_s", "load_s", "peak_rss_mb", "threads", "model", "device")
+
+
+def test_bench_json_emits_every_field():
+    out = subprocess.run([sys.executable, "-m", "rosenblatt", "bench", "--model", str(micro_path("qwen2-micro-q4_k_m")),
+                          "--prompt-tokens", "16", "--gen-tokens", "4", "--repeat", "2", "--json"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    res = json.loads(out.stdout)
+    for key in FIELDS:
+        assert key in res, key
+    assert res["model"] == "qwen2-micro-q4_k_m.gguf" and res["device"] == "cpu" and res["threads"] >= 1
+    for key in ("prefill_tok_s", "decode_tok_s", "ttft_s", "load_s", "peak_rss_mb"):
+        assert isinstance(res[key], float) and res[key] > 0, key
+    lo, hi = res["decode_tok_s_range"]
+    assert lo <= res["decode_tok_s"] <= hi
+    split = res["decode_step_split_s"]
+    assert {"matmul", "attention", "norms/rope/act", "sampling", "python/other", "total"} <= set(split)
+    assert abs(sum(v for k, v in split.items() if k != "total") - split["total"]) < 1e-6 + 0.01 * split["total"]
