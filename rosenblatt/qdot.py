@@ -98,47 +98,30 @@ def _dot_q8_0(src, x, nb):
 
 
 @njit(fastmath=FASTMATH, inline="always")
-def _dot_q4_k(src, x, xs, nb):
+def _dot_q45_k(src, x, xs, nb, five):
+    """Q4_K, or Q5_K when ``five`` (qh[32] sits before qs and adds the 5th bit)."""
+    bsize, qoff = (176, 48) if five else (144, 16)
     acc = np.float32(0.0)
     for b in range(nb):
-        o = b * 144
+        o = b * bsize
         d = _h(src, o)
         dmin = _h(src, o + 2)
         y = b * 256
         for c in range(4):
             s0 = np.float32(0.0)
             s1 = np.float32(0.0)
-            base = o + 16 + c * 32
+            base = o + qoff + c * 32
             xo = y + c * 64
             for l in range(32):
                 q = src[base + l]
-                s0 += np.float32(q & 0xF) * x[xo + l]
-                s1 += np.float32(q >> 4) * x[xo + 32 + l]
-            sc0, m0 = _scale_min_k4(src, o + 4, 2 * c)
-            sc1, m1 = _scale_min_k4(src, o + 4, 2 * c + 1)
-            acc += d * (np.float32(sc0) * s0 + np.float32(sc1) * s1) \
-                - dmin * (np.float32(m0) * xs[b * 8 + 2 * c] + np.float32(m1) * xs[b * 8 + 2 * c + 1])
-    return acc
-
-
-@njit(fastmath=FASTMATH, inline="always")
-def _dot_q5_k(src, x, xs, nb):
-    acc = np.float32(0.0)
-    for b in range(nb):
-        o = b * 176
-        d = _h(src, o)
-        dmin = _h(src, o + 2)
-        y = b * 256
-        for c in range(4):
-            s0 = np.float32(0.0)
-            s1 = np.float32(0.0)
-            base = o + 48 + c * 32
-            xo = y + c * 64
-            for l in range(32):
-                q = src[base + l]
-                h = src[o + 16 + l]
-                s0 += np.float32((q & 0xF) | (((h >> (2 * c)) & 1) << 4)) * x[xo + l]
-                s1 += np.float32((q >> 4) | (((h >> (2 * c + 1)) & 1) << 4)) * x[xo + 32 + l]
+                lo = q & 0xF
+                hi = q >> 4
+                if five:
+                    h = src[o + 16 + l]
+                    lo |= ((h >> (2 * c)) & 1) << 4
+                    hi |= ((h >> (2 * c + 1)) & 1) << 4
+                s0 += np.float32(lo) * x[xo + l]
+                s1 += np.float32(hi) * x[xo + 32 + l]
             sc0, m0 = _scale_min_k4(src, o + 4, 2 * c)
             sc1, m1 = _scale_min_k4(src, o + 4, 2 * c + 1)
             acc += d * (np.float32(sc0) * s0 + np.float32(sc1) * s1) \
@@ -182,7 +165,7 @@ def dot_row(qtype, src, x, xs, scratch):
     """dot(decode(src), x) for one row; ``xs`` = block_sums of x, ``scratch`` a float32 row buffer."""
     k = x.shape[0]
     if qtype == Q4_K:
-        return _dot_q4_k(src, x, xs, k // 256)
+        return _dot_q45_k(src, x, xs, k // 256, False)
     if qtype == Q6_K:
         return _dot_q6_k(src, x, k // 256)
     if qtype == Q8_0:
@@ -192,7 +175,7 @@ def dot_row(qtype, src, x, xs, scratch):
     if qtype == Q4_1:
         return _dot_q4_1(src, x, xs, k // 32)
     if qtype == Q5_K:
-        return _dot_q5_k(src, x, xs, k // 256)
+        return _dot_q45_k(src, x, xs, k // 256, True)
     if qtype == Q5_0:
         return _dot_q5(src, x, xs, k // 32, 22, 6, False)
     if qtype == Q5_1:

@@ -203,10 +203,12 @@ def _scale_min_k4(src, o, j):
 
 
 @njit(cache=True)
-def _deq_q4_k(src, dst, nb):
-    # d:f16, dmin:f16, scales[12], qs[128]; sub-block j = 2c+s holds (qs[c*32+l] >> 4s) & 0xF
+def _deq_q45_k(src, dst, nb, five):
+    # Q4_K (144 B): d:f16, dmin:f16, scales[12], qs[128]; sub-block j = 2c+s holds (qs[c*32+l] >> 4s) & 0xF
+    # Q5_K (176 B): the same with qh[32] before qs; 5th bit of sub-block j element l = (qh[l] >> j) & 1
+    bsize, qoff = (176, 48) if five else (144, 16)
     for b in range(nb):
-        o = b * 144
+        o = b * bsize
         d = _h(src, o)
         dmin = _h(src, o + 2)
         y = b * 256
@@ -217,26 +219,9 @@ def _deq_q4_k(src, dst, nb):
             c = j // 2
             sh = 4 * (j % 2)
             for l in range(32):
-                q = (src[o + 16 + c * 32 + l] >> sh) & 0xF
-                dst[y + j * 32 + l] = dl * np.float32(q) - ml
-
-
-@njit(cache=True)
-def _deq_q5_k(src, dst, nb):
-    # d:f16, dmin:f16, scales[12], qh[32], qs[128]; 5th bit of sub-block j element l = (qh[l] >> j) & 1
-    for b in range(nb):
-        o = b * 176
-        d = _h(src, o)
-        dmin = _h(src, o + 2)
-        y = b * 256
-        for j in range(8):
-            sc, mn = _scale_min_k4(src, o + 4, j)
-            dl = d * np.float32(sc)
-            ml = dmin * np.float32(mn)
-            c = j // 2
-            sh = 4 * (j % 2)
-            for l in range(32):
-                q = ((src[o + 48 + c * 32 + l] >> sh) & 0xF) | (((src[o + 16 + l] >> j) & 1) << 4)
+                q = (src[o + qoff + c * 32 + l] >> sh) & 0xF
+                if five:
+                    q |= ((src[o + 16 + l] >> j) & 1) << 4
                 dst[y + j * 32 + l] = dl * np.float32(q) - ml
 
 
@@ -267,7 +252,7 @@ def dequant_row(qtype, src, dst):
     """Decode one row: ``src`` uint8 bytes of the row, ``dst`` float32 of the row length."""
     n = dst.shape[0]
     if qtype == Q4_K:
-        _deq_q4_k(src, dst, n // 256)
+        _deq_q45_k(src, dst, n // 256, False)
     elif qtype == Q6_K:
         _deq_q6_k(src, dst, n // 256)
     elif qtype == Q8_0:
@@ -281,7 +266,7 @@ def dequant_row(qtype, src, dst):
     elif qtype == Q5_1:
         _deq_q5_1(src, dst, n // 32)
     elif qtype == Q5_K:
-        _deq_q5_k(src, dst, n // 256)
+        _deq_q45_k(src, dst, n // 256, True)
     elif qtype == Q3_K:
         _deq_q3_k(src, dst, n // 256)
     elif qtype == Q2_K:
