@@ -243,6 +243,10 @@ def info(model):
         ("tensor types", ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in mix.most_common())),
         ("chat template", f"{len(tmpl)} characters" if tmpl else "none (ChatML fallback)"),
     ]
+    if cfg.sliding_window:
+        rows.insert([k for k, _ in rows].index("rope") + 1,
+                    ("sliding window", f"{cfg.sliding_window} tokens on {len(cfg.swa_layers)} of {cfg.n_layers} "
+                                       f"layers (rope base {cfg.rope_base_swa:g} there)"))
     w = max(len(k) for k, _ in rows)
     for k, v in rows:
         click.echo(f"{k:<{w}}  {v}")

@@ -14,7 +14,12 @@ from .errors import ModelFileError
 from .gguf_file import GGUFFile
 
 #: architectures the engine runs, with their llama.cpp RoPE pairing (True = NEOX halves)
-ARCHITECTURES = {"llama": False, "qwen2": True}
+ARCHITECTURES = {"llama": False, "qwen2": True, "gemma3": True}
+
+#: gemma3: llama.cpp's built-in sliding-window pattern (layer i is local iff i % 6 < 5) and the RoPE
+#: base of the local layers when the GGUF has no ``rope.freq_base_swa``
+GEMMA3_SWA_PERIOD = 6
+GEMMA3_ROPE_BASE_SWA = 10000.0
 
 _MAX_DIM = 1 << 17      # no dimension of a model this engine targets comes near this
 _MAX_LAYERS = 1024
@@ -41,6 +46,12 @@ class ModelConfig:
     vocab_size: int
     qkv_bias: bool
     tied_output: bool
+    # sliding-window attention (gemma3): the layers in ``swa_layers`` attend to the last
+    # ``sliding_window`` positions only (the query's own included) and rotate with ``rope_base_swa``
+    sliding_window: int = 0
+    swa_layers: tuple[int, ...] = ()
+    rope_base_swa: float = 0.0
+    attn_scale: float = 0.0    # query scale; 0 = 1/sqrt(head_dim)
 
     @property
     def n_params(self) -> int:
@@ -49,6 +60,8 @@ class ModelConfig:
             + self.n_heads * self.head_dim_v * self.d_model
         mlp = 3 * self.d_model * self.d_ff
         per_layer = attn + mlp + 2 * self.d_model
+        if self.arch == "gemma3":   # post-attention / post-ffn norms, per-head q/k norms
+            per_layer += 2 * self.d_model + 2 * self.head_dim
         out = 0 if self.tied_output else self.vocab_size * self.d_model
         return self.n_layers * per_layer + self.vocab_size * self.d_model + out + self.d_model
 
@@ -88,10 +101,24 @@ class ModelConfig:
             raise ModelFileError(g.path, "tensor 'token_embd.weight'",
                                  f"shape {list(emb.shape)} does not match embedding_length {d_model}")
         vocab = emb.shape[1]
+        extra = {}
+        if arch == "gemma3":
+            extra = _gemma3_attention(g, a, n_layers, d_model, n_heads, head_dim)
         return cls(
             arch=arch, name=str(g.get("general.name", "") or ""), n_layers=n_layers, d_model=d_model,
             d_ff=d_ff, n_heads=n_heads, n_kv_heads=n_kv, head_dim=head_dim, head_dim_v=head_dim_v,
             rope_dim=rope_dim, rope_base=rope_base, rope_neox=ARCHITECTURES[arch], rope_freq_scale=freq_scale,
             rms_eps=rms_eps, context_length=ctx, vocab_size=vocab,
             qkv_bias="blk.0.attn_q.bias" in g.tensors, tied_output="output.weight" not in g.tensors,
+            **extra,
         )
+
+
+def _gemma3_attention(g: GGUFFile, a: str, n_layers: int, d_model: int, n_heads: int, head_dim: int) -> dict:
+    """gemma3's sliding window, local RoPE base and query scale, as llama.cpp derives them."""
+    window = g.get_int(a + "attention.sliding_window", minimum=1, maximum=_MAX_CTX)
+    local = tuple(i for i in range(n_layers) if i % GEMMA3_SWA_PERIOD < GEMMA3_SWA_PERIOD - 1)
+    base_swa = g.get_float(a + "rope.freq_base_swa", GEMMA3_ROPE_BASE_SWA, positive=True)
+    # llama.cpp: the 62-layer 27B model scales queries by 1/sqrt(d_model / heads), the others by 1/sqrt(head_dim)
+    scale = (d_model // n_heads) ** -0.5 if n_layers == 62 else head_dim ** -0.5
+    return {"sliding_window": window, "swa_layers": local, "rope_base_swa": base_swa, "attn_scale": scale}

@@ -193,6 +193,7 @@ class Engine:
         limit = min(len(ids) - 1, len(self._context))   # re-evaluate at least the last token
         while n < limit and self._context[n] == ids[n]:
             n += 1
+        n = self.cache.reusable(n)      # a sliding-window cache may have dropped what resuming at n needs
         self.truncate(n)
         logits = self.eval(ids[n:], logits="last")[0]
         self._context = list(ids)

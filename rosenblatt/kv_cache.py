@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
 
@@ -12,6 +14,7 @@ class KVCache:
         self.n_ctx = n_ctx
         self.k = [np.zeros((n_kv_heads, n_ctx, head_dim), dtype=np.float32) for _ in range(n_layers)]
         self.v = [np.zeros((n_kv_heads, n_ctx, head_dim_v), dtype=np.float32) for _ in range(n_layers)]
+        self.offset = [0] * n_layers     # position held at index 0 of each layer's arrays
         self.length = 0
 
     @property
@@ -34,3 +37,68 @@ class KVCache:
         if not 0 <= length <= self.length:
             raise ValueError(f"cannot truncate a cache of {self.length} positions to {length}")
         self.length = length
+
+    def reusable(self, length: int) -> int:
+        """The longest prefix, at most ``length`` positions, that :meth:`truncate` can keep."""
+        return length
+
+
+class SlidingWindowKVCache(KVCache):
+    """A cache whose sliding-window layers keep only recent positions (gemma3's local layers).
+
+    ``windows[layer] = w > 0``: the layer's queries see the last ``w`` positions only (their own
+    included), so its arrays hold about ``3 w`` positions instead of ``n_ctx``: positions
+    ``[offset[layer], length)`` at indices ``[0, length - offset[layer])``. When new positions do
+    not fit, the ``w - 1`` positions the new queries still need, and up to ``w`` older ones (so that
+    truncating back a little stays possible), move to the front; a call storing more than fits
+    grows the arrays. Layers with ``w = 0`` keep every position, as in :class:`KVCache`.
+    Truncating to a length whose window was already dropped is refused (:meth:`reusable` is 0).
+    """
+
+    def __init__(self, n_layers: int, n_kv_heads: int, n_ctx: int, head_dim: int, head_dim_v: int,
+                 windows: Sequence[int]):
+        if len(windows) != n_layers:
+            raise ValueError(f"{len(windows)} windows for {n_layers} layers")
+        self.n_ctx = n_ctx
+        self.windows = [int(w) for w in windows]
+        sizes = [min(n_ctx, 3 * w) if w else n_ctx for w in self.windows]
+        self.k = [np.zeros((n_kv_heads, n, head_dim), dtype=np.float32) for n in sizes]
+        self.v = [np.zeros((n_kv_heads, n, head_dim_v), dtype=np.float32) for n in sizes]
+        self.offset = [0] * n_layers
+        self.length = 0
+
+    def store(self, layer: int, start: int, k: np.ndarray, v: np.ndarray):
+        w = self.windows[layer]
+        if not w:
+            return super().store(layer, start, k, v)
+        t = k.shape[0]
+        kc, vc, first = self.k[layer], self.v[layer], self.offset[layer]
+        if start + t - first > kc.shape[1]:
+            keep = max(first, start - 2 * w + 1)        # the window of position `start`, and w older positions
+            size = max(kc.shape[1], start + t - keep)
+            if size > kc.shape[1]:
+                grow = size - kc.shape[1]
+                kc = self.k[layer] = np.concatenate([kc, np.zeros((kc.shape[0], grow, kc.shape[2]), kc.dtype)], 1)
+                vc = self.v[layer] = np.concatenate([vc, np.zeros((vc.shape[0], grow, vc.shape[2]), vc.dtype)], 1)
+            kc[:, :start - keep] = kc[:, keep - first:start - first]
+            vc[:, :start - keep] = vc[:, keep - first:start - first]
+            first = self.offset[layer] = keep
+        kc[:, start - first:start - first + t] = k.transpose(1, 0, 2)
+        vc[:, start - first:start - first + t] = v.transpose(1, 0, 2)
+        return kc, vc
+
+    def reusable(self, length: int) -> int:
+        ok = all(max(0, length - w + 1) >= first for w, first in zip(self.windows, self.offset) if w)
+        return length if ok else 0
+
+    def reset(self) -> None:
+        self.length = 0
+        self.offset = [0] * len(self.offset)
+
+    def truncate(self, length: int) -> None:
+        if 0 <= length <= self.length and self.reusable(length) != length:
+            raise ValueError(f"cannot truncate to {length} positions: sliding-window layers have dropped "
+                             f"keys that position {length} attends to (reset and evaluate again)")
+        super().truncate(length)
+        if length == 0:
+            self.offset = [0] * len(self.offset)

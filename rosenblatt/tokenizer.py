@@ -28,9 +28,16 @@ rendered as their text (CONTROL and UNKNOWN only when special tokens are rendere
 render as nothing. The bytes are then decoded as UTF-8 with U+FFFD for invalid sequences. No
 "clean-up of tokenization spaces" is done, so ``decode`` equals the streamed text.
 
-Only the ``gpt2`` (byte-level BPE) tokenizer model is implemented. Another model type (e.g.
-SentencePiece ``llama`` for gemma3) is added by writing a :class:`_TextModel` for it and
-registering its builder in :data:`_MODEL_BUILDERS`.
+Two tokenizer models are implemented, each a :class:`_TextModel` registered in
+:data:`_MODEL_BUILDERS`:
+
+* ``gpt2``: byte-level BPE with the GGUF's merges and the pre-tokenizer regexes above.
+* ``llama``: SentencePiece-style BPE over token scores (llama.cpp's SPM tokenizer; gemma3, Llama 2).
+  No pre-tokenizer: a whole special-token-free fragment is one word, spaces become ``▁`` (U+2581),
+  a ``▁`` is prepended to the first fragment and to every fragment after a special token when
+  ``tokenizer.ggml.add_space_prefix`` says so (default true), characters without a token become
+  their ``<0xXX>`` byte tokens. Decoding turns ``▁`` back into spaces. BOS defaults to on, and the
+  BOS/EOS/UNK ids to 1/2/0, when the GGUF does not set them (llama.cpp's SPM defaults).
 """
 
 from __future__ import annotations
@@ -43,6 +50,7 @@ from dataclasses import dataclass
 from enum import IntEnum, IntFlag
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
+import numpy as np
 from tokenizers import Regex
 from tokenizers import Tokenizer as _HFTokenizer
 from tokenizers import models as _hf_models
@@ -116,6 +124,9 @@ _A_USER_DEFINED = int(TokenAttr.USER_DEFINED)
 _A_BYTE = int(TokenAttr.BYTE)
 _A_SPECIAL = _A_UNKNOWN | _A_CONTROL          # hidden unless special tokens are rendered
 _A_PARTITION = _A_CONTROL | _A_USER_DEFINED | _A_UNKNOWN   # cut out of the text before BPE
+
+KEY_SCORES = "tokenizer.ggml.scores"
+KEY_ADD_SPACE_PREFIX = "tokenizer.ggml.add_space_prefix"
 
 # --------------------------------------------------------------------------------------------
 # Pre-tokenizers (split regexes per ``tokenizer.ggml.pre``, as in llama.cpp's llm_tokenizer_bpe)
@@ -205,7 +216,12 @@ _BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 
 
 class _TextModel:
-    """Interface of a tokenizer model type (byte-level BPE now, SentencePiece later)."""
+    """Interface of a tokenizer model type (byte-level BPE, SentencePiece BPE)."""
+
+    #: prepended to a text fragment at the start and after a special token (SPM ``add_space_prefix``)
+    space_prefix: str = ""
+    #: special-token ids used when the GGUF has no ``tokenizer.ggml.*_token_id`` key for them
+    default_ids: Mapping[str, int] = {}
 
     def encode(self, text: str) -> list[int]:  # pragma: no cover - interface
         """Ids of ``text``, which contains no special-token occurrences."""
@@ -298,10 +314,69 @@ def _parse_merges(md: Mapping[str, Any], vocab: dict[str, int], path: str | None
     return pairs
 
 
+_SPM_SPACE = "\u2581"   # "▁", SentencePiece's visible space
+
+
+class _SentencePieceBPE(_TextModel):
+    """``tokenizer.ggml.model = llama``: llama.cpp's SPM tokenizer, run by a Hugging Face BPE.
+
+    llama.cpp starts from the characters of a fragment (spaces escaped to ``▁``) and keeps merging
+    the adjacent pair whose concatenation is the vocabulary token with the highest score (the
+    leftmost pair on a tie); a character that never became part of a token is emitted as its
+    ``<0xXX>`` byte tokens. That is BPE whose merge list holds every split of every token into two
+    tokens, ranked by the token's score (splits of one token: left part shortest first), with
+    byte fallback, and no pre-tokenizer (the whole fragment is one word).
+
+    One corner is not reproduced exactly: competing pairs of *equal* score (different tokens with
+    the same score, or different splits of one token) are ranked by token id and split here, by
+    position in the text in llama.cpp. In a GGUF converted from SentencePiece the normal tokens
+    have distinct scores; equal ones are those of control/user-defined tokens (-1000) and byte
+    tokens (0). tests/test_tokenizer_spm.py checks the result against llama.cpp's merge loop.
+    """
+
+    default_ids = {"bos": 1, "eos": 2, "unk": 0}
+
+    def __init__(self, vocab: dict[str, int], merges: list[tuple[str, str]], add_space_prefix: bool):
+        self._hf = _HFTokenizer(_hf_models.BPE(vocab=vocab, merges=merges, byte_fallback=True, fuse_unk=False))
+        self.space_prefix = " " if add_space_prefix else ""
+
+    @classmethod
+    def from_metadata(cls, md: Mapping[str, Any], tokens: list[str], vocab: dict[str, int],
+                      path: str | None) -> tuple["_SentencePieceBPE", PreTokenizer]:
+        n = len(tokens)
+        scores = md.get(KEY_SCORES)
+        if scores is None:   # llama.cpp: every score 0
+            scores = [0.0] * n
+        elif not isinstance(scores, list) or len(scores) < n:
+            raise ModelFileError(path, f"metadata {KEY_SCORES!r}",
+                                 f"expected an array of at least {n} numbers")
+        add_prefix = md.get(KEY_ADD_SPACE_PREFIX, True)
+        if not isinstance(add_prefix, (bool, int)):
+            raise ModelFileError(path, f"metadata {KEY_ADD_SPACE_PREFIX!r}",
+                                 f"expected a boolean, got {add_prefix!r:.60}")
+        try:
+            order = np.argsort(-np.asarray(scores[:n], dtype=np.float64), kind="stable")
+        except (TypeError, ValueError):
+            raise ModelFileError(path, f"metadata {KEY_SCORES!r}", "expected an array of numbers") from None
+        merges = [(t[:k], t[k:]) for t in map(tokens.__getitem__, order.tolist())
+                  for k in range(1, len(t)) if t[:k] in vocab and t[k:] in vocab]
+        return cls(vocab, merges, bool(add_prefix)), PreTokenizer((), add_bos=True)
+
+    def encode(self, text: str) -> list[int]:
+        return self._hf.encode(text.replace(" ", _SPM_SPACE), add_special_tokens=False).ids
+
+    def split(self, text: str) -> list[str]:
+        return [text] if text else []
+
+    def normal_piece(self, token_text: str) -> bytes:
+        return token_text.replace(_SPM_SPACE, " ").encode("utf-8")
+
+
 _MODEL_BUILDERS: dict[str, Callable[..., tuple[_TextModel, PreTokenizer]]] = {
     "gpt2": _ByteLevelBPE.from_metadata,
+    "llama": _SentencePieceBPE.from_metadata,
 }
-_PLANNED_MODELS = {"llama": "SentencePiece ('llama') vocabularies are not supported yet"}
+_PLANNED_MODELS: dict[str, str] = {}
 
 
 # --------------------------------------------------------------------------------------------
@@ -369,6 +444,9 @@ class Tokenizer:
         self.pre: str | None = md.get(KEY_PRE)
 
         ids = {name: self._read_id(md, key) for name, key in _ID_KEYS.items()}
+        for name, default in self._text_model.default_ids.items():
+            if _ID_KEYS[name] not in md and default < n:
+                ids[name] = default
         self.add_bos: bool = self._read_bool(md, KEY_ADD_BOS, pre.add_bos)
         self.add_eos: bool = self._read_bool(md, KEY_ADD_EOS, False)
         if self.add_bos and ids["bos"] is None:
@@ -495,11 +573,15 @@ class Tokenizer:
             out.append(self.bos_id)  # type: ignore[arg-type]
         if text:
             encode_text = self._text_model.encode
+            prefix = self._text_model.space_prefix
+            after_special = True   # the space prefix goes before the first fragment and after specials
             for frag in self._partition(text, parse_special):
                 if isinstance(frag, int):
                     out.append(frag)
+                    after_special = True
                 else:
-                    out.extend(encode_text(frag))
+                    out.extend(encode_text(prefix + frag if after_special else frag))
+                    after_special = False
         if add_special and self.add_eos:
             out.append(self.eos_id)  # type: ignore[arg-type]
         return out

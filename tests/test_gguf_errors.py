@@ -13,7 +13,6 @@ import pytest
 from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter
 
 from rosenblatt import Engine, ModelFileError
-from rosenblatt.gguf_file import GGUFFile
 
 from conftest import micro_path
 

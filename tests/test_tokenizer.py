@@ -208,7 +208,7 @@ def test_missing_pre_warns_and_uses_default():
     ({"tokenizer__ggml__merges": None}, "tokenizer.ggml.merges"),
     ({"tokenizer__ggml__model": None}, "tokenizer.ggml.model"),
     ({"tokenizer__ggml__model": "bert"}, "unknown tokenizer model"),
-    ({"tokenizer__ggml__model": "llama"}, "not supported yet"),
+    ({"tokenizer__ggml__model": "llama", "tokenizer__ggml__scores": [0.0]}, "tokenizer.ggml.scores"),
     ({"tokenizer__ggml__token_type": [1, 1, 1]}, "tokenizer.ggml.token_type"),
     ({"tokenizer__ggml__add_bos_token": True, "tokenizer__ggml__bos_token_id": None}, "bos_token_id"),
     ({"tokenizer__ggml__pre": 7}, "tokenizer.ggml.pre"),

@@ -8,5 +8,8 @@ from ..gguf_file import GGUFFile
 
 
 def build_model(g: GGUFFile, cfg: ModelConfig, backend: MatmulBackend, n_ctx: int, progress=None):
+    if cfg.arch == "gemma3":
+        from .gemma3 import Gemma3Model
+        return Gemma3Model(g, cfg, backend, n_ctx, progress=progress)
     from .llama import LlamaModel
     return LlamaModel(g, cfg, backend, n_ctx, progress=progress)

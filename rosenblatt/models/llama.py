@@ -20,7 +20,7 @@ import numpy as np
 from ..backends import MatmulBackend
 from ..config import ModelConfig
 from ..errors import ModelFileError
-from ..gguf_file import GGUFFile, TensorInfo
+from ..gguf_file import GGUFFile
 from ..kv_cache import KVCache
 from ..quants import F16, F32, dequantize
 
@@ -93,25 +93,33 @@ def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, rope_dim: int, n
         x[..., 1:rope_dim:2] = x0 * s + x1 * c
 
 
-def attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, start: int, n_kv: int) -> np.ndarray:
+def attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, start: int, n_kv: int,
+              window: int = 0, scale: float | None = None) -> np.ndarray:
     """Causal grouped-query attention of T new queries against the cache.
 
     q: [T, H, hd]; k_cache/v_cache: [n_kv, n_ctx, hd] already holding positions [0, start+T).
     Query head h reads kv head h // (H / n_kv). Returns [T, H * hd_v].
+    ``window`` > 0: query position i sees only keys j with i - j < window (sliding-window layers).
+    ``scale``: score scale, default 1/sqrt(hd).
     """
     t, h, hd = q.shape
     s = start + t
+    lo = max(0, start - window + 1) if window else 0     # the oldest key any of the queries sees
     group = h // n_kv
     qg = q.transpose(1, 0, 2).reshape(n_kv, group, t, hd)
-    keys = k_cache[:, None, :s, :]
-    scores = np.matmul(qg, keys.swapaxes(-1, -2)) * np.float32(1.0 / np.sqrt(hd))   # [n_kv, g, T, S]
+    keys = k_cache[:, None, lo:s, :]
+    scale = np.float32(1.0 / np.sqrt(hd) if scale is None else scale)
+    scores = np.matmul(qg, keys.swapaxes(-1, -2)) * scale                               # [n_kv, g, T, S]
     if t > 1:
-        future = np.arange(s)[None, :] > (start + np.arange(t))[:, None]
-        scores[..., future] = -np.inf
+        key_pos, query_pos = np.arange(lo, s)[None, :], (start + np.arange(t))[:, None]
+        hidden = key_pos > query_pos
+        if window:
+            hidden |= key_pos <= query_pos - window
+        scores[..., hidden] = -np.inf
     scores -= scores.max(axis=-1, keepdims=True)
     np.exp(scores, out=scores)
     scores /= scores.sum(axis=-1, keepdims=True)
-    out = np.matmul(scores, v_cache[:, None, :s, :])                                    # [n_kv, g, T, hd_v]
+    out = np.matmul(scores, v_cache[:, None, lo:s, :])                                  # [n_kv, g, T, hd_v]
     return out.reshape(h, t, -1).transpose(1, 0, 2).reshape(t, -1)
 
 
@@ -123,6 +131,8 @@ def silu_mul(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
 class LlamaModel:
     """Weights (prepared by a matmul backend), RoPE tables and the forward pass."""
 
+    layer_class = Layer     # a family with more per-layer tensors subclasses Layer (gemma3)
+
     def __init__(self, g: GGUFFile, cfg: ModelConfig, backend: MatmulBackend, n_ctx: int, progress=None):
         self.cfg = cfg
         self.backend = backend
@@ -130,7 +140,7 @@ class LlamaModel:
         self.tok_embd = _matrix(g, "token_embd.weight", cfg.d_model, cfg.vocab_size, backend)
         self.layers = []
         for i in range(cfg.n_layers):
-            self.layers.append(Layer(g, cfg, i, backend))
+            self.layers.append(self.layer_class(g, cfg, i, backend))
             if progress is not None:
                 progress(i + 1, cfg.n_layers, "layers")
         self.out_norm = _vector(g, "output_norm.weight", cfg.d_model)
