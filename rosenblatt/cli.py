@@ -1,4 +1,4 @@
-"""``python -m rosenblatt``: chat, generate, info, probe.
+"""``python -m rosenblatt``: chat, generate, info, serve, bench, probe.
 
 Every failure the user can fix (missing file, bad GGUF, bad option) is one line on stderr and
 exit status 2; a traceback means a bug.
@@ -124,6 +124,8 @@ def main():
     python -m rosenblatt chat                      chat with the default model
     python -m rosenblatt generate -p "Once upon"   continue a text
     python -m rosenblatt info -m model.gguf        what is inside a GGUF
+    python -m rosenblatt serve -m model.gguf       OpenAI-compatible HTTP server on 127.0.0.1
+    python -m rosenblatt bench -m model.gguf       prefill/decode speed, time to first token, RSS
     python -m rosenblatt probe                     check the NPU (see --help)
     """
 
