@@ -109,8 +109,13 @@ class Engine:
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: str = "cpu", n_ctx: int = 4096,
-             threads: int | None = None, progress=None) -> "Engine":
-        """Open a GGUF model. ``progress(done, total, what)`` is called while weights are prepared."""
+             threads: int | None = None, progress=None, npu_min_rows: int | None = None) -> "Engine":
+        """Open a GGUF model. ``progress(done, total, what)`` is called while weights are prepared.
+
+        ``device``: "cpu", "npu" (the rocket NPU; an error if there is none), "npu-sim" (its
+        simulator) or "auto" (the NPU if present, else the CPU with a notice on stderr).
+        ``npu_min_rows``: with an NPU, matmuls with fewer rows (decode) run on the CPU; 0 sends
+        every matmul to the NPU (default: ``backends.npu.DEFAULT_MIN_ROWS``)."""
         g = GGUFFile(path)
         cfg = ModelConfig.from_gguf(g)
         if n_ctx <= 0:
@@ -123,9 +128,9 @@ class Engine:
                 template = ChatTemplate.from_metadata(g.metadata, tokenizer)
             except ChatTemplateError as e:   # the model still runs; chat() reports this when used
                 template = ModelFileError(g.path, "metadata 'tokenizer.chat_template'", str(e))
-        backend = get_backend(device, threads=threads)
+        backend = get_backend(device, threads=threads, npu_min_rows=npu_min_rows)
         model = build_model(g, cfg, backend, n_ctx, progress=progress)
-        return cls(g, cfg, model, device, n_ctx, tokenizer, template)
+        return cls(g, cfg, model, backend.name, n_ctx, tokenizer, template)   # "auto" resolved
 
     def _check_tokens(self, token_ids: Sequence[int]) -> np.ndarray:
         ids = np.asarray(token_ids, dtype=np.int64).reshape(-1)

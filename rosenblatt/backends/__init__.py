@@ -35,8 +35,14 @@ class MatmulBackend(ABC):
         """``x`` float32 ``[M, K]`` (C-contiguous) → float32 ``[M, N]`` = ``x @ W.T``."""
 
 
-def get_backend(name: str, threads: int | None = None, **options) -> MatmulBackend:
+def get_backend(name: str, threads: int | None = None, npu_min_rows: int | None = None, **options) -> MatmulBackend:
+    """``"cpu"``; ``"npu"`` (the rocket device, an error if there is none), ``"npu-sim"`` (the
+    simulator) or ``"auto"`` (the NPU if present, else the CPU with a notice). ``npu_min_rows``:
+    products with fewer activation rows run on the CPU (NPU backends only; see backends/npu.py)."""
     if name == "cpu":
         from .cpu import CPUBackend
         return CPUBackend(threads=threads, **options)
-    raise ValueError(f"unknown matmul backend {name!r} (known: cpu)")
+    if name in ("npu", "npu-sim", "auto"):
+        from .npu import open_npu_backend
+        return open_npu_backend(name, threads=threads, min_rows=npu_min_rows, **options)
+    raise ValueError(f"unknown matmul backend {name!r} (known: cpu, npu, npu-sim, auto)")
