@@ -200,7 +200,12 @@ class Engine:
             n += 1
         n = self.cache.reusable(n)      # a sliding-window cache may have dropped what resuming at n needs
         self.truncate(n)
-        logits = self.eval(ids[n:], logits="last")[0]
+        # The last prompt token is evaluated on its own, like a decode step: the same prompt then
+        # gives the same first logits whether its prefix came from the cache or not (a batch and
+        # a single row may use different kernels, and int8 activation rounding amplifies 1e-6).
+        if n < len(ids) - 1:
+            self.eval(ids[n:-1], logits="none")
+        logits = self.eval(ids[-1:], logits="last")[0]
         self._context = list(ids)
         self.stats.cached_tokens = n
         return logits

@@ -28,6 +28,7 @@ def test_generate_cli_equals_the_api(smollm2_engine, name):
     prompt = REFS[name]["rendered"]
     out = run("generate", "--prompt", prompt, "--temp", "0", "--max-tokens", "24")
     assert out.returncode == 0, out.stderr
+    smollm2_engine.reset()          # the same computation as the fresh CLI process: no cached prefix
     api = smollm2_engine.generate(prompt, max_new_tokens=24, temperature=0)
     assert out.stdout == api + "\n"
 
@@ -35,6 +36,7 @@ def test_generate_cli_equals_the_api(smollm2_engine, name):
 def test_generate_reads_stdin_and_wraps_chat(smollm2_engine):
     out = run("generate", "--chat", "--temp", "0", "--max-tokens", "12", input="What is the capital of France?")
     assert out.returncode == 0, out.stderr
+    smollm2_engine.reset()
     api = smollm2_engine.chat([{"role": "user", "content": "What is the capital of France?"}],
                               max_new_tokens=12, temperature=0)
     assert out.stdout == api + "\n"

@@ -55,14 +55,18 @@ def test_seeded_sampling_is_reproducible(smollm2_engine):
 
 
 def test_stop_strings_cut_the_output(smollm2_engine):
-    full = smollm2_engine.generate("The capital of France is", max_new_tokens=30, temperature=0)
-    assert full.startswith(" Paris.\n\nThe answer is")
-    cut = smollm2_engine.generate("The capital of France is", max_new_tokens=30, temperature=0, stop=["answer"])
-    assert cut == " Paris.\n\nThe " and smollm2_engine.stats.finish_reason == "stop"
+    prompt = "The capital of France is"
+    full = smollm2_engine.generate(prompt, max_new_tokens=30, temperature=0)
+    assert full.startswith(" Paris.\n\nThe ") and smollm2_engine.stats.finish_reason == "length"
+    word = full.split()[2]                       # the word after "Paris.\n\nThe"
+    cut = smollm2_engine.generate(prompt, max_new_tokens=30, temperature=0, stop=[word])
+    assert cut == full[:full.index(word)] == " Paris.\n\nThe " and smollm2_engine.stats.finish_reason == "stop"
     # a stop string spanning several tokens is held back while it might still match
-    pieces = list(smollm2_engine.stream("The capital of France is", max_new_tokens=30, temperature=0,
-                                        stop=["The answer is:"]))
-    assert "".join(pieces) == " Paris.\n\n"
+    stop = "The " + word + " " + full.split()[3]
+    assert stop in full
+    pieces = list(smollm2_engine.stream(prompt, max_new_tokens=30, temperature=0, stop=[stop]))
+    assert "".join(pieces) == full[:full.index(stop)] == " Paris.\n\n"
+    assert all(stop not in p for p in pieces)
 
 
 def test_chat_reuses_the_kv_cache_across_turns(smollm2_engine):

@@ -2,9 +2,12 @@
 
 Two regimes, chosen per call by the number of activation rows M:
 
-* M < ``blas_min_rows`` (decode): the fused kernels of :mod:`rosenblatt.qdot` dot each
-  quantized row of W with every activation row, in parallel over output rows. W is streamed
-  once from the file mapping, never materialised.
+* M < ``blas_min_rows`` (decode): each quantized row of W is dotted directly with every
+  activation row, in parallel over output rows; W is streamed once from the file mapping,
+  never materialised. By default (``decode_kernels="int8"``) the activations are quantized per
+  32 values and the integer-SIMD kernels of :mod:`rosenblatt.simd` do the dots (llama.cpp's
+  scheme); types without one, or ``decode_kernels="float"``, use the float32 kernels of
+  :mod:`rosenblatt.qdot`.
 * M >= ``blas_min_rows`` (prefill): W is decoded a band of rows at a time into a small float32
   tile and multiplied with the float32 BLAS GEMM, so the decoding cost is shared by M rows;
   the bands are spread over the backend's worker threads.
@@ -14,12 +17,15 @@ Accumulation is float32 in both.
 
 from __future__ import annotations
 
+import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 import numba
 from numba import njit, prange
+
+from .. import simd
 
 from ..gguf_file import TensorInfo
 from ..qdot import FASTMATH, block_sums, dot_row
@@ -83,10 +89,24 @@ class CPUBackend(MatmulBackend):
 
     name = "cpu"
 
-    def __init__(self, threads: int | None = None, blas_min_rows: int = 8):
+    def __init__(self, threads: int | None = None, blas_min_rows: int = 8, decode_kernels: str | None = None):
         self.threads = _configure_threads(threads)
         self.blas_min_rows = blas_min_rows
         self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="rosenblatt-mm") if self.threads > 1 else None
+        self.decode_kernels = decode_kernels or os.environ.get("ROSENBLATT_DECODE_KERNELS", "int8")
+
+    @property
+    def decode_kernels(self) -> str:
+        """"int8": activations quantized per 32 and integer-SIMD dots (:mod:`rosenblatt.simd`, as
+        llama.cpp does) for the types that have them; "float": the float32 kernels (exact to 1e-5)."""
+        return self._decode_kernels
+
+    @decode_kernels.setter
+    def decode_kernels(self, value: str) -> None:
+        if value not in ("int8", "float"):
+            raise ValueError(f"decode_kernels must be 'int8' or 'float', got {value!r}")
+        self._decode_kernels = value
+        self._simd = simd.kernels() if value == "int8" else {}
 
     def prepare(self, tensor: TensorInfo) -> CPUWeight:
         if tensor.qtype not in SUPPORTED_TYPES:
@@ -99,6 +119,9 @@ class CPUBackend(MatmulBackend):
         m = x.shape[0]
         if out is None:
             out = np.empty((m, w.n_out), dtype=np.float32)
+        if m < self.blas_min_rows and w.qtype in self._simd:
+            self._matmul_int8(x, w, out)
+            return out
         if m < self.blas_min_rows and w.dense is None:
             xs = np.empty((m, w.n_in // 32), dtype=np.float32)
             block_sums(x, xs)
@@ -110,6 +133,19 @@ class CPUBackend(MatmulBackend):
         else:
             list(self._pool.map(lambda p: self._gemm_part(x, w, out, *p), parts))
         return out
+
+    def _matmul_int8(self, x, w, out):
+        """Decode-sized products on the integer-SIMD kernels, rows split over the threads."""
+        xq, xd, xs = simd.quantize_activations(x)
+        col = np.empty(w.n_out, dtype=np.float32)
+        parts = _split(w.n_out, self.threads) if self._pool is not None and w.n_out >= 64 else [(0, w.n_out)]
+        for m in range(x.shape[0]):
+            args = (w.qtype, w.rows, xq[m], xd[m], xs[m], col)
+            pending = [self._pool.submit(simd.matvec, *args, a, b) for a, b in parts[1:]]
+            simd.matvec(*args, *parts[0])          # the calling thread takes the first share
+            for f in pending:
+                f.result()
+            out[m] = col
 
     @staticmethod
     def _gemm_part(x, w, out, start, stop):
