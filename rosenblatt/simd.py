@@ -22,6 +22,7 @@ import ctypes
 import threading
 
 import numpy as np
+from numba import njit
 
 from .quants import Q4_0, Q4_1, Q4_K, Q6_K, Q8_0
 
@@ -286,17 +287,36 @@ def kernels() -> dict:
         return _compiled
 
 
+@njit(cache=True)
+def _quantize_rows(x, q, d, s):
+    m_rows, k = x.shape
+    for m in range(m_rows):
+        for b in range(k // 32):
+            amax = np.float32(0.0)
+            for i in range(32):
+                amax = max(amax, abs(x[m, 32 * b + i]))
+            db = amax / np.float32(127.0)
+            inv = np.float32(1.0) / db if db > 0 else np.float32(0.0)
+            total = 0
+            for i in range(32):
+                v = x[m, 32 * b + i] * inv
+                r = np.floor(abs(v) + np.float32(0.5))            # roundf: half away from zero
+                qi = np.int8(r if v >= 0 else -r)
+                q[m, 32 * b + i] = qi
+                total += qi
+            d[m, b] = db
+            s[m, b] = db * np.float32(total)
+
+
 def quantize_activations(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per 32 values: int8 q = round(x / d) with d = max|x| / 127 (round half away from zero, as
     llama.cpp's roundf); returns (q int8 [M, K], d float32 [M, K/32], d * sum(q) float32 [M, K/32])."""
     m, k = x.shape
-    xb = x.reshape(m, k // 32, 32)
-    d = np.abs(xb).max(axis=-1) / np.float32(127.0)
-    inv = np.divide(np.float32(1.0), d, out=np.zeros_like(d), where=d > 0)
-    v = xb * inv[..., None]
-    q = (np.sign(v) * np.floor(np.abs(v) + np.float32(0.5))).astype(np.int8)
-    s = d * q.sum(axis=-1, dtype=np.int32).astype(np.float32)
-    return q.reshape(m, k), d.astype(np.float32), s.astype(np.float32)
+    q = np.empty((m, k), dtype=np.int8)
+    d = np.empty((m, k // 32), dtype=np.float32)
+    s = np.empty((m, k // 32), dtype=np.float32)
+    _quantize_rows(x, q, d, s)
+    return q, d, s
 
 
 def matvec(qtype: int, rows: np.ndarray, xq: np.ndarray, xd: np.ndarray, xs: np.ndarray,

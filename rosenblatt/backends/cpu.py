@@ -33,6 +33,7 @@ from ..quants import F32, SUPPORTED_TYPES, dequant_band
 from . import MatmulBackend, PreparedWeight
 
 _ROWS_PER_CHUNK = 16
+_SPLIT_MIN_WEIGHTS = 1 << 21   # ~0.3 ms of int8 dots on one core
 _TILE_FLOATS = 1 << 18  # a 1 MiB float32 tile per band and worker in the BLAS regime
 _blas_limiter = None
 
@@ -138,7 +139,9 @@ class CPUBackend(MatmulBackend):
         """Decode-sized products on the integer-SIMD kernels, rows split over the threads."""
         xq, xd, xs = simd.quantize_activations(x)
         col = np.empty(w.n_out, dtype=np.float32)
-        parts = _split(w.n_out, self.threads) if self._pool is not None and w.n_out >= 64 else [(0, w.n_out)]
+        # handing work to another thread costs ~50 us: split only products that take longer
+        big = self._pool is not None and w.n_out * w.n_in >= _SPLIT_MIN_WEIGHTS
+        parts = _split(w.n_out, self.threads) if big else [(0, w.n_out)]
         for m in range(x.shape[0]):
             args = (w.qtype, w.rows, xq[m], xd[m], xs[m], col)
             pending = [self._pool.submit(simd.matvec, *args, a, b) for a, b in parts[1:]]
