@@ -35,30 +35,21 @@ def block_sums(x, out):
 
 
 @njit(fastmath=FASTMATH, inline="always")
-def _dot_q4_0(src, x, xs, nb):
+def _dot_q4(src, x, xs, nb, has_min):
+    """Q4_0 ((q-8)*d), or Q4_1 (d*q + m) when ``has_min``."""
+    bsize, qo = (20, 4) if has_min else (18, 2)
     acc = np.float32(0.0)
     for b in range(nb):
-        o = b * 18
+        o = b * bsize
         y = b * 32
         s = np.float32(0.0)
         for j in range(16):
-            q = src[o + 2 + j]
+            q = src[o + qo + j]
             s += np.float32(q & 0xF) * x[y + j] + np.float32(q >> 4) * x[y + 16 + j]
-        acc += _h(src, o) * (s - np.float32(8.0) * xs[b])
-    return acc
-
-
-@njit(fastmath=FASTMATH, inline="always")
-def _dot_q4_1(src, x, xs, nb):
-    acc = np.float32(0.0)
-    for b in range(nb):
-        o = b * 20
-        y = b * 32
-        s = np.float32(0.0)
-        for j in range(16):
-            q = src[o + 4 + j]
-            s += np.float32(q & 0xF) * x[y + j] + np.float32(q >> 4) * x[y + 16 + j]
-        acc += _h(src, o) * s + _h(src, o + 2) * xs[b]
+        if has_min:
+            acc += _h(src, o) * s + _h(src, o + 2) * xs[b]
+        else:
+            acc += _h(src, o) * (s - np.float32(8.0) * xs[b])
     return acc
 
 
@@ -171,9 +162,9 @@ def dot_row(qtype, src, x, xs, scratch):
     if qtype == Q8_0:
         return _dot_q8_0(src, x, k // 32)
     if qtype == Q4_0:
-        return _dot_q4_0(src, x, xs, k // 32)
+        return _dot_q4(src, x, xs, k // 32, False)
     if qtype == Q4_1:
-        return _dot_q4_1(src, x, xs, k // 32)
+        return _dot_q4(src, x, xs, k // 32, True)
     if qtype == Q5_K:
         return _dot_q45_k(src, x, xs, k // 256, True)
     if qtype == Q5_0:

@@ -72,65 +72,47 @@ def _deq_f32(src, dst, n):
 
 
 @njit(cache=True)
-def _deq_q4_0(src, dst, nb):
-    # d:f16, qs[16]: element j = low nibble of qs[j], element j+16 = high nibble; value (q-8)*d
+def _deq_q4(src, dst, nb, has_min):
+    # Q4_0 (18 B): d:f16, qs[16]; value (q-8)*d.   Q4_1 (20 B): d:f16, m:f16, qs[16]; value d*q + m
+    # element j = low nibble of qs[j], element j+16 = high nibble
+    bsize, qo = (20, 4) if has_min else (18, 2)
     for b in range(nb):
-        o = b * 18
+        o = b * bsize
         d = _h(src, o)
+        m = _h(src, o + 2) if has_min else np.float32(0.0)
         y = b * 32
         for j in range(16):
-            q = src[o + 2 + j]
-            dst[y + j] = d * np.float32(np.int32(q & 0xF) - 8)
-            dst[y + j + 16] = d * np.float32(np.int32(q >> 4) - 8)
+            q = src[o + qo + j]
+            if has_min:
+                dst[y + j] = d * np.float32(q & 0xF) + m
+                dst[y + j + 16] = d * np.float32(q >> 4) + m
+            else:
+                dst[y + j] = d * np.float32(np.int32(q & 0xF) - 8)
+                dst[y + j + 16] = d * np.float32(np.int32(q >> 4) - 8)
 
 
 @njit(cache=True)
-def _deq_q4_1(src, dst, nb):
-    # d:f16, m:f16, qs[16]: value d*q + m
+def _deq_q5(src, dst, nb, has_min):
+    # Q5_0 (22 B): d:f16, qh:u32 (bit i = 5th bit of element i), qs[16]; value (q-16)*d
+    # Q5_1 (24 B): d:f16, m:f16, qh:u32, qs[16]; value d*q + m
+    bsize, ho = (24, 4) if has_min else (22, 2)
     for b in range(nb):
-        o = b * 20
+        o = b * bsize
         d = _h(src, o)
-        m = _h(src, o + 2)
+        m = _h(src, o + 2) if has_min else np.float32(0.0)
+        qh = (np.uint32(src[o + ho]) | (np.uint32(src[o + ho + 1]) << 8)
+              | (np.uint32(src[o + ho + 2]) << 16) | (np.uint32(src[o + ho + 3]) << 24))
         y = b * 32
         for j in range(16):
-            q = src[o + 4 + j]
-            dst[y + j] = d * np.float32(q & 0xF) + m
-            dst[y + j + 16] = d * np.float32(q >> 4) + m
-
-
-@njit(cache=True)
-def _deq_q5_0(src, dst, nb):
-    # d:f16, qh:u32 (bit i = 5th bit of element i), qs[16]: value (q-16)*d
-    for b in range(nb):
-        o = b * 22
-        d = _h(src, o)
-        qh = (np.uint32(src[o + 2]) | (np.uint32(src[o + 3]) << 8)
-              | (np.uint32(src[o + 4]) << 16) | (np.uint32(src[o + 5]) << 24))
-        y = b * 32
-        for j in range(16):
-            q = src[o + 6 + j]
+            q = src[o + ho + 4 + j]
             lo = np.int32(q & 0xF) | np.int32(((qh >> j) & 1) << 4)
             hi = np.int32(q >> 4) | np.int32(((qh >> (j + 16)) & 1) << 4)
-            dst[y + j] = d * np.float32(lo - 16)
-            dst[y + j + 16] = d * np.float32(hi - 16)
-
-
-@njit(cache=True)
-def _deq_q5_1(src, dst, nb):
-    # d:f16, m:f16, qh:u32, qs[16]: value d*q + m
-    for b in range(nb):
-        o = b * 24
-        d = _h(src, o)
-        m = _h(src, o + 2)
-        qh = (np.uint32(src[o + 4]) | (np.uint32(src[o + 5]) << 8)
-              | (np.uint32(src[o + 6]) << 16) | (np.uint32(src[o + 7]) << 24))
-        y = b * 32
-        for j in range(16):
-            q = src[o + 8 + j]
-            lo = np.int32(q & 0xF) | np.int32(((qh >> j) & 1) << 4)
-            hi = np.int32(q >> 4) | np.int32(((qh >> (j + 16)) & 1) << 4)
-            dst[y + j] = d * np.float32(lo) + m
-            dst[y + j + 16] = d * np.float32(hi) + m
+            if has_min:
+                dst[y + j] = d * np.float32(lo) + m
+                dst[y + j + 16] = d * np.float32(hi) + m
+            else:
+                dst[y + j] = d * np.float32(lo - 16)
+                dst[y + j + 16] = d * np.float32(hi - 16)
 
 
 @njit(cache=True)
@@ -258,13 +240,13 @@ def dequant_row(qtype, src, dst):
     elif qtype == Q8_0:
         _deq_q8_0(src, dst, n // 32)
     elif qtype == Q4_0:
-        _deq_q4_0(src, dst, n // 32)
+        _deq_q4(src, dst, n // 32, False)
     elif qtype == Q4_1:
-        _deq_q4_1(src, dst, n // 32)
+        _deq_q4(src, dst, n // 32, True)
     elif qtype == Q5_0:
-        _deq_q5_0(src, dst, n // 32)
+        _deq_q5(src, dst, n // 32, False)
     elif qtype == Q5_1:
-        _deq_q5_1(src, dst, n // 32)
+        _deq_q5(src, dst, n // 32, True)
     elif qtype == Q5_K:
         _deq_q45_k(src, dst, n // 256, True)
     elif qtype == Q3_K:
