@@ -259,7 +259,7 @@ def info(model):
 @click.option("--prompt-tokens", type=click.IntRange(min=1), default=128, show_default=True)
 @click.option("--gen-tokens", type=click.IntRange(min=2), default=64, show_default=True)
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads (default: all cores).")
-@click.option("--device", type=click.Choice(["cpu", "npu", "npu-sim"]), default="cpu", show_default=True)
+@click.option("--device", type=click.Choice(["cpu", "npu", "npu-sim", "auto"]), default="cpu", show_default=True)
 @click.option("--repeat", type=click.IntRange(min=1), default=3, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the report.")
 @user_errors
