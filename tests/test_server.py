@@ -91,7 +91,8 @@ def test_chat_completion_streamed_and_not(server, client):
     assert expected.strip()      # (the first token's margin is 0.06 in llama.cpp: no content assertion)
     assert r.choices[0].message.role == "assistant"
     assert r.choices[0].message.content == expected
-    assert r.choices[0].finish_reason == "stop" == eng.stats.finish_reason
+    finish = eng.stats.finish_reason           # "stop" at <|im_end|> or "length": depends on the near tie
+    assert r.choices[0].finish_reason == finish in ("stop", "length")
     assert r.usage.prompt_tokens == n_prompt
     assert r.usage.completion_tokens == eng.stats.generated_tokens
     assert r.usage.total_tokens == n_prompt + eng.stats.generated_tokens
@@ -102,7 +103,7 @@ def test_chat_completion_streamed_and_not(server, client):
                                                  stream=True, stream_options={"include_usage": True}))
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
-    assert text == expected and finishes == ["stop"]
+    assert text == expected and finishes == [finish]
     assert chunks[0].choices[0].delta.role == "assistant"
     assert chunks[-1].usage.prompt_tokens == n_prompt and chunks[-1].usage.total_tokens == r.usage.total_tokens
 
