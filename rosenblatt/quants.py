@@ -188,45 +188,60 @@ def _scale_min_k4(src, o, j):
 def _deq_q45_k(src, dst, nb, five):
     # Q4_K (144 B): d:f16, dmin:f16, scales[12], qs[128]; sub-block j = 2c+s holds (qs[c*32+l] >> 4s) & 0xF
     # Q5_K (176 B): the same with qh[32] before qs; 5th bit of sub-block j element l = (qh[l] >> j) & 1
+    # One pass over each 32-byte chunk writes both of its sub-blocks (fixed shifts: vectorises).
     bsize, qoff = (176, 48) if five else (144, 16)
     for b in range(nb):
         o = b * bsize
         d = _h(src, o)
         dmin = _h(src, o + 2)
         y = b * 256
-        for j in range(8):
-            sc, mn = _scale_min_k4(src, o + 4, j)
-            dl = d * np.float32(sc)
-            ml = dmin * np.float32(mn)
-            c = j // 2
-            sh = 4 * (j % 2)
+        for c in range(4):
+            sc0, mn0 = _scale_min_k4(src, o + 4, 2 * c)
+            sc1, mn1 = _scale_min_k4(src, o + 4, 2 * c + 1)
+            dl0, ml0 = d * np.float32(sc0), dmin * np.float32(mn0)
+            dl1, ml1 = d * np.float32(sc1), dmin * np.float32(mn1)
+            base = o + qoff + c * 32
+            out = y + c * 64
             for l in range(32):
-                q = (src[o + qoff + c * 32 + l] >> sh) & 0xF
+                q = src[base + l]
+                lo = q & 0xF
+                hi = q >> 4
                 if five:
-                    q |= ((src[o + 16 + l] >> j) & 1) << 4
-                dst[y + j * 32 + l] = dl * np.float32(q) - ml
+                    h = src[o + 16 + l]
+                    lo |= ((h >> (2 * c)) & 1) << 4
+                    hi |= ((h >> (2 * c + 1)) & 1) << 4
+                dst[out + l] = dl0 * np.float32(lo) - ml0
+                dst[out + 32 + l] = dl1 * np.float32(hi) - ml1
 
 
 @njit(cache=True)
 def _deq_q6_k(src, dst, nb):
     # ql[128], qh[64], scales:int8[16], d:f16
     # element e = h*128 + r: low 4 bits (ql[h*64 + r%64] >> 4*(r//64)) & 0xF,
-    # high 2 bits (qh[h*32 + r%32] >> 2*(r//32)) & 3; value d*scale[e//16]*(q-32)
+    # high 2 bits (qh[h*32 + r%32] >> 2*(r//32)) & 3; value d*scale[e//16]*(q-32).
+    # Loop order: for each half h and l < 32 the four elements h*128 + l + {0, 32, 64, 96} share
+    # their bytes, so the inner loop has no division and vectorises.
     sc8 = src.view(np.int8)
     for b in range(nb):
         o = b * 210
         d = _h(src, o + 208)
         y = b * 256
-        for i in range(16):
-            dl = d * np.float32(sc8[o + 192 + i])
-            for k in range(16):
-                e = i * 16 + k
-                h = e // 128
-                r = e % 128
-                ql = (src[o + h * 64 + r % 64] >> (4 * (r // 64))) & 0xF
-                qh = (src[o + 128 + h * 32 + r % 32] >> (2 * (r // 32))) & 3
-                q = np.int32(ql | (qh << 4)) - 32
-                dst[y + e] = dl * np.float32(q)
+        for h in range(2):
+            for half in range(2):
+                s0 = d * np.float32(sc8[o + 192 + 8 * h + half])
+                s1 = d * np.float32(sc8[o + 192 + 8 * h + 2 + half])
+                s2 = d * np.float32(sc8[o + 192 + 8 * h + 4 + half])
+                s3 = d * np.float32(sc8[o + 192 + 8 * h + 6 + half])
+                for i in range(16):
+                    l = 16 * half + i
+                    a = src[o + h * 64 + l]
+                    c = src[o + h * 64 + 32 + l]
+                    hb = src[o + 128 + h * 32 + l]
+                    e = y + h * 128 + l
+                    dst[e] = s0 * np.float32(np.int32((a & 0xF) | ((hb & 3) << 4)) - 32)
+                    dst[e + 32] = s1 * np.float32(np.int32((c & 0xF) | (((hb >> 2) & 3) << 4)) - 32)
+                    dst[e + 64] = s2 * np.float32(np.int32((a >> 4) | (((hb >> 4) & 3) << 4)) - 32)
+                    dst[e + 96] = s3 * np.float32(np.int32((c >> 4) | (((hb >> 6) & 3) << 4)) - 32)
 
 
 @njit(cache=True)
