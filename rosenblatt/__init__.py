@@ -8,12 +8,13 @@ import os as _os
 # Must be set before numba starts its thread pool; a user's own setting wins.
 _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from .errors import ModelFileError, RosenblattError
+from .chat_template import ChatTemplate  # noqa: E402
+from .engine import Engine, GenerationStats  # noqa: E402
+from .errors import ModelFileError, RosenblattError  # noqa: E402
+from .sampling import Sampler, SamplingParams  # noqa: E402
+from .tokenizer import Tokenizer  # noqa: E402
 
 __version__ = "0.1.0"
 
-__all__ = ["ModelFileError", "RosenblattError", "__version__"]
-
-from .engine import Engine  # noqa: E402
-
-__all__ += ["Engine"]
+__all__ = ["ChatTemplate", "Engine", "GenerationStats", "ModelFileError", "RosenblattError", "Sampler",
+           "SamplingParams", "Tokenizer", "__version__"]

@@ -146,3 +146,13 @@ def test_micro_model_greedy_matches_llamacpp_ids():
         ids.append(tok)
         logits = e.eval([tok])[0]
     assert out == meta["greedy_ids"]
+
+
+def test_public_names():
+    import rosenblatt
+    from conftest import FIXTURES as F
+    tok = rosenblatt.Tokenizer.from_gguf(F / "tokenizer" / "qwen2.5.vocab.gguf")   # a vocab-only GGUF
+    assert tok.encode("<|im_start|>user") == [151644, 872]
+    for name in ("Engine", "Tokenizer", "ChatTemplate", "SamplingParams", "Sampler", "GenerationStats",
+                 "ModelFileError", "RosenblattError"):
+        assert hasattr(rosenblatt, name), name
