@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from .quants import Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0, _h, _scale_min_k4, dequant_row
+from .quants import Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0, _h, _scale_min_k4, dequant_row, k45_quants
 
 FASTMATH = {"reassoc", "contract", "nsz"}
 
@@ -104,13 +104,7 @@ def _dot_q45_k(src, x, xs, nb, five):
             base = o + qoff + c * 32
             xo = y + c * 64
             for l in range(32):
-                q = src[base + l]
-                lo = q & 0xF
-                hi = q >> 4
-                if five:
-                    h = src[o + 16 + l]
-                    lo |= ((h >> (2 * c)) & 1) << 4
-                    hi |= ((h >> (2 * c + 1)) & 1) << 4
+                lo, hi = k45_quants(src, o, base, l, c, five)
                 s0 += np.float32(lo) * x[xo + l]
                 s1 += np.float32(hi) * x[xo + 32 + l]
             sc0, m0 = _scale_min_k4(src, o + 4, 2 * c)

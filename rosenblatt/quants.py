@@ -184,6 +184,20 @@ def _scale_min_k4(src, o, j):
     return sc, mn
 
 
+@njit(inline="always")
+def k45_quants(src, o, base, l, c, five):
+    """The quants of sub-blocks 2c and 2c+1 held by byte l of chunk c of a Q4_K (or, when
+    ``five``, Q5_K) block at ``o``; ``base`` is where the chunk's 32 bytes start."""
+    q = src[base + l]
+    lo = q & 0xF
+    hi = q >> 4
+    if five:
+        h = src[o + 16 + l]
+        lo |= ((h >> (2 * c)) & 1) << 4
+        hi |= ((h >> (2 * c + 1)) & 1) << 4
+    return lo, hi
+
+
 @njit(cache=True)
 def _deq_q45_k(src, dst, nb, five):
     # Q4_K (144 B): d:f16, dmin:f16, scales[12], qs[128]; sub-block j = 2c+s holds (qs[c*32+l] >> 4s) & 0xF
@@ -203,13 +217,7 @@ def _deq_q45_k(src, dst, nb, five):
             base = o + qoff + c * 32
             out = y + c * 64
             for l in range(32):
-                q = src[base + l]
-                lo = q & 0xF
-                hi = q >> 4
-                if five:
-                    h = src[o + 16 + l]
-                    lo |= ((h >> (2 * c)) & 1) << 4
-                    hi |= ((h >> (2 * c + 1)) & 1) << 4
+                lo, hi = k45_quants(src, o, base, l, c, five)
                 dst[out + l] = dl0 * np.float32(lo) - ml0
                 dst[out + 32 + l] = dl1 * np.float32(hi) - ml1
 
