@@ -19,8 +19,6 @@ from .quants import Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0, _h, _scale_m
 
 FASTMATH = {"reassoc", "contract", "nsz"}
 
-#: ggml types with a fused kernel
-FUSED_TYPES = frozenset((Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K))
 
 
 @njit(fastmath=FASTMATH, cache=True)

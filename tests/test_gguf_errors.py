@@ -22,15 +22,12 @@ SRC = micro_path("qwen2-micro-q8_0")
 def rewrite(src, dst, meta=None, drop_meta=(), tensors=None, drop_tensors=()):
     """Copy a GGUF with metadata overrides {key: (GGUFValueType, value)} and tensor overrides
     {name: (numpy array, raw GGMLQuantizationType or None)}."""
-    meta, tensors = meta or {}, tensors or {}
+    meta, tensors = dict(meta or {}), tensors or {}
     r = GGUFReader(src)
-    meta = dict(meta)
     arch = meta.pop("general.architecture", (None, r.fields["general.architecture"].contents()))[1]
     w = GGUFWriter(str(dst), arch=arch)
     for key, f in r.fields.items():
         if key.startswith("GGUF.") or key == "general.architecture" or key in drop_meta or key in meta:
-            continue
-        if arch != r.fields["general.architecture"].contents() and key.startswith("qwen2."):
             continue
         vtype = f.types[0]
         if vtype == GGUFValueType.ARRAY:
