@@ -17,43 +17,61 @@ SIMD = [T.Q8_0, T.Q4_0, T.Q4_1, T.Q4_K, T.Q6_K]
 
 def test_kernels_compile_for_this_cpu():
     assert set(simd.kernels()) == {int(t) for t in SIMD}
+    assert set(simd.kernels(x86=False)) == {int(t) for t in SIMD}       # the portable IR (the A76's)
 
 
-def test_activation_quantization_is_llamacpps_q8_0_rounding():
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((3, 256)).astype(np.float32)
-    x[1, :32] = 0.0                                     # an all-zero block: d = 0, q = 0
-    x[2, 3] = x[2, 7] = -np.abs(x[2, :32]).max() * 1.5  # a tie at the block maximum, negative
-    q, d, s = simd.quantize_activations(x)
-    xb = x.reshape(3, 8, 32).astype(np.float64)
+def _reference_quantization(x, n):
+    xb = x.reshape(x.shape[0], -1, n).astype(np.float64)
     dd = np.abs(xb).max(-1) / 127
     v = np.divide(xb, dd[..., None], out=np.zeros_like(xb), where=dd[..., None] > 0)
     ref = np.where(v >= 0, np.floor(v + 0.5), -np.floor(-v + 0.5))     # roundf: half away from zero
-    assert np.array_equal(q.reshape(3, 8, 32), ref.astype(np.int8))
+    return ref.astype(np.int8).reshape(x.shape), dd
+
+
+def test_activation_quantization_is_llamacpps_rounding():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((3, 512)).astype(np.float32)
+    x[1, :256] = 0.0                                    # an all-zero block: d = 0, q = 0
+    x[2, 3] = x[2, 7] = -np.abs(x[2, :256]).max() * 1.5  # a tie at the block maximum, negative
+    q, d, s = simd.quantize_activations(x, simd.Q8_32)
+    ref, dd = _reference_quantization(x, 32)
+    assert np.array_equal(q, ref)
     assert np.allclose(d, dd, rtol=1e-6) and (d[1, 0] == 0)
-    assert np.allclose(s, d * q.reshape(3, 8, 32).sum(-1), rtol=1e-6)
+    assert np.allclose(s, d * q.reshape(3, -1, 32).sum(-1), rtol=1e-6)
+    q, d, s = simd.quantize_activations(x, simd.Q8_256)
+    ref, dd = _reference_quantization(x, 256)
+    assert np.array_equal(q, ref) and s.dtype == np.int16
+    assert np.allclose(d, dd, rtol=1e-6) and (d[1, 0] == 0)
+    assert np.array_equal(s, q.reshape(3, -1, 16).sum(-1))
 
 
+@pytest.mark.parametrize("x86", [None, False], ids=["host", "portable"])
 @pytest.mark.parametrize("qtype", SIMD, ids=lambda t: t.name)
-def test_kernel_equals_numpy_emulation(qtype):
-    """dot(W, dequant(quant(x))) in float64 — the kernel computes exactly the scheme."""
+def test_kernel_equals_numpy_emulation(qtype, x86):
+    """dot(W, dequant(quant(x))) in float64 — the kernel computes exactly the scheme; for one
+    and several activation rows, split row ranges and numba's parallel split."""
+    fns = simd.kernels(x86)
     rng = np.random.default_rng(int(qtype))
-    n, k = 300, 1024
+    n, k, m = 300, 1024, 3
     bs, ts = GGML_QUANT_SIZES[qtype]
     data = random_blocks(rng, qtype, n * k // bs, small=True)
     rows = data.reshape(n, k // bs * ts)
-    x = rng.standard_normal((1, k)).astype(np.float32)
-    xq, xd, xs = simd.quantize_activations(x)
-    out = np.full(n, np.nan, np.float32)
-    simd.matvec(int(qtype), rows, xq[0], xd[0], xs[0], out, 0, 150)
-    simd.matvec(int(qtype), rows, xq[0], xd[0], xs[0], out, 150, n)     # two row ranges, as the threads do
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    fmt = simd.ACT_FORMAT[int(qtype)]
+    acts = simd.quantize_activations(x, fmt)
     W = np.asarray(gguf_dequantize(data, qtype), np.float64).reshape(n, k)
-    xdeq = (xq.astype(np.float64).reshape(-1, 32) * xd[0][:, None].astype(np.float64)).reshape(k)
-    ref = W @ xdeq
-    assert np.abs(out - ref).max() <= 1e-5 * np.abs(ref).max()
-    # and it is the float product up to the activation rounding (~0.5/127 per value)
-    exact = W @ x[0].astype(np.float64)
-    assert np.abs(out - exact).max() <= 0.02 * np.abs(exact).max()
+    xq, xd, _ = acts
+    xdeq = (xq.astype(np.float64).reshape(m, -1, fmt) * xd[..., None].astype(np.float64)).reshape(m, k)
+    ref = xdeq @ W.T
+    exact = x.astype(np.float64) @ W.T
+    for rows_m in (1, m):
+        out = np.full((rows_m, n), np.nan, np.float32)
+        sub = tuple(a[:rows_m] for a in acts)
+        simd.matmul(int(qtype), rows, sub, out, 0, 150, fns)
+        simd.matmul(int(qtype), rows, sub, out, 150, n, fns, parts=2)       # two row ranges, as the threads do
+        assert np.abs(out - ref[:rows_m]).max() <= 1e-5 * np.abs(ref).max()
+        # and it is the float product up to the activation rounding (~0.5/127 per value)
+        assert np.abs(out - exact[:rows_m]).max() <= 0.02 * np.abs(exact).max()
 
 
 @pytest.mark.parametrize("name", [n for n in MICRO_MODELS if n.split("-micro-")[1] in

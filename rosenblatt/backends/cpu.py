@@ -33,7 +33,7 @@ from ..quants import F32, SUPPORTED_TYPES, dequant_band, dequant_rows
 from . import MatmulBackend, PreparedWeight
 
 _ROWS_PER_CHUNK = 16
-_SPLIT_MIN_WEIGHTS = 1 << 21   # ~0.3 ms of int8 dots on one core
+_SPLIT_MIN_WEIGHTS = 1 << 18   # ~20 us of int8 dots on one core
 _TILE_FLOATS = 1 << 18  # a 1 MiB float32 tile per band and worker in the BLAS regime
 _blas_limiter = None
 
@@ -136,19 +136,14 @@ class CPUBackend(MatmulBackend):
         return out
 
     def _matmul_int8(self, x, w, out):
-        """Decode-sized products on the integer-SIMD kernels, rows split over the threads."""
-        xq, xd, xs = simd.quantize_activations(x)
-        col = np.empty(w.n_out, dtype=np.float32)
-        # handing work to another thread costs ~50 us: split only products that take longer
-        big = self._pool is not None and w.n_out * w.n_in >= _SPLIT_MIN_WEIGHTS
-        parts = _split(w.n_out, self.threads) if big else [(0, w.n_out)]
-        for m in range(x.shape[0]):
-            args = (w.qtype, w.rows, xq[m], xd[m], xs[m], col)
-            pending = [self._pool.submit(simd.matvec, *args, a, b) for a, b in parts[1:]]
-            simd.matvec(*args, *parts[0])          # the calling thread takes the first share
-            for f in pending:
-                f.result()
-            out[m] = col
+        """Decode-sized products on the integer-SIMD kernels, rows split over numba's threads."""
+        acts = simd.quantize_activations(x, simd.ACT_FORMAT[w.qtype])
+        dst = out if out.flags.c_contiguous else np.empty(out.shape, np.float32)
+        # starting a parallel region costs ~20 us: split only products that take longer
+        parts = self.threads if w.n_out * w.n_in * x.shape[0] >= _SPLIT_MIN_WEIGHTS else 1
+        simd.matmul(w.qtype, w.rows, acts, dst, 0, w.n_out, self._simd, parts)
+        if dst is not out:
+            out[...] = dst
 
     @staticmethod
     def _gemm_part(x, w, out, start, stop):
