@@ -9,7 +9,7 @@ run them in parallel.
 Scheme (llama.cpp's): the activations are quantized to int8, and a block's dot product is an
 integer sum of int8 x 4/6/8-bit products, scaled once. Two activation formats, as in ggml:
 
-* ``Q8_32`` for Q8_0/Q4_0/Q4_1 (ggml's Q8_0/Q8_1): a float scale per 32 values and
+* ``Q8_32`` for Q8_0/Q4_0/Q4_1/Q5_0/Q5_1 (ggml's Q8_0/Q8_1): a float scale per 32 values and
   ``scale * sum(q)`` per 32; each block's integer dot is scaled into a float vector accumulator.
 * ``Q8_256`` for the K-quants (ggml's Q8_K): one float scale per 256 values and the integer sum
   of every 16 values. The products of a whole super-block, weighted by its 6/8-bit sub-block
@@ -19,7 +19,7 @@ Two primitives carry the arithmetic: ``maddubs`` (unsigned x signed bytes, adjac
 to int16) and ``madd`` (int16 x int16, adjacent pairs summed to int32). With AVX2 they are the
 ``vpmaddubsw``/``vpmaddwd`` instructions; elsewhere (the A76) they are written as plain
 widen-multiply-add IR and left to LLVM. Value ranges never reach int16 saturation
-(2 x 63 x 127 < 32767), so both forms compute the same integers — the tests compile both.
+(2 x 63 x 127 < 32767; Q8_0 weights run as |w| x sign-adjusted x, 2 x 128 x 127), so both forms compute the same integers — the tests compile both.
 
 Each kernel computes ``out[m, r] = dot(row r, x[m])`` for rows ``[r0, r1)`` and ``m_rows``
 activation rows; the weight row is read once per ``m`` loop, so it stays in L1 for prefill.
@@ -33,7 +33,7 @@ import threading
 import numpy as np
 from numba import njit, prange
 
-from .quants import Q4_0, Q4_1, Q4_K, Q6_K, Q8_0
+from .quants import Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0
 
 Q8_32, Q8_256 = 32, 256
 
@@ -47,13 +47,14 @@ declare <32 x i8> @llvm.x86.avx2.psign.b(<32 x i8>, <32 x i8>)
 declare <32 x i8> @llvm.abs.v32i8(<32 x i8>, i1)
 """
 
-# The loop skeleton every kernel shares: rows r0..r1, activation rows 0..m_rows, blocks 0..nblk.
-# The body of block %b reads the weight row %row and the activations %xq (i8*), %xa (float*),
-# %xb (i8*), and updates the accumulators %accv (<8 x float>) and %accs (float);
-# the result is sum(accv) + {cs} * accs. Strides are in bytes.
+# The loop skeleton every kernel shares: rows r0..r1; activation rows 0..m_rows, {R} at a time
+# (m_rows a multiple of {R}); blocks 0..nblk. For activation row i of the group, the body of block
+# %b reads the weight row %row and %xq{i} (i8*), %xa{i} (float*), %xb{i} (i8*), and updates the
+# accumulators %accv{i} (<8 x float>) and %accs{i} (float); each result is
+# sum(accv) + {cs} * accs. The weight block is unpacked once for the {R} rows. Strides in bytes.
 _SKELETON = """
-define void @mm_{name}(i8* %w, i64 %row_bytes, i64 %r0, i64 %r1, i64 %nblk, i64 %m_rows,
-                       i8* %xq0, i8* %xa0, i8* %xb0, i64 %sq, i64 %sa, i64 %sb, float* %out0, i64 %so) {{
+define void @mm{R}_{name}(i8* %w, i64 %row_bytes, i64 %r0, i64 %r1, i64 %nblk, i64 %m_rows,
+                       i8* %xq_, i8* %xa_, i8* %xb_, i64 %sq, i64 %sa, i64 %sb, float* %out_, i64 %so) {{
 entry:
   %empty_r = icmp sge i64 %r0, %r1
   %empty_m = icmp sle i64 %m_rows, 0
@@ -66,32 +67,19 @@ rowloop:
   br label %mloop
 mloop:
   %m = phi i64 [0, %rowloop], [%mnext, %mend]
-  %oq = mul i64 %m, %sq
-  %xq = getelementptr i8, i8* %xq0, i64 %oq
-  %oa = mul i64 %m, %sa
-  %xa8 = getelementptr i8, i8* %xa0, i64 %oa
-  %xa = bitcast i8* %xa8 to float*
-  %ob = mul i64 %m, %sb
-  %xb = getelementptr i8, i8* %xb0, i64 %ob
+{pointers}
   br label %bloop
 bloop:
   %b = phi i64 [0, %mloop], [%bnext, %bloop]
-  %accv = phi <8 x float> [zeroinitializer, %mloop], [{accv1}, %bloop]
-  %accs = phi float [0.0, %mloop], [{accs1}, %bloop]
+{phis}
 {body}
   %bnext = add i64 %b, 1
   %bdone = icmp eq i64 %bnext, %nblk
   br i1 %bdone, label %mend, label %bloop
 mend:
-  %vsum = call reassoc float @llvm.vector.reduce.fadd.v8f32(float 0.0, <8 x float> {accv1})
-  %ssum = fmul float {accs1}, {cs}
-  %total = fadd float %vsum, %ssum
-  %oo = mul i64 %m, %so
-  %orow = getelementptr float, float* %out0, i64 %oo
-  %op = getelementptr float, float* %orow, i64 %r
-  store float %total, float* %op
-  %mnext = add i64 %m, 1
-  %mdone = icmp eq i64 %mnext, %m_rows
+{stores}
+  %mnext = add i64 %m, {R}
+  %mdone = icmp sge i64 %mnext, %m_rows
   br i1 %mdone, label %rowend, label %mloop
 rowend:
   %rnext = add i64 %r, 1
@@ -101,6 +89,26 @@ exit:
   ret void
 }}
 """
+
+_POINTERS = """  %m{i} = add i64 %m, {i}
+  %oq{i} = mul i64 %m{i}, %sq
+  %xq{i} = getelementptr i8, i8* %xq_, i64 %oq{i}
+  %oa{i} = mul i64 %m{i}, %sa
+  %xa8{i} = getelementptr i8, i8* %xa_, i64 %oa{i}
+  %xa{i} = bitcast i8* %xa8{i} to float*
+  %ob{i} = mul i64 %m{i}, %sb
+  %xb{i} = getelementptr i8, i8* %xb_, i64 %ob{i}"""
+
+_PHIS = """  %accv{i} = phi <8 x float> [zeroinitializer, %mloop], [{accv1}, %bloop]
+  %accs{i} = phi float [0.0, %mloop], [{accs1}, %bloop]"""
+
+_STORES = """  %vsum{i} = call reassoc float @llvm.vector.reduce.fadd.v8f32(float 0.0, <8 x float> {accv1})
+  %ssum{i} = fmul float {accs1}, {cs}
+  %total{i} = fadd float %vsum{i}, %ssum{i}
+  %oo{i} = mul i64 %m{i}, %so
+  %orow{i} = getelementptr float, float* %out_, i64 %oo{i}
+  %op{i} = getelementptr float, float* %orow{i}, i64 %r
+  store float %total{i}, float* %op{i}"""
 
 
 def _vec(ty: str, values) -> str:
@@ -164,10 +172,17 @@ class _IR:
         b = self(f"sext <32 x i8> {s} to <32 x i16>")
         return self._pairs("i16", 32, self(f"mul <32 x i16> {a}, {b}"))
 
-    def maddss(self, a: str, s: str) -> str:
-        """<32 x i8> signed a, signed s -> <16 x i16> (AVX2: the sign trick, |a| x sign(s, a))"""
+    def signed_weights(self, a: str):
+        """Prepare signed weight bytes for :meth:`maddss` (AVX2: |a| once for all rows)."""
         if self.x86:
-            absa = self(f"call <32 x i8> @llvm.abs.v32i8(<32 x i8> {a}, i1 false)")
+            return a, self(f"call <32 x i8> @llvm.abs.v32i8(<32 x i8> {a}, i1 false)")
+        return a, None
+
+    def maddss(self, wa, s: str) -> str:
+        """signed weights (from :meth:`signed_weights`) x <32 x i8> signed s -> <16 x i16>;
+        AVX2: the sign trick, |a| x sign(s, a)"""
+        a, absa = wa
+        if self.x86:
             sgn = self(f"call <32 x i8> @llvm.x86.avx2.psign.b(<32 x i8> {s}, <32 x i8> {a})")
             return self.maddubs(absa, sgn)
         a16 = self(f"sext <32 x i8> {a} to <32 x i16>")
@@ -194,93 +209,105 @@ class _IR:
         return self(f"call <8 x float> @llvm.fmuladd.v8f32(<8 x float> {f}, <8 x float> {self.splat('float', 8, scale)}, "
                     f"<8 x float> {acc})")
 
-    def finish(self, accv: str, accs: str) -> tuple[str, str, str]:
-        return "\n".join(self.lines), accv, accs
+    def finish(self, accs: list[tuple[str, str]]) -> tuple[str, list[tuple[str, str]]]:
+        """The body's lines and, per activation row, its updated (accv, accs)."""
+        return "\n".join(self.lines), accs
 
 
 _ONES16 = _vec("i16", [1] * 16)
 
 
-def _body_q32(kind: str, x86: bool) -> str:
-    """Q8_0 / Q4_0 / Q4_1 against Q8_32 activations: float accumulation per 32-value block."""
+def _body_q32(kind: str, x86: bool, rows: int):
+    """Q8_0 / Q4_0 / Q4_1 / Q5_0 / Q5_1 against Q8_32 activations: float accumulation per block."""
     e = _IR(x86)
-    bsize = {"q8_0": 34, "q4_0": 18, "q4_1": 20}[kind]
+    bsize, qs_at, qh_at = {"q8_0": (34, 2, None), "q4_0": (18, 2, None), "q4_1": (20, 4, None),
+                           "q5_0": (22, 6, 2), "q5_1": (24, 8, 4)}[kind]
     boff = e(f"mul i64 %b, {bsize}")
     d = e.half("%row", boff)
-    x = e.load("%xq", e("mul i64 %b, 32"), "<32 x i8>")
+    xoff = e("mul i64 %b, 32")
     if kind == "q8_0":
-        q = e.load("%row", e(f"add i64 {boff}, 2"), "<32 x i8>")
-        p16 = e.maddss(q, x)
+        wq = e.signed_weights(e.load("%row", e(f"add i64 {boff}, {qs_at}"), "<32 x i8>"))
+        factor = None
     else:
-        q = e.load("%row", e(f"add i64 {boff}, {4 if kind == 'q4_1' else 2}"), "<16 x i8>")
+        q = e.load("%row", e(f"add i64 {boff}, {qs_at}"), "<16 x i8>")
         lo = e(f"and <16 x i8> {q}, {e.bytes_(15, 16)}")
         hi = e(f"lshr <16 x i8> {q}, {e.bytes_(4, 16)}")
-        q32 = e(f"shufflevector <16 x i8> {lo}, <16 x i8> {hi}, {_mask(range(32))}")
-        p16 = e.maddubs(q32, x)
-    p32 = e.madd(p16, _ONES16)
-    dx = e.f32_at("%xa", "%b")
-    accv = e.fma_acc(p32, e(f"fmul float {d}, {dx}"), "%accv")
-    xbf = e(f"bitcast i8* %xb to float*")
-    xs = e.f32_at(xbf, "%b")                              # scale * sum(q) of the block
-    if kind == "q8_0":
-        accs = "%accs"
-    else:                                                 # Q4_0: -8 * d * sum(x); Q4_1: m * sum(x)
-        f = e.half("%row", e(f"add i64 {boff}, 2")) if kind == "q4_1" else d
-        accs = e(f"call float @llvm.fmuladd.f32(float {f}, float {xs}, float %accs)")
-    return e.finish(accv, accs)
+        wq = e(f"shufflevector <16 x i8> {lo}, <16 x i8> {hi}, {_mask(range(32))}")
+        if qh_at is not None:        # bit i of the 32-bit qh is the 5th bit of element i
+            bits = e(f"bitcast i32 {e.load('%row', e(f'add i64 {boff}, {qh_at}'), 'i32')} to <32 x i1>")
+            fifth = e(f"shl <32 x i8> {e(f'zext <32 x i1> {bits} to <32 x i8>')}, {e.bytes_(4)}")
+            wq = e(f"or <32 x i8> {wq}, {fifth}")
+        # Q4_0/Q5_0: -8/-16 * d * sum(x) (the skeleton's factor); Q4_1/Q5_1: m * sum(x)
+        factor = e.half("%row", e(f"add i64 {boff}, 2")) if kind in ("q4_1", "q5_1") else d
+    accs = []
+    for i in range(rows):
+        x = e.load(f"%xq{i}", xoff, "<32 x i8>")
+        p16 = e.maddss(wq, x) if kind == "q8_0" else e.maddubs(wq, x)
+        p32 = e.madd(p16, _ONES16)
+        dx = e.f32_at(f"%xa{i}", "%b")
+        accv = e.fma_acc(p32, e(f"fmul float {d}, {dx}"), f"%accv{i}")
+        if factor is None:
+            accs.append((accv, f"%accs{i}"))
+            continue
+        xs = e.f32_at(e(f"bitcast i8* %xb{i} to float*"), "%b")        # scale * sum(q) of the block
+        accs.append((accv, e(f"call float @llvm.fmuladd.f32(float {factor}, float {xs}, float %accs{i})")))
+    return e.finish(accs)
 
 
-def _body_q4_k(x86: bool) -> str:
-    """Q4_K against Q8_256: sum_j sc_j * dot_j in int32 lanes; mins from the 16-sums."""
+def _body_q45_k(x86: bool, rows: int, five: bool):
+    """Q4_K / Q5_K against Q8_256: sum_j sc_j * dot_j in int32 lanes, minus sum_j m_j * (16-sums).
+    Q5_K adds qh[32] before the nibbles: bit j of qh[l] is the 5th bit of element l of sub-block j."""
     e = _IR(x86)
-    boff = e("mul i64 %b, 144")
+    boff = e(f"mul i64 %b, {176 if five else 144}")
     d = e.half("%row", boff)
     dmin = e.half("%row", e(f"add i64 {boff}, 2"))
-    sc = [e.byte_i32("%row", e(f"add i64 {boff}, {4 + i}")) for i in range(12)]
-
-    def scale_min(j):
-        if j < 4:
-            return e(f"and i32 {sc[j]}, 63"), e(f"and i32 {sc[j + 4]}, 63")
-        s_lo = e(f"and i32 {sc[j + 4]}, 15")
-        s_hi = e(f"and i32 {e(f'lshr i32 {sc[j - 4]}, 2')}, 48")
-        m_lo = e(f"lshr i32 {sc[j + 4]}, 4")
-        m_hi = e(f"and i32 {e(f'lshr i32 {sc[j]}, 2')}, 48")
-        s = e(f"or i32 {s_lo}, {s_hi}")
-        m = e(f"or i32 {m_lo}, {m_hi}")
-        return s, m
-
+    # the 12 scale bytes a|b|c (4 each) hold 6-bit scales and mins: j < 4: a_j & 63, b_j & 63;
+    # j >= 4: (c & 15) | (a >> 6) << 4 and (c >> 4) | (b >> 6) << 4
+    a, b_, c = (e.load("%row", e(f"add i64 {boff}, {4 + 4 * i}"), "<4 x i8>") for i in range(3))
+    v4 = lambda n: _vec("i8", [n] * 4)
+    hi2 = lambda v: e(f"shl <4 x i8> {e(f'lshr <4 x i8> {v}, {v4(6)}')}, {v4(4)}")
+    sc_lo = e(f"and <4 x i8> {a}, {v4(63)}")
+    sc_hi = e(f"or <4 x i8> {e(f'and <4 x i8> {c}, {v4(15)}')}, {hi2(a)}")
+    mn_lo = e(f"and <4 x i8> {b_}, {v4(63)}")
+    mn_hi = e(f"or <4 x i8> {e(f'lshr <4 x i8> {c}, {v4(4)}')}, {hi2(b_)}")
+    sc8 = e(f"shufflevector <4 x i8> {sc_lo}, <4 x i8> {sc_hi}, {_mask(range(8))}")
+    mn8 = e(f"shufflevector <4 x i8> {mn_lo}, <4 x i8> {mn_hi}, {_mask(range(8))}")
+    sc16 = e(f"zext <8 x i8> {sc8} to <8 x i16>")
+    mn16 = e(f"shufflevector <8 x i16> {e(f'zext <8 x i8> {mn8} to <8 x i16>')}, <8 x i16> undef, "
+             f"{_mask(i // 2 for i in range(16))}")        # each min twice: it weighs two 16-sums
     xbase = e("mul i64 %b, 256")
-    sumi = "zeroinitializer"
-    mins = []
-    for c in range(4):
-        q = e.load("%row", e(f"add i64 {boff}, {16 + 32 * c}"), "<32 x i8>")
-        for j, part in ((2 * c, e.and_bytes(q, 15)), (2 * c + 1, e.lshr_bytes(q, 4))):
-            s, m = scale_min(j)
-            mins.append(m)
-            x = e.load("%xq", e(f"add i64 {xbase}, {32 * j}"), "<32 x i8>")
-            p16 = e.maddubs(part, x)
-            sv = e.splat("i16", 16, e(f"trunc i32 {s} to i16"))
-            sumi = e(f"add <8 x i32> {sumi}, {e.madd(p16, sv)}")
-    mv = "undef"
-    for j, m in enumerate(mins):
-        mv = e(f"insertelement <8 x i16> {mv}, i16 {e(f'trunc i32 {m} to i16')}, i32 {j}")
-    mv16 = e(f"shufflevector <8 x i16> {mv}, <8 x i16> undef, {_mask(i // 2 for i in range(16))}")
-    bs = e.load("%xb", e("mul i64 %b, 32"), "<16 x i16>")
-    summ = e(f"call i32 @llvm.vector.reduce.add.v8i32(<8 x i32> {e.madd(bs, mv16)})")
-    dx = e.f32_at("%xa", "%b")
-    accv = e.fma_acc(sumi, e(f"fmul float {d}, {dx}"), "%accv")
-    mterm = e(f"fmul float {e(f'fmul float {dmin}, {dx}')}, {e(f'sitofp i32 {summ} to float')}")
-    return e.finish(accv, e(f"fadd float %accs, {mterm}"))
+    sumi = ["zeroinitializer"] * rows
+    qh = e.load("%row", e(f"add i64 {boff}, 16"), "<32 x i8>") if five else None
+    for cc in range(4):
+        q = e.load("%row", e(f"add i64 {boff}, {(48 if five else 16) + 32 * cc}"), "<32 x i8>")
+        for j, part in ((2 * cc, e.and_bytes(q, 15)), (2 * cc + 1, e.lshr_bytes(q, 4))):
+            if five:
+                bit = e.and_bytes(e.lshr_bytes(qh, j) if j else qh, 1)
+                part = e(f"or <32 x i8> {part}, {e(f'shl <32 x i8> {bit}, {e.bytes_(4)}')}")
+            sv = e(f"shufflevector <8 x i16> {sc16}, <8 x i16> undef, {_mask([j] * 16)}")
+            xoff = e(f"add i64 {xbase}, {32 * j}")
+            for i in range(rows):
+                p16 = e.maddubs(part, e.load(f"%xq{i}", xoff, "<32 x i8>"))
+                sumi[i] = e(f"add <8 x i32> {sumi[i]}, {e.madd(p16, sv)}")
+    boffx = e("mul i64 %b, 32")
+    accs = []
+    for i in range(rows):
+        mins = e.madd(e.load(f"%xb{i}", boffx, "<16 x i16>"), mn16)
+        dx = e.f32_at(f"%xa{i}", "%b")
+        accv = e.fma_acc(sumi[i], e(f"fmul float {d}, {dx}"), f"%accv{i}")
+        accv = e.fma_acc(mins, e(f"fneg float {e(f'fmul float {dmin}, {dx}')}"), accv)
+        accs.append((accv, f"%accs{i}"))
+    return e.finish(accs)
 
 
-def _body_q6_k(x86: bool) -> str:
+def _body_q6_k(x86: bool, rows: int):
     """Q6_K against Q8_256: unsigned 6-bit quants, sum_i sc_i * dot_i in int32; -32 from the 16-sums."""
     e = _IR(x86)
     boff = e("mul i64 %b, 210")
     d = e.half("%row", e(f"add i64 {boff}, 208"))
     scv = e(f"sext <16 x i8> {e.load('%row', e(f'add i64 {boff}, 192'), '<16 x i8>')} to <16 x i16>")
     xbase = e("mul i64 %b, 256")
-    sumi = "zeroinitializer"
+    sumi = ["zeroinitializer"] * rows
     for h in range(2):
         a = e.load("%row", e(f"add i64 {boff}, {64 * h}"), "<32 x i8>")
         c = e.load("%row", e(f"add i64 {boff}, {64 * h + 32}"), "<32 x i8>")
@@ -289,24 +316,33 @@ def _body_q6_k(x86: bool) -> str:
             low = e.lshr_bytes(src, 4) if shift_lo else e.and_bytes(src, 15)
             hs = e.lshr_bytes(hb, hshift) if hshift else hb
             q = e(f"or <32 x i8> {low}, {e(f'shl <32 x i8> {e.and_bytes(hs, 3)}, {e.bytes_(4)}')}")
-            x = e.load("%xq", e(f"add i64 {xbase}, {128 * h + 32 * k}"), "<32 x i8>")
             j = 8 * h + 2 * k
             sv = e(f"shufflevector <16 x i16> {scv}, <16 x i16> undef, {_mask([j] * 8 + [j + 1] * 8)}")
-            sumi = e(f"add <8 x i32> {sumi}, {e.madd(e.maddubs(q, x), sv)}")
-    bs = e.load("%xb", e("mul i64 %b, 32"), "<16 x i16>")
-    corr = e(f"call i32 @llvm.vector.reduce.add.v8i32(<8 x i32> {e.madd(bs, scv)})")
-    t = e(f"fmul float {d}, {e.f32_at('%xa', '%b')}")
-    accv = e.fma_acc(sumi, t, "%accv")
-    return e.finish(accv, e(f"call float @llvm.fmuladd.f32(float {t}, float {e(f'sitofp i32 {corr} to float')}, float %accs)"))
+            xoff = e(f"add i64 {xbase}, {128 * h + 32 * k}")
+            for i in range(rows):
+                p16 = e.maddubs(q, e.load(f"%xq{i}", xoff, "<32 x i8>"))
+                sumi[i] = e(f"add <8 x i32> {sumi[i]}, {e.madd(p16, sv)}")
+    boffx = e("mul i64 %b, 32")
+    accs = []
+    for i in range(rows):       # the quants are stored + 32: subtract 32 * sum_i sc_i * (16-sum i)
+        corr = e.madd(e.load(f"%xb{i}", boffx, "<16 x i16>"), scv)
+        corr32 = e(f"shl <8 x i32> {corr}, {_vec('i32', [5] * 8)}")
+        total = e(f"sub <8 x i32> {sumi[i]}, {corr32}")
+        accv = e.fma_acc(total, e(f"fmul float {d}, {e.f32_at(f'%xa{i}', '%b')}"), f"%accv{i}")
+        accs.append((accv, f"%accs{i}"))
+    return e.finish(accs)
 
 
 #: ggml type -> (kernel name, activation format, IR body, factor of the scalar accumulator)
 _KERNELS = {
-    Q8_0: ("q8_0", Q8_32, lambda x86: _body_q32("q8_0", x86), "0.0"),
-    Q4_0: ("q4_0", Q8_32, lambda x86: _body_q32("q4_0", x86), "-8.0"),
-    Q4_1: ("q4_1", Q8_32, lambda x86: _body_q32("q4_1", x86), "1.0"),
-    Q4_K: ("q4_k", Q8_256, _body_q4_k, "-1.0"),
-    Q6_K: ("q6_k", Q8_256, _body_q6_k, "-32.0"),
+    Q8_0: ("q8_0", Q8_32, lambda x86, rows: _body_q32("q8_0", x86, rows), "0.0"),
+    Q4_0: ("q4_0", Q8_32, lambda x86, rows: _body_q32("q4_0", x86, rows), "-8.0"),
+    Q4_1: ("q4_1", Q8_32, lambda x86, rows: _body_q32("q4_1", x86, rows), "1.0"),
+    Q5_0: ("q5_0", Q8_32, lambda x86, rows: _body_q32("q5_0", x86, rows), "-16.0"),
+    Q5_1: ("q5_1", Q8_32, lambda x86, rows: _body_q32("q5_1", x86, rows), "1.0"),
+    Q4_K: ("q4_k", Q8_256, lambda x86, rows: _body_q45_k(x86, rows, False), "0.0"),
+    Q5_K: ("q5_k", Q8_256, lambda x86, rows: _body_q45_k(x86, rows, True), "0.0"),
+    Q6_K: ("q6_k", Q8_256, _body_q6_k, "0.0"),
 }
 SIMD_TYPES = frozenset(_KERNELS)
 #: ggml type -> activation format its kernel reads
@@ -324,18 +360,25 @@ def _host_has_avx2() -> bool:
     return "+avx2" in llvm.get_host_cpu_features().flatten().split(",")
 
 
+#: activation rows per pass of the multi-row kernels (prefill); the rest run one by one
+ROWS = 4
+
+
 def module_ir(x86: bool) -> str:
     return (_HEADER + "declare float @llvm.fmuladd.f32(float, float, float)\n"
-            + "".join(_kernel_ir(n, cs, body(x86)) for n, _, body, cs in _KERNELS.values()))
+            + "".join(_kernel_ir(n, cs, body, x86, r) for n, _, body, cs in _KERNELS.values() for r in (1, ROWS)))
 
 
-def _kernel_ir(name: str, cs: str, body: tuple[str, str, str]) -> str:
-    lines, accv1, accs1 = body
-    return _SKELETON.format(name=name, cs=cs, body=lines, accv1=accv1, accs1=accs1)
+def _kernel_ir(name: str, cs: str, body, x86: bool, rows: int) -> str:
+    lines, accs = body(x86, rows)
+    fill = lambda template: "\n".join(template.format(i=i, accv1=v, accs1=a, cs=cs) for i, (v, a) in enumerate(accs))
+    return _SKELETON.format(name=name, R=rows, body=lines, pointers=fill(_POINTERS), phis=fill(_PHIS),
+                            stores=fill(_STORES))
 
 
 def kernels(x86: bool | None = None) -> dict:
-    """ggml type -> ctypes function, compiled on first use; {} if LLVM cannot build them here.
+    """ggml type -> (one-row kernel, ROWS-row kernel) as ctypes functions, compiled on first
+    use; {} if LLVM cannot build them here.
 
     ``x86`` None: AVX2 intrinsics when the host has AVX2, the portable IR otherwise;
     True/False forces one (tests compile both)."""
@@ -355,17 +398,12 @@ def kernels(x86: bool | None = None) -> dict:
             engine = llvm.create_mcjit_compiler(mod, tm)
             engine.finalize_object()
             _engines.append(engine)
-            fns = {qt: _FN(engine.get_function_address(f"mm_{n}")) for qt, (n, _, _, _) in _KERNELS.items()}
+            fns = {qt: (_FN(engine.get_function_address(f"mm1_{n}")), _FN(engine.get_function_address(f"mm{ROWS}_{n}")))
+                   for qt, (n, _, _, _) in _KERNELS.items()}
         except Exception:   # no usable LLVM target: the numba float kernels remain
             fns = {}
         _compiled[x86] = fns
         return fns
-
-
-@njit(cache=True)
-def _round_half_away(v):
-    r = np.floor(abs(v) + np.float32(0.5))
-    return np.int8(r if v >= 0 else -r)
 
 
 @njit(cache=True)
@@ -376,15 +414,14 @@ def _quantize_32(x, q, d, s):
             amax = np.float32(0.0)
             for i in range(32):
                 amax = max(amax, abs(x[m, 32 * b + i]))
-            db = amax / np.float32(127.0)
-            inv = np.float32(1.0) / db if db > 0 else np.float32(0.0)
+            inv = np.float32(127.0) / amax if amax > 0 else np.float32(0.0)
             total = 0
             for i in range(32):
-                qi = _round_half_away(x[m, 32 * b + i] * inv)
+                qi = np.int8(np.rint(x[m, 32 * b + i] * inv))
                 q[m, 32 * b + i] = qi
                 total += qi
-            d[m, b] = db
-            s[m, b] = db * np.float32(total)
+            d[m, b] = amax / np.float32(127.0)
+            s[m, b] = d[m, b] * np.float32(total)
 
 
 @njit(cache=True)
@@ -393,25 +430,29 @@ def _quantize_256(x, q, d, s):
     for m in range(m_rows):
         for b in range(k // 256):
             amax = np.float32(0.0)
+            top = np.float32(0.0)           # the value of largest magnitude, with its sign
             for i in range(256):
-                amax = max(amax, abs(x[m, 256 * b + i]))
-            db = amax / np.float32(127.0)
-            inv = np.float32(1.0) / db if db > 0 else np.float32(0.0)
+                v = x[m, 256 * b + i]
+                if abs(v) > amax:
+                    amax = abs(v)
+                    top = v
+            inv = np.float32(-127.0) / top if amax > 0 else np.float32(0.0)
             for g in range(16):
                 total = 0
                 for i in range(16 * g, 16 * g + 16):
-                    qi = _round_half_away(x[m, 256 * b + i] * inv)
+                    qi = np.int8(min(np.float32(127.0), np.rint(x[m, 256 * b + i] * inv)))
                     q[m, 256 * b + i] = qi
                     total += qi
                 s[m, 16 * b + g] = total
-            d[m, b] = db
+            d[m, b] = np.float32(1.0) / inv if amax > 0 else np.float32(0.0)
 
 
 def quantize_activations(x: np.ndarray, fmt: int = Q8_32) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Quantize float32 activations [M, K] for the kernels.
 
-    Per ``fmt`` values (32 or 256): int8 q = round(x / d) with d = max|x| / 127 (round half away
-    from zero, as llama.cpp's roundf). Returns (q int8 [M, K], d float32 [M, K/fmt], sums) with
+    As llama.cpp's SIMD paths do: per 32 values (ggml's Q8_0), q = rint(x * 127 / max|x|) and
+    d = max|x| / 127; per 256 (ggml's Q8_K), q = rint(x * -127 / m) and d = 1 / (-127 / m) with
+    m the value of largest magnitude (so d < 0 when m > 0). rint rounds half to even. Returns (q int8 [M, K], d float32 [M, K/fmt], sums) with
     sums = d * sum(q) per 32 (float32 [M, K/32]) for Q8_32, and sum(q) per 16 (int16 [M, K/16])
     for Q8_256."""
     m, k = x.shape
@@ -427,26 +468,56 @@ def quantize_activations(x: np.ndarray, fmt: int = Q8_32) -> tuple[np.ndarray, n
     return q, d, s
 
 
+#: int8 activation bytes kept in L2 while a weight row is dotted with them (prefill chunks)
+_CHUNK_BYTES = 1 << 18
+
+
+@njit(nogil=True, cache=True)
+def _rows_kernel(f1, fr, w, row_bytes, a, b, nblk, m_rows, xq, xa, xb, sq, sa, sb, out, so):
+    """Rows [a, b) of one matrix against every activation row: ROWS at a time, then the rest."""
+    m4 = m_rows - m_rows % ROWS
+    if m4 > 0:
+        fr(w, row_bytes, a, b, nblk, m4, xq, xa, xb, sq, sa, sb, out, so)
+    if m_rows > m4:
+        f1(w, row_bytes, a, b, nblk, m_rows - m4, xq + m4 * sq, xa + m4 * sa, xb + m4 * sb, sq, sa, sb,
+           out + 4 * m4 * so, so)
+
+
 @njit(parallel=True, nogil=True, cache=True)
-def _matmul_parallel(fn, w, row_bytes, r0, r1, nblk, m_rows, xq, xa, xb, sq, sa, sb, out, so, parts):
-    """The row range split in ``parts`` equal shares run on numba's threads (one region)."""
-    n = r1 - r0
+def _matmul_parallel(f1, fr, w, row_bytes, n, out, so, nblk, m_rows, xq, xa, xb, sq, sa, sb, parts):
+    """One to three matrices (arrays ``w``, ``row_bytes``, ``n``, ``out``, ``so`` of their
+    addresses and sizes; kernels ``f1``/``fr`` of each are the same type) against the same
+    activations, in one parallel region: share p of every matrix's rows runs on thread p."""
     for p in prange(parts):
-        fn(w, row_bytes, r0 + n * p // parts, r0 + n * (p + 1) // parts, nblk, m_rows, xq, xa, xb, sq, sa, sb, out, so)
+        for j in range(len(w)):
+            _rows_kernel(f1[j], fr[j], w[j], row_bytes[j], n[j] * p // parts, n[j] * (p + 1) // parts, nblk, m_rows,
+                         xq, xa, xb, sq, sa, sb, out[j], so[j])
 
 
 def matmul(qtype: int, rows: np.ndarray, acts: tuple[np.ndarray, np.ndarray, np.ndarray],
-           out: np.ndarray, r0: int, r1: int, fns: dict | None = None, parts: int = 1) -> None:
-    """out[m, r] = dot(rows[r], x[m]) for r in [r0, r1) and every activation row m of ``acts``
-    (from :func:`quantize_activations` with the type's :data:`ACT_FORMAT`); ``out`` is float32
-    [M, N] C-contiguous. ``parts`` > 1 splits the rows over numba's threads. Releases the GIL."""
+           out: np.ndarray, fns: dict | None = None, parts: int = 1) -> None:
+    """``out[m, r] = dot(rows[r], x[m])`` for every weight row r and activation row m of
+    ``acts`` (from :func:`quantize_activations` with the type's :data:`ACT_FORMAT`); ``out``
+    is float32 [M, N] C-contiguous. ``parts`` > 1 splits the rows over numba's threads."""
+    matmul_group([qtype], [rows], acts, [out], fns, parts)
+
+
+def matmul_group(qtypes, rows, acts, outs, fns: dict | None = None, parts: int = 1) -> None:
+    """:func:`matmul` for up to three matrices sharing ``acts`` (their types must share an
+    activation format) in one parallel region per chunk of activation rows. Releases the GIL."""
+    fns = fns or kernels()
     xq, xd, xs = acts
-    fn = (fns or kernels())[qtype]
-    block = 256 if ACT_FORMAT[qtype] == Q8_256 else 32
-    args = (rows.ctypes.data, rows.strides[0], r0, r1, xq.shape[1] // block, xq.shape[0],
-            xq.ctypes.data, xd.ctypes.data, xs.ctypes.data, xq.strides[0], xd.strides[0], xs.strides[0],
-            out.ctypes.data, out.strides[0] // 4)
-    if parts > 1:
-        _matmul_parallel(fn, *args, parts)
-    else:
-        fn(*args)
+    m_rows, k = xq.shape
+    block = 256 if ACT_FORMAT[qtypes[0]] == Q8_256 else 32
+    pairs = [fns[qt] for qt in qtypes]
+    f1 = tuple(p[0] for p in pairs)
+    fr = tuple(p[1] for p in pairs)
+    i64 = lambda vals: np.array(vals, dtype=np.int64)
+    w, rb, n, so = (i64([r.ctypes.data for r in rows]), i64([r.strides[0] for r in rows]),
+                    i64([r.shape[0] for r in rows]), i64([o.strides[0] // 4 for o in outs]))
+    chunk = max(ROWS, _CHUNK_BYTES // k // ROWS * ROWS)
+    for m0 in range(0, m_rows, chunk):
+        mc = min(chunk, m_rows - m0)
+        _matmul_parallel(f1, fr, w, rb, n, i64([o.ctypes.data + o.strides[0] * m0 for o in outs]), so,
+                         k // block, mc, xq.ctypes.data + xq.strides[0] * m0, xd.ctypes.data + xd.strides[0] * m0,
+                         xs.ctypes.data + xs.strides[0] * m0, xq.strides[0], xd.strides[0], xs.strides[0], parts)

@@ -187,16 +187,16 @@ def test_without_the_window_the_long_context_check_fails(engine):
 def test_decode_across_the_window_equals_batched(engine):
     """One-token decode steps around position 512 (BOS leaves the window) give the batched rows."""
     ids = LONG["ids"][:516]
-    engine.reset()
-    engine.eval(ids[:508], logits="none")
-    batched = engine.eval(ids[508:], logits="all")       # 8 rows, prefill path
-    engine.truncate(508)
     backend = engine.model.backend
-    backend.decode_kernels = "float"     # the same numerics as the batch (int8 steps: test_simd.py)
+    backend.kernels = "float"     # the same numerics for both (int8 steps vs llama.cpp: test_simd.py)
     try:
+        engine.reset()
+        engine.eval(ids[:508], logits="none")
+        batched = engine.eval(ids[508:], logits="all")       # 8 rows, prefill path
+        engine.truncate(508)
         steps = np.array([engine.eval([tok], logits="last")[0] for tok in ids[508:]])
     finally:
-        backend.decode_kernels = "int8"
+        backend.kernels = "int8"
     err = np.abs(steps - batched).max()
     assert err < 2e-3 * np.abs(batched).max(), err
     assert (steps.argmax(-1) == batched.argmax(-1)).all()

@@ -88,7 +88,7 @@ def test_cache_reuse_gives_the_same_output_as_a_fresh_context(smollm2_engine):
     ref = REFS["chat_user"]
     ids = ref["prompt_ids"]
     backend = smollm2_engine.model.backend
-    backend.decode_kernels = "float"
+    backend.kernels = "float"
     try:
         smollm2_engine.reset()
         smollm2_engine.generate(ids[:20], max_new_tokens=3, temperature=0)    # leaves >= 20 tokens cached
@@ -97,7 +97,7 @@ def test_cache_reuse_gives_the_same_output_as_a_fresh_context(smollm2_engine):
         smollm2_engine.reset()
         assert smollm2_engine.generate(ids, max_new_tokens=8, temperature=0) == reused
     finally:
-        backend.decode_kernels = "int8"
+        backend.kernels = "int8"
 
 
 def test_same_prompt_twice_gives_the_same_output(smollm2_engine):

@@ -80,7 +80,7 @@ def test_matmul_against_float64(qtype, m):
     rng = np.random.default_rng(7 * int(qtype) + m)
     n_out, n_in = 96, 768
     t = make_weight(rng, qtype, n_out, n_in)
-    backend = CPUBackend(decode_kernels="float")
+    backend = CPUBackend(kernels="float")
     w = backend.prepare(t)
     x = rng.standard_normal((m, n_in)).astype(np.float32)
     y = backend.matmul(x, w)
@@ -95,7 +95,7 @@ def test_matmul_row_regimes_agree():
     """The decode kernel (M < 8) and the BLAS band path (M >= 8) compute the same product."""
     rng = np.random.default_rng(5)
     t = make_weight(rng, T.Q4_K, 1000, 512)  # several bands and a ragged last one
-    b = CPUBackend(decode_kernels="float")
+    b = CPUBackend(kernels="float")
     w = b.prepare(t)
     x = rng.standard_normal((9, 512)).astype(np.float32)
     y_blas = b.matmul(x, w)
@@ -106,7 +106,7 @@ def test_matmul_row_regimes_agree():
 def test_embedding_rows_decode_only_requested():
     rng = np.random.default_rng(9)
     t = make_weight(rng, T.Q6_K, 50, 256)
-    b = CPUBackend(decode_kernels="float")
+    b = CPUBackend(kernels="float")
     w = b.prepare(t)
     ids = np.array([3, 0, 49, 3])
     W = np.asarray(gguf_dequantize(t.data, T.Q6_K), dtype=np.float32).reshape(50, 256)

@@ -12,7 +12,7 @@ from rosenblatt import Engine, simd
 from conftest import MICRO_MODELS, load_reference, micro_path
 from test_quants import random_blocks
 
-SIMD = [T.Q8_0, T.Q4_0, T.Q4_1, T.Q4_K, T.Q6_K]
+SIMD = [T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q4_K, T.Q5_K, T.Q6_K]
 
 
 def test_kernels_compile_for_this_cpu():
@@ -20,39 +20,46 @@ def test_kernels_compile_for_this_cpu():
     assert set(simd.kernels(x86=False)) == {int(t) for t in SIMD}       # the portable IR (the A76's)
 
 
-def _reference_quantization(x, n):
-    xb = x.reshape(x.shape[0], -1, n).astype(np.float64)
-    dd = np.abs(xb).max(-1) / 127
-    v = np.divide(xb, dd[..., None], out=np.zeros_like(xb), where=dd[..., None] > 0)
-    ref = np.where(v >= 0, np.floor(v + 0.5), -np.floor(-v + 0.5))     # roundf: half away from zero
-    return ref.astype(np.int8).reshape(x.shape), dd
-
-
-def test_activation_quantization_is_llamacpps_rounding():
+def test_activation_quantization_is_llamacpps():
+    """ggml's Q8_0 (per 32) and Q8_K (per 256) activation quantization as its SIMD paths do it,
+    written out in float32 numpy: scale 127 / max|x| (Q8_K: -127 / the value of largest
+    magnitude, so its d is negative), round half to even, Q8_K clamped at 127."""
     rng = np.random.default_rng(0)
-    x = rng.standard_normal((3, 512)).astype(np.float32)
+    x = rng.standard_normal((4, 512)).astype(np.float32)
     x[1, :256] = 0.0                                    # an all-zero block: d = 0, q = 0
     x[2, 3] = x[2, 7] = -np.abs(x[2, :256]).max() * 1.5  # a tie at the block maximum, negative
+    x[3, :256] = np.arange(256) % 64 - 31.5     # max|x| 31.5 ...
+    x[3, 0] = x[3, 32] = 127.0                   # ... but 127 in two blocks: scale 1, exact .5 ties
+    # per 32
     q, d, s = simd.quantize_activations(x, simd.Q8_32)
-    ref, dd = _reference_quantization(x, 32)
-    assert np.array_equal(q, ref)
-    assert np.allclose(d, dd, rtol=1e-6) and (d[1, 0] == 0)
-    assert np.allclose(s, d * q.reshape(3, -1, 32).sum(-1), rtol=1e-6)
+    xb = x.reshape(4, -1, 32)
+    amax = np.abs(xb).max(-1)
+    inv = np.divide(np.float32(127), amax, out=np.zeros_like(amax), where=amax > 0)
+    assert np.array_equal(q.reshape(xb.shape), np.rint(xb * inv[..., None]).astype(np.int8))
+    assert q[3, 1:5].tolist() == [-30, -30, -28, -28]      # -30.5 -29.5 -28.5 -27.5: half to even
+    assert np.array_equal(d, amax / np.float32(127)) and d[1, 0] == 0
+    assert np.allclose(s, d * q.reshape(xb.shape).sum(-1), rtol=1e-6)
+    # per 256
     q, d, s = simd.quantize_activations(x, simd.Q8_256)
-    ref, dd = _reference_quantization(x, 256)
-    assert np.array_equal(q, ref) and s.dtype == np.int16
-    assert np.allclose(d, dd, rtol=1e-6) and (d[1, 0] == 0)
-    assert np.array_equal(s, q.reshape(3, -1, 16).sum(-1))
+    xb = x.reshape(4, -1, 256)
+    top = np.take_along_axis(xb, np.abs(xb).argmax(-1)[..., None], -1)[..., 0]
+    inv = np.divide(np.float32(-127), top, out=np.zeros_like(top), where=top != 0)
+    ref = np.minimum(np.float32(127), np.rint(xb * inv[..., None])).astype(np.int8)
+    assert np.array_equal(q.reshape(xb.shape), ref) and s.dtype == np.int16
+    assert np.array_equal(d, np.divide(np.float32(1), inv, out=np.zeros_like(inv), where=inv != 0))
+    assert d[1, 0] == 0 and (d < 0).any() and (d > 0).any()
+    assert np.array_equal(s, q.reshape(4, -1, 16).sum(-1))
 
 
 @pytest.mark.parametrize("x86", [None, False], ids=["host", "portable"])
 @pytest.mark.parametrize("qtype", SIMD, ids=lambda t: t.name)
-def test_kernel_equals_numpy_emulation(qtype, x86):
-    """dot(W, dequant(quant(x))) in float64 — the kernel computes exactly the scheme; for one
-    and several activation rows, split row ranges and numba's parallel split."""
+def test_kernel_equals_numpy_emulation(qtype, x86, monkeypatch):
+    """dot(W, dequant(quant(x))) in float64 — the kernel computes exactly the scheme: one
+    activation row, fewer than ROWS, ROWS at a time plus a rest, chunks of activation rows,
+    one thread and numba's parallel split."""
     fns = simd.kernels(x86)
     rng = np.random.default_rng(int(qtype))
-    n, k, m = 300, 1024, 3
+    n, k, m = 300, 1024, 2 * simd.ROWS + 1
     bs, ts = GGML_QUANT_SIZES[qtype]
     data = random_blocks(rng, qtype, n * k // bs, small=True)
     rows = data.reshape(n, k // bs * ts)
@@ -64,23 +71,40 @@ def test_kernel_equals_numpy_emulation(qtype, x86):
     xdeq = (xq.astype(np.float64).reshape(m, -1, fmt) * xd[..., None].astype(np.float64)).reshape(m, k)
     ref = xdeq @ W.T
     exact = x.astype(np.float64) @ W.T
-    for rows_m in (1, m):
+    for rows_m, parts, chunk_bytes in ((1, 1, 1 << 18), (3, 2, 1 << 18), (m, 1, 1 << 18), (m, 2, k * simd.ROWS)):
+        monkeypatch.setattr(simd, "_CHUNK_BYTES", chunk_bytes)
         out = np.full((rows_m, n), np.nan, np.float32)
-        sub = tuple(a[:rows_m] for a in acts)
-        simd.matmul(int(qtype), rows, sub, out, 0, 150, fns)
-        simd.matmul(int(qtype), rows, sub, out, 150, n, fns, parts=2)       # two row ranges, as the threads do
+        simd.matmul(int(qtype), rows, tuple(a[:rows_m] for a in acts), out, fns, parts)
         assert np.abs(out - ref[:rows_m]).max() <= 1e-5 * np.abs(ref).max()
         # and it is the float product up to the activation rounding (~0.5/127 per value)
         assert np.abs(out - exact[:rows_m]).max() <= 0.02 * np.abs(exact).max()
 
 
+def test_group_of_matrices_equals_single_products():
+    """q/k/v-style: three matrices of two types sharing one activation format, one call."""
+    rng = np.random.default_rng(7)
+    k = 512
+    mats = []
+    for qtype, n in ((T.Q4_K, 64), (T.Q6_K, 16), (T.Q4_K, 16)):
+        bs, ts = GGML_QUANT_SIZES[qtype]
+        mats.append((int(qtype), random_blocks(rng, qtype, n * k // bs, small=True).reshape(n, k // bs * ts)))
+    for m in (1, simd.ROWS + 2):
+        acts = simd.quantize_activations(rng.standard_normal((m, k)).astype(np.float32), simd.Q8_256)
+        outs = [np.empty((m, r.shape[0]), np.float32) for _, r in mats]
+        simd.matmul_group([qt for qt, _ in mats], [r for _, r in mats], acts, outs, parts=2)
+        for (qt, r), o in zip(mats, outs):
+            single = np.empty_like(o)
+            simd.matmul(qt, r, acts, single)
+            assert np.array_equal(o, single)
+
+
 @pytest.mark.parametrize("name", [n for n in MICRO_MODELS if n.split("-micro-")[1] in
-                                  ("q8_0", "q4_0", "q4_1", "q4_k_m", "q6_k")])
+                                  ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k_m", "q5_k_m", "q6_k")])
 def test_int8_decode_matches_llamacpp_generation_rows(name):
     """llama.cpp made gen_logits one decode call per token with int8 activations; so do we."""
     meta, L, G, tol = load_reference(name)
     e = Engine.load(micro_path(name), n_ctx=64)
-    assert e.model.backend.decode_kernels == "int8"
+    assert e.model.backend.kernels == "int8"
     e.eval(meta["prompt_ids"][:-1], logits="none")
     rows = [e.eval(meta["prompt_ids"][-1:])[0]]
     for tok in meta["greedy_ids"][:15]:

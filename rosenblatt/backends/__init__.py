@@ -34,6 +34,11 @@ class MatmulBackend(ABC):
     def matmul(self, x: np.ndarray, w: PreparedWeight, out: np.ndarray | None = None) -> np.ndarray:
         """``x`` float32 ``[M, K]`` (C-contiguous) → float32 ``[M, N]`` = ``x @ W.T``."""
 
+    def matmul_many(self, x: np.ndarray, ws: tuple[PreparedWeight, ...]) -> list[np.ndarray]:
+        """``[x @ W.T for W in ws]``: products of one input (q/k/v, gate/up), which a backend may
+        run together (one activation quantization, one parallel region)."""
+        return [self.matmul(x, w) for w in ws]
+
 
 def get_backend(name: str, threads: int | None = None, npu_min_rows: int | None = None, **options) -> MatmulBackend:
     """``"cpu"``; ``"npu"`` (the rocket device, an error if there is none), ``"npu-sim"`` (the

@@ -1,18 +1,15 @@
 """CPU matmul backend: numba kernels that read the GGUF blocks directly.
 
-Two regimes, chosen per call by the number of activation rows M:
+By default (``kernels="int8"``) the activations are quantized to int8 and the integer-SIMD
+kernels of :mod:`rosenblatt.simd` do the dots (llama.cpp's scheme), for every number of
+activation rows M up to ``int8_max_rows``: each quantized row of W is dotted directly with the
+activation rows, in parallel over output rows; W is streamed from the file mapping, never
+materialised. Types without an int8 kernel, or ``kernels="float"`` (exact to float32 rounding):
 
-* M < ``blas_min_rows`` (decode): each quantized row of W is dotted directly with every
-  activation row, in parallel over output rows; W is streamed once from the file mapping,
-  never materialised. By default (``decode_kernels="int8"``) the activations are quantized per
-  32 values and the integer-SIMD kernels of :mod:`rosenblatt.simd` do the dots (llama.cpp's
-  scheme); types without one, or ``decode_kernels="float"``, use the float32 kernels of
-  :mod:`rosenblatt.qdot`.
-* M >= ``blas_min_rows`` (prefill): W is decoded a band of rows at a time into a small float32
-  tile and multiplied with the float32 BLAS GEMM, so the decoding cost is shared by M rows;
-  the bands are spread over the backend's worker threads.
-
-Accumulation is float32 in both.
+* M < ``blas_min_rows`` (decode): the float32 kernels of :mod:`rosenblatt.qdot`;
+* otherwise (prefill): W is decoded a band of rows at a time into a small float32 tile and
+  multiplied with the float32 BLAS GEMM, so the decoding cost is shared by M rows; the bands
+  are spread over the backend's worker threads.
 """
 
 from __future__ import annotations
@@ -34,6 +31,7 @@ from . import MatmulBackend, PreparedWeight
 
 _ROWS_PER_CHUNK = 16
 _SPLIT_MIN_WEIGHTS = 1 << 18   # ~20 us of int8 dots on one core
+_INT8_MAX_ROWS = 1 << 30  # int8 kernels for every M (measured faster than band decode + BLAS)
 _TILE_FLOATS = 1 << 18  # a 1 MiB float32 tile per band and worker in the BLAS regime
 _blas_limiter = None
 
@@ -90,24 +88,30 @@ class CPUBackend(MatmulBackend):
 
     name = "cpu"
 
-    def __init__(self, threads: int | None = None, blas_min_rows: int = 8, decode_kernels: str | None = None):
+    def __init__(self, threads: int | None = None, blas_min_rows: int = 8, kernels: str | None = None,
+                 int8_max_rows: int | None = None):
         self.threads = _configure_threads(threads)
         self.blas_min_rows = blas_min_rows
+        self.int8_max_rows = _INT8_MAX_ROWS if int8_max_rows is None else int8_max_rows
         self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="rosenblatt-mm") if self.threads > 1 else None
-        self.decode_kernels = decode_kernels or os.environ.get("ROSENBLATT_DECODE_KERNELS", "int8")
+        self.kernels = kernels or os.environ.get("ROSENBLATT_KERNELS", "int8")
 
     @property
-    def decode_kernels(self) -> str:
-        """"int8": activations quantized per 32 and integer-SIMD dots (:mod:`rosenblatt.simd`, as
-        llama.cpp does) for the types that have them; "float": the float32 kernels (exact to 1e-5)."""
-        return self._decode_kernels
+    def kernels(self) -> str:
+        """"int8": activations quantized to int8 and integer-SIMD dots (:mod:`rosenblatt.simd`, as
+        llama.cpp does) for the types that have them; "float": float32 kernels and BLAS (exact
+        to float32 rounding)."""
+        return self._kernels
 
-    @decode_kernels.setter
-    def decode_kernels(self, value: str) -> None:
+    @kernels.setter
+    def kernels(self, value: str) -> None:
         if value not in ("int8", "float"):
-            raise ValueError(f"decode_kernels must be 'int8' or 'float', got {value!r}")
-        self._decode_kernels = value
+            raise ValueError(f"kernels must be 'int8' or 'float', got {value!r}")
+        self._kernels = value
         self._simd = simd.kernels() if value == "int8" else {}
+
+    def _int8(self, w: CPUWeight, m: int) -> bool:
+        return w.qtype in self._simd and m <= self.int8_max_rows
 
     def prepare(self, tensor: TensorInfo) -> CPUWeight:
         if tensor.qtype not in SUPPORTED_TYPES:
@@ -120,7 +124,7 @@ class CPUBackend(MatmulBackend):
         m = x.shape[0]
         if out is None:
             out = np.empty((m, w.n_out), dtype=np.float32)
-        if m < self.blas_min_rows and w.qtype in self._simd:
+        if self._int8(w, m):
             self._matmul_int8(x, w, out)
             return out
         if m < self.blas_min_rows and w.dense is None:
@@ -135,13 +139,25 @@ class CPUBackend(MatmulBackend):
             list(self._pool.map(lambda p: self._gemm_part(x, w, out, *p), parts))
         return out
 
+    def matmul_many(self, x: np.ndarray, ws) -> list[np.ndarray]:
+        """Products of one input on the int8 kernels: one quantization, one parallel region."""
+        fmt = {simd.ACT_FORMAT[w.qtype] if self._int8(w, x.shape[0]) else None for w in ws}
+        if None in fmt or len(fmt) > 1 or not 1 <= len(ws) <= 3:
+            return [self.matmul(x, w) for w in ws]
+        acts = simd.quantize_activations(x, fmt.pop())
+        outs = [np.empty((x.shape[0], w.n_out), dtype=np.float32) for w in ws]
+        work = sum(w.n_out for w in ws) * ws[0].n_in * x.shape[0]
+        parts = self.threads if work >= _SPLIT_MIN_WEIGHTS else 1
+        simd.matmul_group([w.qtype for w in ws], [w.rows for w in ws], acts, outs, self._simd, parts)
+        return outs
+
     def _matmul_int8(self, x, w, out):
-        """Decode-sized products on the integer-SIMD kernels, rows split over numba's threads."""
+        """Products on the integer-SIMD kernels, rows split over numba's threads."""
         acts = simd.quantize_activations(x, simd.ACT_FORMAT[w.qtype])
         dst = out if out.flags.c_contiguous else np.empty(out.shape, np.float32)
         # starting a parallel region costs ~20 us: split only products that take longer
         parts = self.threads if w.n_out * w.n_in * x.shape[0] >= _SPLIT_MIN_WEIGHTS else 1
-        simd.matmul(w.qtype, w.rows, acts, dst, 0, w.n_out, self._simd, parts)
+        simd.matmul(w.qtype, w.rows, acts, dst, self._simd, parts)
         if dst is not out:
             out[...] = dst
 

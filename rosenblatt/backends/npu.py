@@ -157,6 +157,11 @@ class NPUBackend(MatmulBackend):
         out[...] = y
         return out
 
+    def matmul_many(self, x: np.ndarray, ws) -> list[np.ndarray]:
+        if x.shape[0] < self.min_rows or x.shape[0] == 0:      # all on the CPU: grouped there
+            return self.cpu.matmul_many(x, [w.cpu for w in ws])
+        return [self.matmul(x, w) for w in ws]
+
     def embed(self, w: NPUWeight, ids: np.ndarray) -> np.ndarray:
         return self.cpu.embed(w.cpu, ids)
 

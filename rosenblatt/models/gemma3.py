@@ -90,7 +90,7 @@ class Gemma3Model(LlamaModel):
     def forward(self, tokens: np.ndarray, cache: KVCache, logits: str = "last") -> np.ndarray | None:
         """As :meth:`LlamaModel.forward`: ``tokens`` at positions ``cache.length`` onward."""
         cfg = self.cfg
-        mm, attention, rms_norm, apply_rope, _ = self.ops()
+        mm, mm_many, attention, rms_norm, apply_rope, _ = self.ops()
         eps = cfg.rms_eps
         t = len(tokens)
         start = cache.length
@@ -116,7 +116,7 @@ class Gemma3Model(LlamaModel):
             a = attention(q, kc, vc, start - first, cfg.n_kv_heads, L.window, cfg.attn_scale)
             x += rms_norm(mm(np.ascontiguousarray(a), L.wo), L.post_attn_norm, eps)
             m = rms_norm(x, L.ffn_norm, eps)
-            f = mm(gelu_tanh_mul(mm(m, L.w_gate), mm(m, L.w_up)), L.w_down)
+            f = mm(gelu_tanh_mul(*mm_many(m, (L.w_gate, L.w_up))), L.w_down)
             x += rms_norm(f, L.post_ffn_norm, eps)
         cache.length = stop
         if logits == "none":

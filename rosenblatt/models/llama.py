@@ -153,7 +153,7 @@ class LlamaModel:
 
     def ops(self):
         """The stage functions forward() calls; timed wrappers when profiling."""
-        ops = (self.backend.matmul, attention, rms_norm, apply_rope, silu_mul)
+        ops = (self.backend.matmul, self.backend.matmul_many, attention, rms_norm, apply_rope, silu_mul)
         if self.profile is None:
             return ops
         prof = self.profile
@@ -165,8 +165,8 @@ class LlamaModel:
                 prof[stage] = prof.get(stage, 0.0) + time.perf_counter() - t0
                 return out
             return run
-        return tuple(timed(f, s) for f, s in zip(ops, ("matmul", "attention", "norms/rope/act", "norms/rope/act",
-                                                       "norms/rope/act")))
+        return tuple(timed(f, s) for f, s in zip(ops, ("matmul", "matmul", "attention", "norms/rope/act",
+                                                       "norms/rope/act", "norms/rope/act")))
 
     def new_cache(self) -> KVCache:
         c = self.cfg
@@ -181,7 +181,7 @@ class LlamaModel:
         ``logits``: "all" → [T, vocab], "last" → [1, vocab], "none" → None (cache fill only).
         """
         cfg = self.cfg
-        mm, attention, rms_norm, apply_rope, silu_mul = self.ops()
+        mm, mm_many, attention, rms_norm, apply_rope, silu_mul = self.ops()
         t = len(tokens)
         start = cache.length
         if start + t > self.n_ctx:
@@ -190,7 +190,7 @@ class LlamaModel:
         x = self.embed(tokens)
         for i, L in enumerate(self.layers):
             n = rms_norm(x, L.attn_norm, cfg.rms_eps)
-            q, k, v = mm(n, L.wq), mm(n, L.wk), mm(n, L.wv)
+            q, k, v = mm_many(n, (L.wq, L.wk, L.wv))
             if L.bq is not None:
                 q += L.bq
                 k += L.bk
@@ -203,7 +203,7 @@ class LlamaModel:
             a = attention(q, kc, vc, start, cfg.n_kv_heads)
             x += mm(np.ascontiguousarray(a), L.wo)
             m = rms_norm(x, L.ffn_norm, cfg.rms_eps)
-            x += mm(silu_mul(mm(m, L.w_gate), mm(m, L.w_up)), L.w_down)
+            x += mm(silu_mul(*mm_many(m, (L.w_gate, L.w_up))), L.w_down)
         cache.length = start + t
         if logits == "none":
             return None
