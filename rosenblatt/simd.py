@@ -36,6 +36,9 @@ from numba import njit, prange
 from .quants import Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0
 
 Q8_32, Q8_256 = 32, 256
+#: bytes per activation block: the int8 quants, then the float32 scale, then the sums (float32
+#: scale * sum(q) for Q8_32; int16 sum(q) per 16 for Q8_256), padded to a 64-byte multiple
+ACT_BLOCK = {Q8_32: 64, Q8_256: 320}
 
 _HEADER = """
 declare float @llvm.vector.reduce.fadd.v8f32(float, <8 x float>)
@@ -49,12 +52,13 @@ declare <32 x i8> @llvm.abs.v32i8(<32 x i8>, i1)
 
 # The loop skeleton every kernel shares: rows r0..r1; activation rows 0..m_rows, {R} at a time
 # (m_rows a multiple of {R}); blocks 0..nblk. For activation row i of the group, the body of block
-# %b reads the weight row %row and %xq{i} (i8*), %xa{i} (float*), %xb{i} (i8*), and updates the
-# accumulators %accv{i} (<8 x float>) and %accs{i} (float); each result is
-# sum(accv) + {cs} * accs. The weight block is unpacked once for the {R} rows. Strides in bytes.
+# %b reads the weight row %row and the activation row %x{i} (i8*, blocks of ACT_BLOCK bytes, see
+# quantize_activations), and updates the accumulators %accv{i} (<8 x float>) and %accs{i}
+# (float); each result is sum(accv) + {cs} * accs. The weight block is unpacked once for the
+# {R} rows. Strides in bytes.
 _SKELETON = """
 define void @mm{R}_{name}(i8* %w, i64 %row_bytes, i64 %r0, i64 %r1, i64 %nblk, i64 %m_rows,
-                       i8* %xq_, i8* %xa_, i8* %xb_, i64 %sq, i64 %sa, i64 %sb, float* %out_, i64 %so) {{
+                       i8* %x_, i64 %sx, float* %out_, i64 %so) {{
 entry:
   %empty_r = icmp sge i64 %r0, %r1
   %empty_m = icmp sle i64 %m_rows, 0
@@ -91,13 +95,8 @@ exit:
 """
 
 _POINTERS = """  %m{i} = add i64 %m, {i}
-  %oq{i} = mul i64 %m{i}, %sq
-  %xq{i} = getelementptr i8, i8* %xq_, i64 %oq{i}
-  %oa{i} = mul i64 %m{i}, %sa
-  %xa8{i} = getelementptr i8, i8* %xa_, i64 %oa{i}
-  %xa{i} = bitcast i8* %xa8{i} to float*
-  %ob{i} = mul i64 %m{i}, %sb
-  %xb{i} = getelementptr i8, i8* %xb_, i64 %ob{i}"""
+  %ox{i} = mul i64 %m{i}, %sx
+  %x{i} = getelementptr i8, i8* %x_, i64 %ox{i}"""
 
 _PHIS = """  %accv{i} = phi <8 x float> [zeroinitializer, %mloop], [{accv1}, %bloop]
   %accs{i} = phi float [0.0, %mloop], [{accs1}, %bloop]"""
@@ -146,6 +145,12 @@ class _IR:
 
     def byte_i32(self, base: str, offset, signed=False) -> str:
         return self(f"{'sext' if signed else 'zext'} i8 {self.load(base, offset, 'i8')} to i32")
+
+    def act(self, i: int, fmt: int, field: str, offset: int = 0, ty: str = "<32 x i8>") -> str:
+        """Field "q" (at ``offset``), "d" or "s" of activation block %b of row i (fmt Q8_32/Q8_256)."""
+        blk = self(f"mul i64 %b, {ACT_BLOCK[fmt]}")
+        at = {"q": offset, "d": fmt, "s": fmt + 4}[field]
+        return self.load(f"%x{i}", self(f"add i64 {blk}, {at}"), {"d": "float", "s": ty}.get(field, ty))
 
     def f32_at(self, arr: str, index: str) -> str:
         p = self(f"getelementptr float, float* {arr}, i64 {index}")
@@ -224,7 +229,6 @@ def _body_q32(kind: str, x86: bool, rows: int):
                            "q5_0": (22, 6, 2), "q5_1": (24, 8, 4)}[kind]
     boff = e(f"mul i64 %b, {bsize}")
     d = e.half("%row", boff)
-    xoff = e("mul i64 %b, 32")
     if kind == "q8_0":
         wq = e.signed_weights(e.load("%row", e(f"add i64 {boff}, {qs_at}"), "<32 x i8>"))
         factor = None
@@ -241,15 +245,15 @@ def _body_q32(kind: str, x86: bool, rows: int):
         factor = e.half("%row", e(f"add i64 {boff}, 2")) if kind in ("q4_1", "q5_1") else d
     accs = []
     for i in range(rows):
-        x = e.load(f"%xq{i}", xoff, "<32 x i8>")
+        x = e.act(i, Q8_32, "q")
         p16 = e.maddss(wq, x) if kind == "q8_0" else e.maddubs(wq, x)
         p32 = e.madd(p16, _ONES16)
-        dx = e.f32_at(f"%xa{i}", "%b")
+        dx = e.act(i, Q8_32, "d")
         accv = e.fma_acc(p32, e(f"fmul float {d}, {dx}"), f"%accv{i}")
         if factor is None:
             accs.append((accv, f"%accs{i}"))
             continue
-        xs = e.f32_at(e(f"bitcast i8* %xb{i} to float*"), "%b")        # scale * sum(q) of the block
+        xs = e.act(i, Q8_32, "s", ty="float")                     # scale * sum(q) of the block
         accs.append((accv, e(f"call float @llvm.fmuladd.f32(float {factor}, float {xs}, float %accs{i})")))
     return e.finish(accs)
 
@@ -275,7 +279,6 @@ def _body_q45_k(x86: bool, rows: int, five: bool):
     sc16 = e(f"zext <8 x i8> {sc8} to <8 x i16>")
     mn16 = e(f"shufflevector <8 x i16> {e(f'zext <8 x i8> {mn8} to <8 x i16>')}, <8 x i16> undef, "
              f"{_mask(i // 2 for i in range(16))}")        # each min twice: it weighs two 16-sums
-    xbase = e("mul i64 %b, 256")
     sumi = ["zeroinitializer"] * rows
     qh = e.load("%row", e(f"add i64 {boff}, 16"), "<32 x i8>") if five else None
     for cc in range(4):
@@ -285,15 +288,13 @@ def _body_q45_k(x86: bool, rows: int, five: bool):
                 bit = e.and_bytes(e.lshr_bytes(qh, j) if j else qh, 1)
                 part = e(f"or <32 x i8> {part}, {e(f'shl <32 x i8> {bit}, {e.bytes_(4)}')}")
             sv = e(f"shufflevector <8 x i16> {sc16}, <8 x i16> undef, {_mask([j] * 16)}")
-            xoff = e(f"add i64 {xbase}, {32 * j}")
             for i in range(rows):
-                p16 = e.maddubs(part, e.load(f"%xq{i}", xoff, "<32 x i8>"))
+                p16 = e.maddubs(part, e.act(i, Q8_256, "q", 32 * j))
                 sumi[i] = e(f"add <8 x i32> {sumi[i]}, {e.madd(p16, sv)}")
-    boffx = e("mul i64 %b, 32")
     accs = []
     for i in range(rows):
-        mins = e.madd(e.load(f"%xb{i}", boffx, "<16 x i16>"), mn16)
-        dx = e.f32_at(f"%xa{i}", "%b")
+        mins = e.madd(e.act(i, Q8_256, "s", ty="<16 x i16>"), mn16)
+        dx = e.act(i, Q8_256, "d")
         accv = e.fma_acc(sumi[i], e(f"fmul float {d}, {dx}"), f"%accv{i}")
         accv = e.fma_acc(mins, e(f"fneg float {e(f'fmul float {dmin}, {dx}')}"), accv)
         accs.append((accv, f"%accs{i}"))
@@ -306,7 +307,6 @@ def _body_q6_k(x86: bool, rows: int):
     boff = e("mul i64 %b, 210")
     d = e.half("%row", e(f"add i64 {boff}, 208"))
     scv = e(f"sext <16 x i8> {e.load('%row', e(f'add i64 {boff}, 192'), '<16 x i8>')} to <16 x i16>")
-    xbase = e("mul i64 %b, 256")
     sumi = ["zeroinitializer"] * rows
     for h in range(2):
         a = e.load("%row", e(f"add i64 {boff}, {64 * h}"), "<32 x i8>")
@@ -318,17 +318,15 @@ def _body_q6_k(x86: bool, rows: int):
             q = e(f"or <32 x i8> {low}, {e(f'shl <32 x i8> {e.and_bytes(hs, 3)}, {e.bytes_(4)}')}")
             j = 8 * h + 2 * k
             sv = e(f"shufflevector <16 x i16> {scv}, <16 x i16> undef, {_mask([j] * 8 + [j + 1] * 8)}")
-            xoff = e(f"add i64 {xbase}, {128 * h + 32 * k}")
             for i in range(rows):
-                p16 = e.maddubs(q, e.load(f"%xq{i}", xoff, "<32 x i8>"))
+                p16 = e.maddubs(q, e.act(i, Q8_256, "q", 128 * h + 32 * k))
                 sumi[i] = e(f"add <8 x i32> {sumi[i]}, {e.madd(p16, sv)}")
-    boffx = e("mul i64 %b, 32")
     accs = []
     for i in range(rows):       # the quants are stored + 32: subtract 32 * sum_i sc_i * (16-sum i)
-        corr = e.madd(e.load(f"%xb{i}", boffx, "<16 x i16>"), scv)
+        corr = e.madd(e.act(i, Q8_256, "s", ty="<16 x i16>"), scv)
         corr32 = e(f"shl <8 x i32> {corr}, {_vec('i32', [5] * 8)}")
         total = e(f"sub <8 x i32> {sumi[i]}, {corr32}")
-        accv = e.fma_acc(total, e(f"fmul float {d}, {e.f32_at(f'%xa{i}', '%b')}"), f"%accv{i}")
+        accv = e.fma_acc(total, e(f"fmul float {d}, {e.act(i, Q8_256, 'd')}"), f"%accv{i}")
         accs.append((accv, f"%accs{i}"))
     return e.finish(accs)
 
@@ -348,8 +346,8 @@ SIMD_TYPES = frozenset(_KERNELS)
 #: ggml type -> activation format its kernel reads
 ACT_FORMAT = {qt: fmt for qt, (_, fmt, _, _) in _KERNELS.items()}
 
-_FN = ctypes.CFUNCTYPE(None, *([ctypes.c_void_p] + [ctypes.c_int64] * 5 + [ctypes.c_void_p] * 3
-                               + [ctypes.c_int64] * 3 + [ctypes.c_void_p, ctypes.c_int64]))
+_FN = ctypes.CFUNCTYPE(None, *([ctypes.c_void_p] + [ctypes.c_int64] * 5 + [ctypes.c_void_p, ctypes.c_int64]
+                               + [ctypes.c_void_p, ctypes.c_int64]))
 _lock = threading.Lock()
 _compiled: dict[bool | None, dict] = {}
 _engines = []      # keep the JITs (and so the code) alive
@@ -408,6 +406,7 @@ def kernels(x86: bool | None = None) -> dict:
 
 @njit(cache=True)
 def _quantize_32(x, q, d, s):
+    """x [M, K] -> q [M, K/32, 32] int8, d and s [M, K/32, 1] float32 (views into the blocks)."""
     m_rows, k = x.shape
     for m in range(m_rows):
         for b in range(k // 32):
@@ -418,14 +417,15 @@ def _quantize_32(x, q, d, s):
             total = 0
             for i in range(32):
                 qi = np.int8(np.rint(x[m, 32 * b + i] * inv))
-                q[m, 32 * b + i] = qi
+                q[m, b, i] = qi
                 total += qi
-            d[m, b] = amax / np.float32(127.0)
-            s[m, b] = d[m, b] * np.float32(total)
+            d[m, b, 0] = amax / np.float32(127.0)
+            s[m, b, 0] = d[m, b, 0] * np.float32(total)
 
 
 @njit(cache=True)
 def _quantize_256(x, q, d, s):
+    """x [M, K] -> q [M, K/256, 256] int8, d [M, K/256, 1] float32, s [M, K/256, 16] int16."""
     m_rows, k = x.shape
     for m in range(m_rows):
         for b in range(k // 256):
@@ -441,31 +441,52 @@ def _quantize_256(x, q, d, s):
                 total = 0
                 for i in range(16 * g, 16 * g + 16):
                     qi = np.int8(min(np.float32(127.0), np.rint(x[m, 256 * b + i] * inv)))
-                    q[m, 256 * b + i] = qi
+                    q[m, b, i] = qi
                     total += qi
-                s[m, 16 * b + g] = total
-            d[m, b] = np.float32(1.0) / inv if amax > 0 else np.float32(0.0)
+                s[m, b, g] = total
+            d[m, b, 0] = np.float32(1.0) / inv if amax > 0 else np.float32(0.0)
 
 
-def quantize_activations(x: np.ndarray, fmt: int = Q8_32) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+class Activations:
+    """Quantized activation rows in the kernels' layout: per row, blocks of ACT_BLOCK[fmt] bytes
+    holding the block's int8 quants, its float32 scale and its sums. ``q``, ``d``, ``s`` are
+    [M, K] int8, [M, K/fmt] float32 and the sums ([M, K/32] float32 or [M, K/16] int16) as
+    copies, for inspection."""
+
+    def __init__(self, buf: np.ndarray, fmt: int, k: int):
+        self.buf, self.fmt, self.k = buf, fmt, k
+
+    def _fields(self):
+        blocks = self.buf.reshape(self.buf.shape[0], self.k // self.fmt, ACT_BLOCK[self.fmt])
+        f = self.fmt
+        s_type, n_s = (np.float32, 1) if f == Q8_32 else (np.int16, 16)
+        return (blocks[:, :, :f].view(np.int8), blocks[:, :, f:f + 4].view(np.float32),
+                blocks[:, :, f + 4:f + 4 + n_s * np.dtype(s_type).itemsize].view(s_type))
+
+    @property
+    def rows(self) -> int:
+        return self.buf.shape[0]
+
+    def __getitem__(self, rows: slice) -> "Activations":
+        return Activations(self.buf[rows], self.fmt, self.k)
+
+    q = property(lambda self: self._fields()[0].reshape(self.rows, self.k))
+    d = property(lambda self: self._fields()[1].reshape(self.rows, -1))
+    s = property(lambda self: self._fields()[2].reshape(self.rows, -1))
+
+
+def quantize_activations(x: np.ndarray, fmt: int = Q8_32) -> Activations:
     """Quantize float32 activations [M, K] for the kernels.
 
     As llama.cpp's SIMD paths do: per 32 values (ggml's Q8_0), q = rint(x * 127 / max|x|) and
-    d = max|x| / 127; per 256 (ggml's Q8_K), q = rint(x * -127 / m) and d = 1 / (-127 / m) with
-    m the value of largest magnitude (so d < 0 when m > 0). rint rounds half to even. Returns (q int8 [M, K], d float32 [M, K/fmt], sums) with
-    sums = d * sum(q) per 32 (float32 [M, K/32]) for Q8_32, and sum(q) per 16 (int16 [M, K/16])
-    for Q8_256."""
+    d = max|x| / 127, with sums d * sum(q); per 256 (ggml's Q8_K), q = rint(x * -127 / m) and
+    d = 1 / (-127 / m) with m the value of largest magnitude (so d < 0 when m > 0), with the
+    integer sums of every 16 quants. rint rounds half to even."""
     m, k = x.shape
-    q = np.empty((m, k), dtype=np.int8)
-    if fmt == Q8_32:
-        d = np.empty((m, k // 32), dtype=np.float32)
-        s = np.empty((m, k // 32), dtype=np.float32)
-        _quantize_32(x, q, d, s)
-    else:
-        d = np.empty((m, k // 256), dtype=np.float32)
-        s = np.empty((m, k // 16), dtype=np.int16)
-        _quantize_256(x, q, d, s)
-    return q, d, s
+    buf = np.empty((m, k // fmt * ACT_BLOCK[fmt]), dtype=np.uint8)
+    acts = Activations(buf, fmt, k)
+    (_quantize_32 if fmt == Q8_32 else _quantize_256)(x, *acts._fields())
+    return acts
 
 
 #: int8 activation bytes kept in L2 while a weight row is dotted with them (prefill chunks)
@@ -473,51 +494,47 @@ _CHUNK_BYTES = 1 << 18
 
 
 @njit(nogil=True, cache=True)
-def _rows_kernel(f1, fr, w, row_bytes, a, b, nblk, m_rows, xq, xa, xb, sq, sa, sb, out, so):
+def _rows_kernel(f1, fr, w, row_bytes, a, b, nblk, m_rows, x, sx, out, so):
     """Rows [a, b) of one matrix against every activation row: ROWS at a time, then the rest."""
     m4 = m_rows - m_rows % ROWS
     if m4 > 0:
-        fr(w, row_bytes, a, b, nblk, m4, xq, xa, xb, sq, sa, sb, out, so)
+        fr(w, row_bytes, a, b, nblk, m4, x, sx, out, so)
     if m_rows > m4:
-        f1(w, row_bytes, a, b, nblk, m_rows - m4, xq + m4 * sq, xa + m4 * sa, xb + m4 * sb, sq, sa, sb,
-           out + 4 * m4 * so, so)
+        f1(w, row_bytes, a, b, nblk, m_rows - m4, x + m4 * sx, sx, out + 4 * m4 * so, so)
 
 
 @njit(parallel=True, nogil=True, cache=True)
-def _matmul_parallel(f1, fr, w, row_bytes, n, out, so, nblk, m_rows, xq, xa, xb, sq, sa, sb, parts):
+def _matmul_parallel(f1, fr, w, row_bytes, n, out, so, nblk, m_rows, x, sx, parts):
     """One to three matrices (arrays ``w``, ``row_bytes``, ``n``, ``out``, ``so`` of their
-    addresses and sizes; kernels ``f1``/``fr`` of each are the same type) against the same
-    activations, in one parallel region: share p of every matrix's rows runs on thread p."""
+    addresses and sizes; kernels ``f1``/``fr`` of each) against the same activations, in one
+    parallel region: share p of every matrix's rows runs on thread p."""
     for p in prange(parts):
         for j in range(len(w)):
             _rows_kernel(f1[j], fr[j], w[j], row_bytes[j], n[j] * p // parts, n[j] * (p + 1) // parts, nblk, m_rows,
-                         xq, xa, xb, sq, sa, sb, out[j], so[j])
+                         x, sx, out[j], so[j])
 
 
-def matmul(qtype: int, rows: np.ndarray, acts: tuple[np.ndarray, np.ndarray, np.ndarray],
-           out: np.ndarray, fns: dict | None = None, parts: int = 1) -> None:
-    """``out[m, r] = dot(rows[r], x[m])`` for every weight row r and activation row m of
-    ``acts`` (from :func:`quantize_activations` with the type's :data:`ACT_FORMAT`); ``out``
-    is float32 [M, N] C-contiguous. ``parts`` > 1 splits the rows over numba's threads."""
+def matmul(qtype: int, rows: np.ndarray, acts: Activations, out: np.ndarray, fns: dict | None = None,
+           parts: int = 1) -> None:
+    """``out[m, r] = dot(rows[r], x[m])`` for every weight row r and activation row m of ``acts``
+    (from :func:`quantize_activations` with the type's :data:`ACT_FORMAT`); ``out`` is float32
+    [M, N] C-contiguous. ``parts`` > 1 splits the rows over numba's threads."""
     matmul_group([qtype], [rows], acts, [out], fns, parts)
 
 
-def matmul_group(qtypes, rows, acts, outs, fns: dict | None = None, parts: int = 1) -> None:
+def matmul_group(qtypes, rows, acts: Activations, outs, fns: dict | None = None, parts: int = 1) -> None:
     """:func:`matmul` for up to three matrices sharing ``acts`` (their types must share an
     activation format) in one parallel region per chunk of activation rows. Releases the GIL."""
     fns = fns or kernels()
-    xq, xd, xs = acts
-    m_rows, k = xq.shape
-    block = 256 if ACT_FORMAT[qtypes[0]] == Q8_256 else 32
+    buf = acts.buf
     pairs = [fns[qt] for qt in qtypes]
     f1 = tuple(p[0] for p in pairs)
     fr = tuple(p[1] for p in pairs)
     i64 = lambda vals: np.array(vals, dtype=np.int64)
     w, rb, n, so = (i64([r.ctypes.data for r in rows]), i64([r.strides[0] for r in rows]),
                     i64([r.shape[0] for r in rows]), i64([o.strides[0] // 4 for o in outs]))
-    chunk = max(ROWS, _CHUNK_BYTES // k // ROWS * ROWS)
-    for m0 in range(0, m_rows, chunk):
-        mc = min(chunk, m_rows - m0)
+    chunk = max(ROWS, _CHUNK_BYTES // acts.k // ROWS * ROWS)
+    for m0 in range(0, acts.rows, chunk):
+        mc = min(chunk, acts.rows - m0)
         _matmul_parallel(f1, fr, w, rb, n, i64([o.ctypes.data + o.strides[0] * m0 for o in outs]), so,
-                         k // block, mc, xq.ctypes.data + xq.strides[0] * m0, xd.ctypes.data + xd.strides[0] * m0,
-                         xs.ctypes.data + xs.strides[0] * m0, xq.strides[0], xd.strides[0], xs.strides[0], parts)
+                         acts.k // acts.fmt, mc, buf.ctypes.data + buf.strides[0] * m0, buf.strides[0], parts)

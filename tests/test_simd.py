@@ -31,7 +31,8 @@ def test_activation_quantization_is_llamacpps():
     x[3, :256] = np.arange(256) % 64 - 31.5     # max|x| 31.5 ...
     x[3, 0] = x[3, 32] = 127.0                   # ... but 127 in two blocks: scale 1, exact .5 ties
     # per 32
-    q, d, s = simd.quantize_activations(x, simd.Q8_32)
+    a = simd.quantize_activations(x, simd.Q8_32)
+    q, d, s = a.q, a.d, a.s
     xb = x.reshape(4, -1, 32)
     amax = np.abs(xb).max(-1)
     inv = np.divide(np.float32(127), amax, out=np.zeros_like(amax), where=amax > 0)
@@ -40,7 +41,8 @@ def test_activation_quantization_is_llamacpps():
     assert np.array_equal(d, amax / np.float32(127)) and d[1, 0] == 0
     assert np.allclose(s, d * q.reshape(xb.shape).sum(-1), rtol=1e-6)
     # per 256
-    q, d, s = simd.quantize_activations(x, simd.Q8_256)
+    a = simd.quantize_activations(x, simd.Q8_256)
+    q, d, s = a.q, a.d, a.s
     xb = x.reshape(4, -1, 256)
     top = np.take_along_axis(xb, np.abs(xb).argmax(-1)[..., None], -1)[..., 0]
     inv = np.divide(np.float32(-127), top, out=np.zeros_like(top), where=top != 0)
@@ -67,14 +69,14 @@ def test_kernel_equals_numpy_emulation(qtype, x86, monkeypatch):
     fmt = simd.ACT_FORMAT[int(qtype)]
     acts = simd.quantize_activations(x, fmt)
     W = np.asarray(gguf_dequantize(data, qtype), np.float64).reshape(n, k)
-    xq, xd, _ = acts
+    xq, xd = acts.q, acts.d
     xdeq = (xq.astype(np.float64).reshape(m, -1, fmt) * xd[..., None].astype(np.float64)).reshape(m, k)
     ref = xdeq @ W.T
     exact = x.astype(np.float64) @ W.T
     for rows_m, parts, chunk_bytes in ((1, 1, 1 << 18), (3, 2, 1 << 18), (m, 1, 1 << 18), (m, 2, k * simd.ROWS)):
         monkeypatch.setattr(simd, "_CHUNK_BYTES", chunk_bytes)
         out = np.full((rows_m, n), np.nan, np.float32)
-        simd.matmul(int(qtype), rows, tuple(a[:rows_m] for a in acts), out, fns, parts)
+        simd.matmul(int(qtype), rows, acts[:rows_m], out, fns, parts)
         assert np.abs(out - ref[:rows_m]).max() <= 1e-5 * np.abs(ref).max()
         # and it is the float product up to the activation rounding (~0.5/127 per value)
         assert np.abs(out - exact[:rows_m]).max() <= 0.02 * np.abs(exact).max()
