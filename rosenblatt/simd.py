@@ -404,11 +404,10 @@ def kernels(x86: bool | None = None) -> dict:
         return fns
 
 
-@njit(cache=True)
 def _quantize_32(x, q, d, s):
     """x [M, K] -> q [M, K/32, 32] int8, d and s [M, K/32, 1] float32 (views into the blocks)."""
     m_rows, k = x.shape
-    for m in range(m_rows):
+    for m in prange(m_rows):
         for b in range(k // 32):
             amax = np.float32(0.0)
             for i in range(32):
@@ -423,11 +422,10 @@ def _quantize_32(x, q, d, s):
             s[m, b, 0] = d[m, b, 0] * np.float32(total)
 
 
-@njit(cache=True)
 def _quantize_256(x, q, d, s):
     """x [M, K] -> q [M, K/256, 256] int8, d [M, K/256, 1] float32, s [M, K/256, 16] int16."""
     m_rows, k = x.shape
-    for m in range(m_rows):
+    for m in prange(m_rows):
         for b in range(k // 256):
             amax = np.float32(0.0)
             top = np.float32(0.0)           # the value of largest magnitude, with its sign
@@ -445,6 +443,11 @@ def _quantize_256(x, q, d, s):
                     total += qi
                 s[m, b, g] = total
             d[m, b, 0] = np.float32(1.0) / inv if amax > 0 else np.float32(0.0)
+
+
+# one activation row (decode) runs serially: a parallel region costs more than the work
+_QUANTIZE = {(fmt, par): njit(cache=True, parallel=par)(fn) for fmt, fn in ((Q8_32, _quantize_32), (Q8_256, _quantize_256))
+             for par in (False, True)}
 
 
 class Activations:
@@ -485,7 +488,7 @@ def quantize_activations(x: np.ndarray, fmt: int = Q8_32) -> Activations:
     m, k = x.shape
     buf = np.empty((m, k // fmt * ACT_BLOCK[fmt]), dtype=np.uint8)
     acts = Activations(buf, fmt, k)
-    (_quantize_32 if fmt == Q8_32 else _quantize_256)(x, *acts._fields())
+    _QUANTIZE[fmt, m >= 2 * ROWS](x, *acts._fields())
     return acts
 
 

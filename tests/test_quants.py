@@ -111,3 +111,19 @@ def test_embedding_rows_decode_only_requested():
     ids = np.array([3, 0, 49, 3])
     W = np.asarray(gguf_dequantize(t.data, T.Q6_K), dtype=np.float32).reshape(50, 256)
     assert np.array_equal(b.embed(w, ids), W[ids])
+
+
+@pytest.mark.parametrize("m", [1, 5, 40])
+def test_grouped_products_equal_single_ones(m):
+    """matmul_many (q/k/v, gate/up): one quantization and one region on the int8 kernels when the
+    types share an activation format, per-matrix products otherwise — the same numbers."""
+    rng = np.random.default_rng(11 + m)
+    b = CPUBackend(threads=2)
+    ws = [b.prepare(make_weight(rng, qt, n, 512)) for qt, n in
+          ((T.Q4_K, 96), (T.Q6_K, 32), (T.Q4_K, 32), (T.Q8_0, 64), (T.Q3_K, 16))]
+    x = rng.standard_normal((m, 512)).astype(np.float32)
+    for group in (ws[:3], ws[:2], ws[3:4], ws[2:5]):        # K-quants; one Q8_0; mixed: per matrix
+        got = b.matmul_many(x, tuple(group))
+        for w, y in zip(group, got):
+            assert y.shape == (m, w.n_out)
+            np.testing.assert_array_equal(y, b.matmul(x, w))
