@@ -33,7 +33,8 @@ def prompt_ids(engine, n: int, seed: int = 0) -> list[int]:
     tok = engine.tokenizer
     vocab = np.arange(engine.config.vocab_size)
     if tok is not None:
-        vocab = np.array([t for t in vocab if tok.token_type(int(t)) & (TokenAttr.NORMAL | TokenAttr.BYTE)])
+        attrs = tok.token_attrs()[:vocab.size]
+        vocab = vocab[:attrs.size][(attrs & int(TokenAttr.NORMAL | TokenAttr.BYTE)) != 0]
     if vocab.size == 0:
         raise ValueError(f"{engine.path}: no ordinary tokens to build a benchmark prompt from")
     return [int(t) for t in np.random.default_rng(seed).choice(vocab, size=n)]

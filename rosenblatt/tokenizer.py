@@ -57,6 +57,7 @@ from tokenizers import models as _hf_models
 from tokenizers import pre_tokenizers as _hf_pre
 
 from .errors import ModelFileError
+from .gguf_file import StringArray
 
 # --------------------------------------------------------------------------------------------
 # GGUF keys
@@ -235,6 +236,10 @@ class _TextModel:
         """The pre-tokenizer's pieces of ``text`` (for inspection and tests)."""
         raise NotImplementedError
 
+    def token_to_id(self, text: str) -> int | None:
+        """The id of a vocabulary text (the backend's vocabulary: the later id of a duplicate text)."""
+        return self._hf.token_to_id(text)  # type: ignore[attr-defined]
+
 
 class _ByteLevelBPE(_TextModel):
     """``tokenizer.ggml.model = gpt2``: byte-level BPE, run by a Hugging Face ``tokenizers`` BPE."""
@@ -248,7 +253,7 @@ class _ByteLevelBPE(_TextModel):
         self._hf = tok
 
     @classmethod
-    def from_metadata(cls, md: Mapping[str, Any], tokens: list[str], vocab: dict[str, int],
+    def from_metadata(cls, md: Mapping[str, Any], tokens: Sequence[str], vocab: dict[str, int],
                       path: str | None) -> tuple["_ByteLevelBPE", PreTokenizer]:
         if KEY_PRE not in md:
             warnings.warn(f"{path or '<memory>'}: no {KEY_PRE!r} in the GGUF; using llama.cpp's 'default' "
@@ -297,7 +302,7 @@ def _parse_merges(md: Mapping[str, Any], vocab: dict[str, int], path: str | None
     raw = md.get(KEY_MERGES)
     if raw is None:
         raise ModelFileError(path, f"metadata {KEY_MERGES!r}", "missing (a gpt2 BPE vocabulary needs its merges)")
-    if not isinstance(raw, list) or not all(isinstance(m, str) for m in raw[:1]):
+    if not isinstance(raw, (list, StringArray)) or not all(isinstance(m, str) for m in raw[:1]):
         raise ModelFileError(path, f"metadata {KEY_MERGES!r}", "expected an array of strings")
     if not exact:
         return [tuple(m.split(" ", 1)) for m in raw]  # type: ignore[misc]
@@ -341,13 +346,13 @@ class _SentencePieceBPE(_TextModel):
         self.space_prefix = " " if add_space_prefix else ""
 
     @classmethod
-    def from_metadata(cls, md: Mapping[str, Any], tokens: list[str], vocab: dict[str, int],
+    def from_metadata(cls, md: Mapping[str, Any], tokens: Sequence[str], vocab: dict[str, int],
                       path: str | None) -> tuple["_SentencePieceBPE", PreTokenizer]:
         n = len(tokens)
         scores = md.get(KEY_SCORES)
         if scores is None:   # llama.cpp: every score 0
-            scores = [0.0] * n
-        elif not isinstance(scores, list) or len(scores) < n:
+            scores = np.zeros(n)
+        elif not isinstance(scores, (list, np.ndarray)) or len(scores) < n:
             raise ModelFileError(path, f"metadata {KEY_SCORES!r}",
                                  f"expected an array of at least {n} numbers")
         add_prefix = md.get(KEY_ADD_SPACE_PREFIX, True)
@@ -358,7 +363,8 @@ class _SentencePieceBPE(_TextModel):
             order = np.argsort(-np.asarray(scores[:n], dtype=np.float64), kind="stable")
         except (TypeError, ValueError):
             raise ModelFileError(path, f"metadata {KEY_SCORES!r}", "expected an array of numbers") from None
-        merges = [(t[:k], t[k:]) for t in map(tokens.__getitem__, order.tolist())
+        texts = tokens if isinstance(tokens, list) else list(tokens)
+        merges = [(t[:k], t[k:]) for t in map(texts.__getitem__, order.tolist())
                   for k in range(1, len(t)) if t[:k] in vocab and t[k:] in vocab]
         return cls(vocab, merges, bool(add_prefix)), PreTokenizer((), add_bos=True)
 
@@ -393,6 +399,9 @@ class Tokenizer:
     """
 
     def __init__(self, md: Mapping[str, Any], path: str | os.PathLike | None = None):
+        # Memory: a 150k vocabulary is kept as the GGUF's StringArray when given one (decoded on
+        # access) or as the given list, token attributes as one byte each, text -> id lookups go
+        # to the BPE backend's own vocabulary; no second copy of the vocabulary stays resident.
         self.path = os.fspath(path) if path is not None else None
         p = self.path
 
@@ -408,39 +417,40 @@ class Tokenizer:
         tokens = md.get(KEY_TOKENS)
         if tokens is None:
             raise ModelFileError(p, f"metadata {KEY_TOKENS!r}", "missing (the file has no vocabulary)")
-        if not isinstance(tokens, list) or not tokens or not all(isinstance(t, str) for t in tokens[:1]):
+        if not isinstance(tokens, (list, StringArray)) or not len(tokens) \
+                or not all(isinstance(t, str) for t in tokens[:1]):
             raise ModelFileError(p, f"metadata {KEY_TOKENS!r}", "expected a non-empty array of strings")
         n = len(tokens)
         # llama.cpp replaces empty token texts so that they can never match.
-        if any(not t for t in tokens):
+        if (tokens.lengths() == 0).any() if isinstance(tokens, StringArray) else not all(tokens):
             tokens = [t if t else f"[EMPTY_{i}]" for i, t in enumerate(tokens)]
-        self._tokens: list[str] = tokens
+        self._tokens: Sequence[str] = tokens
         self.vocab_size: int = n
 
         types = md.get(KEY_TOKEN_TYPE)
         if types is None:
-            attrs = [_A_NORMAL] * n
+            attrs = bytearray([_A_NORMAL]) * n
         else:
-            if not isinstance(types, list) or len(types) < n:
+            if not isinstance(types, (list, np.ndarray)) or len(types) < n:
                 raise ModelFileError(p, f"metadata {KEY_TOKEN_TYPE!r}",
                                      f"expected an array of at least {n} integers, got "
-                                     f"{len(types) if isinstance(types, list) else type(types).__name__}")
+                                     f"{len(types) if isinstance(types, (list, np.ndarray)) else type(types).__name__}")
             table = [int(_TYPE_TO_ATTR.get(TokenType(t), 0)) for t in range(len(TokenType))]
-            tt = types[:n]
-            try:
-                fast = 0 <= min(tt) and max(tt) < len(table)
-            except TypeError:
-                fast = False
-            if fast:
-                attrs = [table[t] for t in tt]
-            else:  # unknown type codes count as UNDEFINED, as in llama.cpp
-                attrs = [table[t] if isinstance(t, int) and 0 <= t < len(table) else 0 for t in tt]
-        self._attrs: list[int] = attrs
+            tt = np.asarray(types[:n])
+            if tt.ndim == 1 and tt.dtype.kind in "biu":
+                codes = tt.astype(np.int64)
+                known = (codes >= 0) & (codes < len(table))   # unknown type codes count as UNDEFINED, as in llama.cpp
+                attrs = bytearray(np.where(known, np.array(table, np.uint8)[np.where(known, codes, 0)], 0)
+                                  .astype(np.uint8).tobytes())
+            else:
+                attrs = bytearray(table[t] if isinstance(t, int) and 0 <= t < len(table) else 0 for t in types[:n])
+        self._attrs: bytearray = attrs
 
-        # token text → id; on duplicate texts the later id wins (as llama.cpp's older loaders did)
-        self._vocab: dict[str, int] = {t: i for i, t in enumerate(tokens)}
+        # token text → id; on duplicate texts the later id wins (as llama.cpp's older loaders did).
+        # Only needed to build the BPE backend, which keeps its own copy for token_to_id.
+        vocab: dict[str, int] = {t: i for i, t in enumerate(tokens)}
 
-        self._text_model, pre = _MODEL_BUILDERS[model](md, tokens, self._vocab, p)
+        self._text_model, pre = _MODEL_BUILDERS[model](md, tokens, vocab, p)
         self.pre: str | None = md.get(KEY_PRE)
 
         ids = {name: self._read_id(md, key) for name, key in _ID_KEYS.items()}
@@ -459,7 +469,7 @@ class Tokenizer:
             if current is not None:
                 return current
             for t in texts:
-                i = self._vocab.get(t)
+                i = vocab.get(t)
                 if i is not None:
                     self._attrs[i] |= _A_CONTROL
                     return i
@@ -472,13 +482,14 @@ class Tokenizer:
         ids["fim_sep"] = detect(ids["fim_sep"], _FIM_SEP_TEXTS)
 
         # CONTROL tokens named "...unused..." are unused (gemma's <unused0> ...).
-        for i, t in enumerate(tokens):
-            if self._attrs[i] & _A_CONTROL and "unused" in t:
+        flags = np.frombuffer(self._attrs, dtype=np.uint8)
+        for i in np.flatnonzero(flags & _A_CONTROL).tolist():
+            if "unused" in tokens[i]:
                 self._attrs[i] |= _A_UNUSED
 
         eog: set[int] = {ids[k] for k in ("fim_pad", "fim_rep", "fim_sep") if ids[k] is not None}
         for t in _EOG_TEXTS:
-            i = self._vocab.get(t)
+            i = vocab.get(t)
             if i is not None:
                 eog.add(i)
                 self._attrs[i] |= _A_CONTROL
@@ -501,13 +512,14 @@ class Tokenizer:
         self.eog_ids: frozenset[int] = frozenset(eog)
 
         # Special tokens cut out of the text, longest (in bytes) first; ties in id order.
-        special = [i for i in range(n) if self._attrs[i] & _A_PARTITION]
+        special = np.flatnonzero(flags & _A_PARTITION).tolist()
         special.sort(key=lambda i: -len(self._tokens[i].encode("utf-8")))
         self._special_all: list[tuple[str, int]] = [(self._tokens[i], i) for i in special]
         self._special_user: list[tuple[str, int]] = [(self._tokens[i], i) for i in special
                                                      if not self._attrs[i] & _A_SPECIAL]
+        del flags   # a view that would pin the bytearray's size
 
-        self._pieces: list[bytes | None] = [None] * n
+        self._pieces: dict[int, bytes] = {}   # token_to_piece results of the tokens seen so far
 
     # -- construction ------------------------------------------------------------------------
     @classmethod
@@ -548,11 +560,15 @@ class Tokenizer:
 
     def token_to_id(self, text: str) -> int | None:
         """The id of the token whose vocabulary text is ``text``, or ``None``."""
-        return self._vocab.get(text)
+        return self._text_model.token_to_id(text)
 
     def token_type(self, token_id: int) -> TokenAttr:
         """llama.cpp's attributes of a token (after the load-time adjustments)."""
         return TokenAttr(self._attrs[self._check_id(token_id)])
+
+    def token_attrs(self) -> np.ndarray:
+        """Every token's :class:`TokenAttr` bits, uint8 [vocab_size] (a copy)."""
+        return np.frombuffer(self._attrs, dtype=np.uint8).copy()
 
     def is_eog(self, token_id: int) -> bool:
         """True for tokens that end generation."""
@@ -615,7 +631,7 @@ class Tokenizer:
         With ``special=False`` CONTROL and UNKNOWN tokens give ``b""``. A piece can be part of a
         multi-byte UTF-8 character.
         """
-        piece = self._pieces[self._check_id(token_id)]
+        piece = self._pieces.get(self._check_id(token_id))
         if piece is None:
             piece = self._pieces[token_id] = self._make_piece(token_id)
         if not special and self._attrs[token_id] & _A_SPECIAL:

@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from rosenblatt.errors import ModelFileError
-from rosenblatt.gguf_file import read_metadata
+from rosenblatt.gguf_file import GGUFFile, StringArray, read_metadata
 from rosenblatt.tokenizer import StreamingDetokenizer, TokenAttr, Tokenizer
 
 FIX = Path(__file__).parent / "fixtures"
@@ -34,6 +34,14 @@ def tokenizer(name: str) -> Tokenizer:
 @lru_cache(maxsize=None)
 def references(name: str) -> list[dict]:
     return [json.loads(line) for line in (TOK / f"{name}.ids.jsonl").read_text(encoding="utf-8").splitlines()]
+
+
+@lru_cache(maxsize=None)
+def file_view_tokenizer(name: str) -> Tokenizer:
+    """Built the way Engine.load builds it: from the GGUF's arrays as views of the file."""
+    g = GGUFFile(TOK / f"{name}.vocab.gguf", load_tensors=False)
+    assert isinstance(g.raw_metadata["tokenizer.ggml.tokens"], StringArray)
+    return Tokenizer.from_metadata(g.raw_metadata, g.path)
 
 
 def with_keys(name: str, **changes) -> dict:
@@ -73,6 +81,44 @@ def test_ids_match_llamacpp(name, line):
 def test_ids_no_special_match_llamacpp(name, line):
     ref = references(name)[line]
     assert tokenizer(name).encode(ref["text"], add_special=False, parse_special=False) == ref["ids_no_special"]
+
+
+@pytest.mark.parametrize("name", VOCABS)
+def test_file_view_tokenizer_equals_list_tokenizer(name):
+    """The engine's tokenizer (vocabulary as file views) gives llama.cpp's ids and the same
+    vocabulary, attributes and special tokens as one built from plain lists."""
+    a, b = tokenizer(name), file_view_tokenizer(name)
+    for ref in references(name):
+        assert b.encode(ref["text"], add_special=True, parse_special=True) == ref["ids"]
+        assert b.encode(ref["text"], add_special=False, parse_special=False) == ref["ids_no_special"]
+    tokens = metadata(name)["tokenizer.ggml.tokens"]
+    assert [b.id_to_token(i) for i in range(b.vocab_size)] == tokens
+    assert all(b.token_to_id(t) == a.token_to_id(t) for t in tokens[::7])
+    assert (b.token_attrs() == a.token_attrs()).all()
+    some = range(0, a.vocab_size, 13)
+    assert [b.token_type(i) for i in some] == [a.token_type(i) for i in some]
+    assert b.decode_bytes(range(b.vocab_size)) == a.decode_bytes(range(a.vocab_size))
+    for attr in ("vocab_size", "bos_id", "eos_id", "eot_id", "eom_id", "unk_id", "pad_id", "eog_ids",
+                 "add_bos", "add_eos", "model", "pre", "_special_all", "_special_user"):
+        assert getattr(a, attr) == getattr(b, attr), attr
+
+
+def test_tokenizer_keeps_no_python_copy_of_the_vocabulary():
+    """151,936 token texts as str objects plus a text -> id dict are ~16 MiB of Python heap that
+    would stay resident next to the model; the tokenizer keeps views of the file instead."""
+    import gc
+    import tracemalloc
+    g = GGUFFile(TOK / "qwen2.5.vocab.gguf", load_tensors=False)
+    gc.collect()
+    tracemalloc.start()
+    try:
+        tk = Tokenizer.from_metadata(g.raw_metadata, g.path)
+        gc.collect()
+        kept, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert tk.vocab_size == 151936
+    assert kept < 4 * 2**20, f"the tokenizer keeps {kept / 2**20:.1f} MiB of Python objects"
 
 
 @pytest.mark.parametrize("name", VOCABS)

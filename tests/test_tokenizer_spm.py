@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from rosenblatt.errors import ModelFileError
-from rosenblatt.gguf_file import read_metadata
+from rosenblatt.gguf_file import GGUFFile, read_metadata
 from rosenblatt.tokenizer import TokenAttr, Tokenizer
 
 from conftest import gemma3_path
@@ -45,6 +45,18 @@ def gemma3() -> Tokenizer:
 # ------------------------------------------------------------------------------------------
 # ids against llama.cpp
 # ------------------------------------------------------------------------------------------
+
+def test_file_view_tokenizer_matches_llamacpp():
+    """Built as Engine.load builds it (vocabulary, scores and types as views of the file)."""
+    g = GGUFFile(gemma3_path(), load_tensors=False)
+    tk, ref_tk = Tokenizer.from_metadata(g.raw_metadata, g.path), gemma3()
+    for ref in PUBLIC + EXTRA:
+        assert tk.encode(ref["text"], add_special=True, parse_special=True) == ref["ids"]
+        assert tk.encode(ref["text"], add_special=False, parse_special=False) == ref["ids_no_special"]
+    assert (tk.token_attrs() == ref_tk.token_attrs()).all()
+    assert tk.eog_ids == ref_tk.eog_ids and tk._special_all == ref_tk._special_all
+    assert [tk.id_to_token(i) for i in range(tk.vocab_size)] == metadata()["tokenizer.ggml.tokens"]
+
 
 def test_fixture_files_cover_the_shared_corpus_and_both_modes():
     assert [r["text"] for r in PUBLIC] == CORPUS
