@@ -22,6 +22,7 @@ from ..config import ModelConfig
 from ..errors import ModelFileError
 from ..gguf_file import GGUFFile
 from ..kv_cache import KVCache
+from .. import ops as kernels
 from ..quants import F16, F32, dequantize
 
 
@@ -68,8 +69,10 @@ class Layer:
 
 
 def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
-    ms = np.einsum("td,td->t", x, x, dtype=np.float32) / np.float32(x.shape[-1])
-    return x * (np.float32(1.0) / np.sqrt(ms + np.float32(eps)))[:, None] * weight
+    """x [T, d] / sqrt(mean(x^2) + eps) * weight, per row (float32; float64 sum of squares)."""
+    out = np.empty_like(x)
+    kernels.rms_norm(x, weight, eps, out)
+    return out
 
 
 def rope_tables(cfg: ModelConfig, n_ctx: int) -> tuple[np.ndarray, np.ndarray]:
@@ -80,17 +83,10 @@ def rope_tables(cfg: ModelConfig, n_ctx: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, rope_dim: int, neox: bool) -> None:
-    """Rotate ``x`` [T, heads, head_dim] in place; cos/sin are [T, rope_dim/2]."""
-    c, s = cos[:, None, :], sin[:, None, :]
-    half = rope_dim // 2
-    if neox:
-        x0, x1 = x[..., :half].copy(), x[..., half:rope_dim].copy()
-        x[..., :half] = x0 * c - x1 * s
-        x[..., half:rope_dim] = x0 * s + x1 * c
-    else:
-        x0, x1 = x[..., 0:rope_dim:2].copy(), x[..., 1:rope_dim:2].copy()
-        x[..., 0:rope_dim:2] = x0 * c - x1 * s
-        x[..., 1:rope_dim:2] = x0 * s + x1 * c
+    """Rotate ``x`` [T, heads, head_dim] in place; cos/sin are [T, rope_dim/2].
+
+    ``neox``: the pairs (i, i + rope_dim/2), else (2i, 2i+1); dimensions from rope_dim on are kept."""
+    kernels.rope(x, cos, sin, rope_dim, neox)
 
 
 def attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, start: int, n_kv: int,
@@ -101,21 +97,32 @@ def attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, start: in
     Query head h reads kv head h // (H / n_kv). Returns [T, H * hd_v].
     ``window`` > 0: query position i sees only keys j with i - j < window (sliding-window layers).
     ``scale``: score scale, default 1/sqrt(hd).
+    One query (decode) runs a numba kernel; several use numpy's batched matmuls (BLAS), which a
+    numba kernel did not beat once many keys are cached.
     """
     t, h, hd = q.shape
-    s = start + t
     lo = max(0, start - window + 1) if window else 0     # the oldest key any of the queries sees
+    scale = np.float32(1.0 / np.sqrt(hd) if scale is None else scale)
+    if t == 1:
+        out = np.empty((h, v_cache.shape[2]), np.float32)
+        kernels.attention_decode(q[0], k_cache, v_cache, n_kv, lo, start + 1, scale, out)
+        return out.reshape(1, -1)
+    return _attention_batch(q, k_cache, v_cache, start, n_kv, window, lo, scale)
+
+
+def _attention_batch(q, k_cache, v_cache, start, n_kv, window, lo, scale):
+    """:func:`attention` of several queries (prefill), with numpy's batched matmuls."""
+    t, h, hd = q.shape
+    s = start + t
     group = h // n_kv
     qg = q.transpose(1, 0, 2).reshape(n_kv, group, t, hd)
     keys = k_cache[:, None, lo:s, :]
-    scale = np.float32(1.0 / np.sqrt(hd) if scale is None else scale)
     scores = np.matmul(qg, keys.swapaxes(-1, -2)) * scale                               # [n_kv, g, T, S]
-    if t > 1:
-        key_pos, query_pos = np.arange(lo, s)[None, :], (start + np.arange(t))[:, None]
-        hidden = key_pos > query_pos
-        if window:
-            hidden |= key_pos <= query_pos - window
-        scores[..., hidden] = -np.inf
+    key_pos, query_pos = np.arange(lo, s)[None, :], (start + np.arange(t))[:, None]
+    hidden = key_pos > query_pos
+    if window:
+        hidden |= key_pos <= query_pos - window
+    scores[..., hidden] = -np.inf
     scores -= scores.max(axis=-1, keepdims=True)
     np.exp(scores, out=scores)
     scores /= scores.sum(axis=-1, keepdims=True)
@@ -124,8 +131,10 @@ def attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, start: in
 
 
 def silu_mul(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
-    with np.errstate(over="ignore"):
-        return gate / (np.float32(1.0) + np.exp(-gate)) * up
+    """silu(gate) * up = gate / (1 + exp(-gate)) * up, elementwise."""
+    out = np.empty_like(gate)
+    kernels.silu_mul(gate, up, out)
+    return out
 
 
 class LlamaModel:
