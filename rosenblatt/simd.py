@@ -31,7 +31,9 @@ import ctypes
 import threading
 
 import numpy as np
-from numba import njit, prange
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.extending import intrinsic
 
 from .quants import Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0
 
@@ -513,48 +515,101 @@ def quantize_activations(x: np.ndarray, fmt: int = Q8_32) -> Activations:
 _CHUNK_BYTES = 1 << 18
 
 
+@intrinsic
+def _call_kernel(typingctx, fn, w, row_bytes, r0, r1, nblk, m_rows, x, sx, out, so):
+    """Call the kernel at address ``fn`` (all arguments int64: the pointers are passed in
+    integer registers by the C calling conventions of x86-64 and AArch64 alike). Addresses type
+    much faster at numba's dispatch than ctypes function objects (~2 vs ~25 us a call)."""
+    sig = types.void(*([types.int64] * 11))
+
+    def codegen(context, builder, signature, args):
+        i64 = ir.IntType(64)
+        fnty = ir.FunctionType(ir.VoidType(), [i64] * 10)
+        builder.call(builder.inttoptr(args[0], fnty.as_pointer()), args[1:])
+        return context.get_dummy_value()
+    return sig, codegen
+
+
 @njit(nogil=True, cache=True)
 def _rows_kernel(f1, fr, w, row_bytes, a, b, nblk, m_rows, x, sx, out, so):
     """Rows [a, b) of one matrix against every activation row: ROWS at a time, then the rest."""
     m4 = m_rows - m_rows % ROWS
     if m4 > 0:
-        fr(w, row_bytes, a, b, nblk, m4, x, sx, out, so)
+        _call_kernel(fr, w, row_bytes, a, b, nblk, m4, x, sx, out, so)
     if m_rows > m4:
-        f1(w, row_bytes, a, b, nblk, m_rows - m4, x + m4 * sx, sx, out + 4 * m4 * so, so)
+        _call_kernel(f1, w, row_bytes, a, b, nblk, m_rows - m4, x + m4 * sx, sx, out + 4 * m4 * so, so)
+
+
+@njit(nogil=True, cache=True)
+def _group_serial(f1, fr, w, row_bytes, n, col, nblk, buf, chunk):
+    """The products of a :class:`KernelGroup` on the calling thread: out [M, col[-1]]."""
+    m_rows, so = buf.shape[0], col[-1]
+    out = np.empty((m_rows, so), np.float32)
+    base, x, sx = np.int64(out.ctypes.data), np.int64(buf.ctypes.data), np.int64(buf.strides[0])
+    for m0 in range(0, m_rows, chunk):
+        mc = min(chunk, m_rows - m0)
+        for j in range(len(w)):
+            _rows_kernel(f1[j], fr[j], w[j], row_bytes[j], 0, n[j], nblk, mc, x + m0 * sx, sx,
+                         base + 4 * (m0 * so + col[j]), so)
+    return out
 
 
 @njit(parallel=True, nogil=True, cache=True)
-def _matmul_parallel(f1, fr, w, row_bytes, n, out, so, nblk, m_rows, x, sx, parts):
-    """One to three matrices (arrays ``w``, ``row_bytes``, ``n``, ``out``, ``so`` of their
-    addresses and sizes; kernels ``f1``/``fr`` of each) against the same activations, in one
-    parallel region: share p of every matrix's rows runs on thread p."""
-    for p in prange(parts):
-        for j in range(len(w)):
-            _rows_kernel(f1[j], fr[j], w[j], row_bytes[j], n[j] * p // parts, n[j] * (p + 1) // parts, nblk, m_rows,
-                         x, sx, out[j], so[j])
+def _group_parallel(f1, fr, w, row_bytes, n, col, nblk, buf, chunk, parts):
+    """:func:`_group_serial` with the rows of every matrix split in ``parts`` shares, share p on
+    thread p: one parallel region per chunk of activation rows."""
+    m_rows, so = buf.shape[0], col[-1]
+    out = np.empty((m_rows, so), np.float32)
+    base, x, sx = np.int64(out.ctypes.data), np.int64(buf.ctypes.data), np.int64(buf.strides[0])
+    for m0 in range(0, m_rows, chunk):
+        mc = min(chunk, m_rows - m0)
+        for p in prange(parts):
+            for j in range(len(w)):
+                _rows_kernel(f1[j], fr[j], w[j], row_bytes[j], n[j] * p // parts, n[j] * (p + 1) // parts, nblk, mc,
+                             x + m0 * sx, sx, base + 4 * (m0 * so + col[j]), so)
+    return out
+
+
+class KernelGroup:
+    """One to three weight matrices (row-major blocks, the same input length) whose types share
+    an activation format, prepared once for products against the same activations: q/k/v,
+    gate/up, or a single matrix. Calling it returns float32 [M, sum of the matrices' rows], the
+    matrices' outputs side by side (see :attr:`columns`)."""
+
+    def __init__(self, qtypes, rows, fns: dict | None = None):
+        fns = fns or kernels()
+        self.fmt = ACT_FORMAT[qtypes[0]]
+        if any(ACT_FORMAT[qt] != self.fmt for qt in qtypes) or not 1 <= len(qtypes) <= 3:
+            raise ValueError("a kernel group is 1-3 matrices whose types share an activation format")
+        addr = lambda f: ctypes.cast(f, ctypes.c_void_p).value
+        i64 = lambda vals: np.array(vals, dtype=np.int64)
+        self.rows = list(rows)          # keeps the mappings the addresses point into alive
+        self.f1, self.fr = i64([addr(fns[qt][0]) for qt in qtypes]), i64([addr(fns[qt][1]) for qt in qtypes])
+        self.w, self.row_bytes = i64([r.ctypes.data for r in rows]), i64([r.strides[0] for r in rows])
+        self.n = i64([r.shape[0] for r in rows])
+        self.col = i64([0] + list(np.cumsum(self.n)))
+        #: (start, stop) of each matrix's columns in the output
+        self.columns = [(int(a), int(b)) for a, b in zip(self.col[:-1], self.col[1:])]
+
+    def __call__(self, acts: Activations, parts: int = 1) -> np.ndarray:
+        assert acts.fmt == self.fmt
+        chunk = max(ROWS, _CHUNK_BYTES // acts.k // ROWS * ROWS)
+        args = (self.f1, self.fr, self.w, self.row_bytes, self.n, self.col, acts.k // acts.fmt, acts.buf, chunk)
+        return _group_parallel(*args, parts) if parts > 1 else _group_serial(*args)
 
 
 def matmul(qtype: int, rows: np.ndarray, acts: Activations, out: np.ndarray, fns: dict | None = None,
            parts: int = 1) -> None:
     """``out[m, r] = dot(rows[r], x[m])`` for every weight row r and activation row m of ``acts``
-    (from :func:`quantize_activations` with the type's :data:`ACT_FORMAT`); ``out`` is float32
-    [M, N] C-contiguous. ``parts`` > 1 splits the rows over numba's threads."""
-    matmul_group([qtype], [rows], acts, [out], fns, parts)
+    (from :func:`quantize_activations` with the type's :data:`ACT_FORMAT`); ``parts`` > 1 splits
+    the rows over numba's threads. (The backend keeps :class:`KernelGroup` objects instead.)"""
+    out[...] = KernelGroup([qtype], [rows], fns)(acts, parts)
 
 
 def matmul_group(qtypes, rows, acts: Activations, outs, fns: dict | None = None, parts: int = 1) -> None:
     """:func:`matmul` for up to three matrices sharing ``acts`` (their types must share an
-    activation format) in one parallel region per chunk of activation rows. Releases the GIL."""
-    fns = fns or kernels()
-    buf = acts.buf
-    pairs = [fns[qt] for qt in qtypes]
-    f1 = tuple(p[0] for p in pairs)
-    fr = tuple(p[1] for p in pairs)
-    i64 = lambda vals: np.array(vals, dtype=np.int64)
-    w, rb, n, so = (i64([r.ctypes.data for r in rows]), i64([r.strides[0] for r in rows]),
-                    i64([r.shape[0] for r in rows]), i64([o.strides[0] // 4 for o in outs]))
-    chunk = max(ROWS, _CHUNK_BYTES // acts.k // ROWS * ROWS)
-    for m0 in range(0, acts.rows, chunk):
-        mc = min(chunk, acts.rows - m0)
-        _matmul_parallel(f1, fr, w, rb, n, i64([o.ctypes.data + o.strides[0] * m0 for o in outs]), so,
-                         acts.k // acts.fmt, mc, buf.ctypes.data + buf.strides[0] * m0, buf.strides[0], parts)
+    activation format), in one parallel region per chunk of activation rows."""
+    g = KernelGroup(qtypes, rows, fns)
+    y = g(acts, parts)
+    for o, (a, b) in zip(outs, g.columns):
+        o[...] = y[:, a:b]

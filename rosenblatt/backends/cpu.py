@@ -109,6 +109,7 @@ class CPUBackend(MatmulBackend):
             raise ValueError(f"kernels must be 'int8' or 'float', got {value!r}")
         self._kernels = value
         self._simd = simd.kernels() if value == "int8" else {}
+        self._groups = {}
 
     def _int8(self, w: CPUWeight, m: int) -> bool:
         return w.qtype in self._simd and m <= self.int8_max_rows
@@ -122,11 +123,14 @@ class CPUBackend(MatmulBackend):
 
     def matmul(self, x: np.ndarray, w: CPUWeight, out: np.ndarray | None = None) -> np.ndarray:
         m = x.shape[0]
+        if self._int8(w, m):
+            y = self._run_int8(x, (w,))[0]
+            if out is None:
+                return y
+            out[...] = y
+            return out
         if out is None:
             out = np.empty((m, w.n_out), dtype=np.float32)
-        if self._int8(w, m):
-            self._matmul_int8(x, w, out)
-            return out
         if m < self.blas_min_rows and w.dense is None:
             xs = np.empty((m, w.n_in // 32), dtype=np.float32)
             block_sums(x, xs)
@@ -144,22 +148,20 @@ class CPUBackend(MatmulBackend):
         fmt = {simd.ACT_FORMAT[w.qtype] if self._int8(w, x.shape[0]) else None for w in ws}
         if None in fmt or len(fmt) > 1 or not 1 <= len(ws) <= 3:
             return [self.matmul(x, w) for w in ws]
-        acts = simd.quantize_activations(x, fmt.pop())
-        outs = [np.empty((x.shape[0], w.n_out), dtype=np.float32) for w in ws]
-        work = sum(w.n_out for w in ws) * ws[0].n_in * x.shape[0]
-        parts = self.threads if work >= _SPLIT_MIN_WEIGHTS else 1
-        simd.matmul_group([w.qtype for w in ws], [w.rows for w in ws], acts, outs, self._simd, parts)
-        return outs
+        y, g = self._run_int8(x, tuple(ws))
+        return [y[:, a:b] for a, b in g.columns]
 
-    def _matmul_int8(self, x, w, out):
-        """Products on the integer-SIMD kernels, rows split over numba's threads."""
-        acts = simd.quantize_activations(x, simd.ACT_FORMAT[w.qtype])
-        dst = out if out.flags.c_contiguous else np.empty(out.shape, np.float32)
+    def _run_int8(self, x, ws):
+        """(x @ W.T for the group side by side, its KernelGroup); groups are built once."""
+        key = tuple(id(w) for w in ws)
+        entry = self._groups.get(key)
+        if entry is None:     # the weights are kept in the entry, so their ids stay theirs
+            entry = self._groups[key] = (simd.KernelGroup([w.qtype for w in ws], [w.rows for w in ws], self._simd), ws)
+        g = entry[0]
+        acts = simd.quantize_activations(x, g.fmt)
         # starting a parallel region costs ~20 us: split only products that take longer
-        parts = self.threads if w.n_out * w.n_in * x.shape[0] >= _SPLIT_MIN_WEIGHTS else 1
-        simd.matmul(w.qtype, w.rows, acts, dst, self._simd, parts)
-        if dst is not out:
-            out[...] = dst
+        parts = self.threads if int(g.col[-1]) * ws[0].n_in * x.shape[0] >= _SPLIT_MIN_WEIGHTS else 1
+        return g(acts, parts), g
 
     @staticmethod
     def _gemm_part(x, w, out, start, stop):
