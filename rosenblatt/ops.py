@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 from llvmlite import ir
-from numba import njit, types
+from numba import njit, prange, types
 from numba.extending import intrinsic
 
 from .qdot import FASTMATH
@@ -90,13 +90,17 @@ def rope(x, cos, sin, rope_dim, neox):
                     v[2 * i + 1] = x0 * sin[t, i] + x1 * cos[t, i]
 
 
-@njit(fastmath=FASTMATH, error_model="numpy", cache=True)
-def silu_mul(gate, up, out):
+def _silu_mul(gate, up, out):
     """out = gate / (1 + exp(-gate)) * up, elementwise, [T, n]."""
-    for t in range(gate.shape[0]):
+    for t in prange(gate.shape[0]):
         for i in range(gate.shape[1]):
             g = gate[t, i]
             out[t, i] = g / (np.float32(1.0) + exp(-g)) * up[t, i]
+
+
+silu_mul = njit(fastmath=FASTMATH, error_model="numpy", cache=True)(_silu_mul)
+#: the same with the rows over numba's threads (prompts: [64, 8960] is ~3 ms on one core)
+silu_mul_rows = njit(fastmath=FASTMATH, error_model="numpy", cache=True, parallel=True)(_silu_mul)
 
 
 @njit(fastmath=FASTMATH, error_model="numpy", cache=True)

@@ -106,7 +106,7 @@ def test_apply_rope(t, heads, head_dim, rope_dim, neox):
     assert (y[..., rope_dim:] == x[..., rope_dim:]).all()       # dimensions past rope_dim untouched
 
 
-@pytest.mark.parametrize("shape", [(1, 8960), (3, 2048), (2, 17)])
+@pytest.mark.parametrize("shape", [(1, 8960), (3, 2048), (2, 17), (9, 300)])     # 9 rows: the parallel kernel
 def test_silu_mul(shape):
     rng = np.random.default_rng(3)
     gate, up = rand(rng, *shape, scale=4.0), rand(rng, *shape)

@@ -133,7 +133,7 @@ def _attention_batch(q, k_cache, v_cache, start, n_kv, window, lo, scale):
 def silu_mul(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
     """silu(gate) * up = gate / (1 + exp(-gate)) * up, elementwise."""
     out = np.empty_like(gate)
-    kernels.silu_mul(gate, up, out)
+    (kernels.silu_mul_rows if gate.shape[0] >= 8 else kernels.silu_mul)(gate, up, out)
     return out
 
 
