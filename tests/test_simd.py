@@ -20,6 +20,23 @@ def test_kernels_compile_for_this_cpu():
     assert set(simd.kernels(x86=False)) == {int(t) for t in SIMD}       # the portable IR (the A76's)
 
 
+def test_portable_kernels_compile_for_the_a76():
+    """The board's path: the portable IR lowers for AArch64 (cortex-a76, +dotprod); llvmlite's
+    LLVM carries every target, so this runs on x86 too (the code cannot run here)."""
+    import llvmlite.binding as llvm
+    llvm.initialize_all_targets()
+    llvm.initialize_all_asmprinters()
+    tm = llvm.Target.from_triple("aarch64-unknown-linux-gnu").create_target_machine(
+        cpu="cortex-a76", features="+neon,+dotprod", opt=3)
+    mod = llvm.parse_assembly(simd.module_ir(x86=False))
+    mod.triple = "aarch64-unknown-linux-gnu"
+    mod.verify()
+    asm = tm.emit_assembly(mod)
+    for t in SIMD:
+        for rows in (1, simd.ROWS):
+            assert f"mm{rows}_{t.name.lower()}:" in asm
+
+
 def test_activation_quantization_is_llamacpps():
     """ggml's Q8_0 (per 32) and Q8_K (per 256) activation quantization as its SIMD paths do it,
     written out in float32 numpy: scale 127 / max|x| (Q8_K: -127 / the value of largest
