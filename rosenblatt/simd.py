@@ -15,11 +15,14 @@ integer sum of int8 x 4/6/8-bit products, scaled once. Two activation formats, a
   of every 16 values. The products of a whole super-block, weighted by its 6/8-bit sub-block
   scales, are summed in 32-bit integer lanes; minimums and offsets come from the 16-sums.
 
-Two primitives carry the arithmetic: ``maddubs`` (unsigned x signed bytes, adjacent pairs summed
-to int16) and ``madd`` (int16 x int16, adjacent pairs summed to int32). With AVX2 they are the
-``vpmaddubsw``/``vpmaddwd`` instructions; elsewhere (the A76) they are written as plain
-widen-multiply-add IR and left to LLVM. Value ranges never reach int16 saturation
-(2 x 63 x 127 < 32767; Q8_0 weights run as |w| x sign-adjusted x, 2 x 128 x 127), so both forms compute the same integers — the tests compile both.
+On x86 two AVX2 primitives carry the arithmetic: ``vpmaddubsw`` (unsigned x signed bytes,
+adjacent pairs summed to int16) and ``vpmaddwd`` (int16 x int16, adjacent pairs summed to
+int32); value ranges never reach int16 saturation (2 x 63 x 127 < 32767; Q8_0 weights run as
+|w| x sign-adjusted x, 2 x 128 x 127). On AArch64 with the dot-product extension (the A76) it is
+``sdot`` (4 byte products summed into each int32 lane). Elsewhere the same arithmetic is plain
+widen-multiply-add IR left to LLVM. All forms compute the same integers: the tests run the
+host's, the portable one and the sdot structure with the dot product in plain IR, and lower the
+sdot module for the A76.
 
 Each kernel computes ``out[m, r] = dot(row r, x[m])`` for rows ``[r0, r1)`` and ``m_rows``
 activation rows; the weight row is read once per ``m`` loop, so it stays in L1 for prefill.
@@ -50,6 +53,7 @@ declare <16 x i16> @llvm.x86.avx2.pmadd.ub.sw(<32 x i8>, <32 x i8>)
 declare <8 x i32> @llvm.x86.avx2.pmadd.wd(<16 x i16>, <16 x i16>)
 declare <32 x i8> @llvm.x86.avx2.psign.b(<32 x i8>, <32 x i8>)
 declare <32 x i8> @llvm.abs.v32i8(<32 x i8>, i1)
+declare <4 x i32> @llvm.aarch64.neon.sdot.v4i32.v16i8(<4 x i32>, <16 x i8>, <16 x i8>)
 """
 
 # The loop skeleton every kernel shares: rows r0..r1; activation rows 0..m_rows, {R} at a time
@@ -121,13 +125,21 @@ def _mask(indices) -> str:
     return f"<{len(indices)} x i32> " + _vec("i32", indices)
 
 
-class _IR:
-    """A tiny emitter of SSA lines with fresh names; ``x86`` selects the AVX2 intrinsics."""
+#: instruction sets the kernels are written for: "avx2" (x86 intrinsics), "sdot" (AArch64 dot
+#: product, the A76's), "portable" (plain IR, any LLVM target); "sdot-emulated" is the sdot
+#: structure with the dot product in plain IR, so that tests run it on any CPU
+ISAS = ("avx2", "sdot", "portable", "sdot-emulated")
 
-    def __init__(self, x86: bool):
+
+class _IR:
+    """A tiny emitter of SSA lines with fresh names, for one instruction set (:data:`ISAS`)."""
+
+    def __init__(self, isa: str):
         self.lines: list[str] = []
         self.n = 0
-        self.x86 = x86
+        self.isa = isa
+        self.x86 = isa == "avx2"
+        self.sdot = isa in ("sdot", "sdot-emulated")
 
     def __call__(self, expr: str) -> str:
         self.n += 1
@@ -180,7 +192,7 @@ class _IR:
         return self._pairs("i16", 32, self(f"mul <32 x i16> {a}, {b}"))
 
     def signed_weights(self, a: str):
-        """Prepare signed weight bytes for :meth:`maddss` (AVX2: |a| once for all rows)."""
+        """Prepare signed weight bytes for :meth:`maddss` / :meth:`dot32` (AVX2: |a| once for all rows)."""
         if self.x86:
             return a, self(f"call <32 x i8> @llvm.abs.v32i8(<32 x i8> {a}, i1 false)")
         return a, None
@@ -204,6 +216,53 @@ class _IR:
         b32 = self(f"sext <16 x i16> {b} to <16 x i32>")
         return self._pairs("i32", 16, self(f"mul <16 x i32> {a32}, {b32}"))
 
+    def dot4(self, acc: str, a: str, b: str) -> str:
+        """<4 x i32> acc + sums of 4 adjacent products of <16 x i8> a, b (signed): AArch64 sdot."""
+        if self.isa == "sdot":
+            return self(f"call <4 x i32> @llvm.aarch64.neon.sdot.v4i32.v16i8(<4 x i32> {acc}, <16 x i8> {a}, <16 x i8> {b})")
+        p = self(f"mul <16 x i32> {self(f'sext <16 x i8> {a} to <16 x i32>')}, {self(f'sext <16 x i8> {b} to <16 x i32>')}")
+        quarters = [self(f"shufflevector <16 x i32> {p}, <16 x i32> undef, {_mask(range(k, 16, 4))}") for k in range(4)]
+        total = acc
+        for q in quarters:
+            total = self(f"add <4 x i32> {total}, {q}")
+        return total
+
+    def _halves16(self, v: str) -> tuple[str, str]:
+        lo = self(f"shufflevector <32 x i8> {v}, <32 x i8> undef, {_mask(range(16))}")
+        hi = self(f"shufflevector <32 x i8> {v}, <32 x i8> undef, {_mask(range(16, 32))}")
+        return lo, hi
+
+    def _widen8(self, v4: str) -> str:
+        """<4 x i32> -> <8 x i32> with zero upper lanes (LLVM drops them along the chain)"""
+        return self(f"shufflevector <4 x i32> {v4}, <4 x i32> zeroinitializer, {_mask(range(8))}")
+
+    def dot32(self, w, x: str, signed: bool = False) -> str:
+        """Sum of the 32 products of weight bytes ``w`` (unsigned 0..127, or the result of
+        :meth:`signed_weights` when ``signed``) and activation bytes ``x``, spread over the
+        lanes of an <8 x i32>."""
+        if self.sdot:
+            wl, wh = self._halves16(w[0] if signed else w)
+            xl, xh = self._halves16(x)
+            return self._widen8(self.dot4(self.dot4("zeroinitializer", wl, xl), wh, xh))
+        p16 = self.maddss(w, x) if signed else self.maddubs(w, x)
+        return self.madd(p16, _ONES16)
+
+    def dot32s(self, w: str, x: str, scales: str, n_scales: int, j_lo: int, j_hi: int) -> str:
+        """Like :meth:`dot32` (unsigned weights) with the first 16 products weighted by lane
+        ``j_lo`` and the last 16 by lane ``j_hi`` of the <n_scales x i16> ``scales``."""
+        if self.sdot:
+            wl, wh = self._halves16(w)
+            xl, xh = self._halves16(x)
+            lanes = lambda j: self.splat("i32", 4, self(f"sext i16 {self(f'extractelement <{n_scales} x i16> {scales}, i32 {j}')} to i32"))
+            if j_lo == j_hi:
+                t = self.dot4(self.dot4("zeroinitializer", wl, xl), wh, xh)
+                return self._widen8(self(f"mul <4 x i32> {t}, {lanes(j_lo)}"))
+            tl = self(f"mul <4 x i32> {self.dot4('zeroinitializer', wl, xl)}, {lanes(j_lo)}")
+            th = self(f"mul <4 x i32> {self.dot4('zeroinitializer', wh, xh)}, {lanes(j_hi)}")
+            return self._widen8(self(f"add <4 x i32> {tl}, {th}"))
+        sv = self(f"shufflevector <{n_scales} x i16> {scales}, <{n_scales} x i16> undef, {_mask([j_lo] * 8 + [j_hi] * 8)}")
+        return self.madd(self.maddubs(w, x), sv)
+
     def lshr_bytes(self, v: str, n: int) -> str:
         return self(f"lshr <32 x i8> {v}, {self.bytes_(n)}")
 
@@ -224,9 +283,9 @@ class _IR:
 _ONES16 = _vec("i16", [1] * 16)
 
 
-def _body_q32(kind: str, x86: bool, rows: int):
+def _body_q32(kind: str, isa: str, rows: int):
     """Q8_0 / Q4_0 / Q4_1 / Q5_0 / Q5_1 against Q8_32 activations: float accumulation per block."""
-    e = _IR(x86)
+    e = _IR(isa)
     bsize, qs_at, qh_at = {"q8_0": (34, 2, None), "q4_0": (18, 2, None), "q4_1": (20, 4, None),
                            "q5_0": (22, 6, 2), "q5_1": (24, 8, 4)}[kind]
     boff = e(f"mul i64 %b, {bsize}")
@@ -248,8 +307,7 @@ def _body_q32(kind: str, x86: bool, rows: int):
     accs = []
     for i in range(rows):
         x = e.act(i, Q8_32, "q")
-        p16 = e.maddss(wq, x) if kind == "q8_0" else e.maddubs(wq, x)
-        p32 = e.madd(p16, _ONES16)
+        p32 = e.dot32(wq, x, signed=kind == "q8_0")
         dx = e.act(i, Q8_32, "d")
         accv = e.fma_acc(p32, e(f"fmul float {d}, {dx}"), f"%accv{i}")
         if factor is None:
@@ -260,10 +318,10 @@ def _body_q32(kind: str, x86: bool, rows: int):
     return e.finish(accs)
 
 
-def _body_q45_k(x86: bool, rows: int, five: bool):
+def _body_q45_k(isa: str, rows: int, five: bool):
     """Q4_K / Q5_K against Q8_256: sum_j sc_j * dot_j in int32 lanes, minus sum_j m_j * (16-sums).
     Q5_K adds qh[32] before the nibbles: bit j of qh[l] is the 5th bit of element l of sub-block j."""
-    e = _IR(x86)
+    e = _IR(isa)
     boff = e(f"mul i64 %b, {176 if five else 144}")
     d = e.half("%row", boff)
     dmin = e.half("%row", e(f"add i64 {boff}, 2"))
@@ -289,10 +347,9 @@ def _body_q45_k(x86: bool, rows: int, five: bool):
             if five:
                 bit = e.and_bytes(e.lshr_bytes(qh, j) if j else qh, 1)
                 part = e(f"or <32 x i8> {part}, {e(f'shl <32 x i8> {bit}, {e.bytes_(4)}')}")
-            sv = e(f"shufflevector <8 x i16> {sc16}, <8 x i16> undef, {_mask([j] * 16)}")
             for i in range(rows):
-                p16 = e.maddubs(part, e.act(i, Q8_256, "q", 32 * j))
-                sumi[i] = e(f"add <8 x i32> {sumi[i]}, {e.madd(p16, sv)}")
+                dot = e.dot32s(part, e.act(i, Q8_256, "q", 32 * j), sc16, 8, j, j)
+                sumi[i] = e(f"add <8 x i32> {sumi[i]}, {dot}")
     accs = []
     for i in range(rows):
         mins = e.madd(e.act(i, Q8_256, "s", ty="<16 x i16>"), mn16)
@@ -303,9 +360,9 @@ def _body_q45_k(x86: bool, rows: int, five: bool):
     return e.finish(accs)
 
 
-def _body_q6_k(x86: bool, rows: int):
+def _body_q6_k(isa: str, rows: int):
     """Q6_K against Q8_256: unsigned 6-bit quants, sum_i sc_i * dot_i in int32; -32 from the 16-sums."""
-    e = _IR(x86)
+    e = _IR(isa)
     boff = e("mul i64 %b, 210")
     d = e.half("%row", e(f"add i64 {boff}, 208"))
     scv = e(f"sext <16 x i8> {e.load('%row', e(f'add i64 {boff}, 192'), '<16 x i8>')} to <16 x i16>")
@@ -319,10 +376,9 @@ def _body_q6_k(x86: bool, rows: int):
             hs = e.lshr_bytes(hb, hshift) if hshift else hb
             q = e(f"or <32 x i8> {low}, {e(f'shl <32 x i8> {e.and_bytes(hs, 3)}, {e.bytes_(4)}')}")
             j = 8 * h + 2 * k
-            sv = e(f"shufflevector <16 x i16> {scv}, <16 x i16> undef, {_mask([j] * 8 + [j + 1] * 8)}")
             for i in range(rows):
-                p16 = e.maddubs(q, e.act(i, Q8_256, "q", 128 * h + 32 * k))
-                sumi[i] = e(f"add <8 x i32> {sumi[i]}, {e.madd(p16, sv)}")
+                dot = e.dot32s(q, e.act(i, Q8_256, "q", 128 * h + 32 * k), scv, 16, j, j + 1)
+                sumi[i] = e(f"add <8 x i32> {sumi[i]}, {dot}")
     accs = []
     for i in range(rows):       # the quants are stored + 32: subtract 32 * sum_i sc_i * (16-sum i)
         corr = e.madd(e.act(i, Q8_256, "s", ty="<16 x i16>"), scv)
@@ -335,13 +391,13 @@ def _body_q6_k(x86: bool, rows: int):
 
 #: ggml type -> (kernel name, activation format, IR body, factor of the scalar accumulator)
 _KERNELS = {
-    Q8_0: ("q8_0", Q8_32, lambda x86, rows: _body_q32("q8_0", x86, rows), "0.0"),
-    Q4_0: ("q4_0", Q8_32, lambda x86, rows: _body_q32("q4_0", x86, rows), "-8.0"),
-    Q4_1: ("q4_1", Q8_32, lambda x86, rows: _body_q32("q4_1", x86, rows), "1.0"),
-    Q5_0: ("q5_0", Q8_32, lambda x86, rows: _body_q32("q5_0", x86, rows), "-16.0"),
-    Q5_1: ("q5_1", Q8_32, lambda x86, rows: _body_q32("q5_1", x86, rows), "1.0"),
-    Q4_K: ("q4_k", Q8_256, lambda x86, rows: _body_q45_k(x86, rows, False), "0.0"),
-    Q5_K: ("q5_k", Q8_256, lambda x86, rows: _body_q45_k(x86, rows, True), "0.0"),
+    Q8_0: ("q8_0", Q8_32, lambda isa, rows: _body_q32("q8_0", isa, rows), "0.0"),
+    Q4_0: ("q4_0", Q8_32, lambda isa, rows: _body_q32("q4_0", isa, rows), "-8.0"),
+    Q4_1: ("q4_1", Q8_32, lambda isa, rows: _body_q32("q4_1", isa, rows), "1.0"),
+    Q5_0: ("q5_0", Q8_32, lambda isa, rows: _body_q32("q5_0", isa, rows), "-16.0"),
+    Q5_1: ("q5_1", Q8_32, lambda isa, rows: _body_q32("q5_1", isa, rows), "1.0"),
+    Q4_K: ("q4_k", Q8_256, lambda isa, rows: _body_q45_k(isa, rows, False), "0.0"),
+    Q5_K: ("q5_k", Q8_256, lambda isa, rows: _body_q45_k(isa, rows, True), "0.0"),
     Q6_K: ("q6_k", Q8_256, _body_q6_k, "0.0"),
 }
 SIMD_TYPES = frozenset(_KERNELS)
@@ -351,26 +407,34 @@ ACT_FORMAT = {qt: fmt for qt, (_, fmt, _, _) in _KERNELS.items()}
 _FN = ctypes.CFUNCTYPE(None, *([ctypes.c_void_p] + [ctypes.c_int64] * 5 + [ctypes.c_void_p, ctypes.c_int64]
                                + [ctypes.c_void_p, ctypes.c_int64]))
 _lock = threading.Lock()
-_compiled: dict[bool | None, dict] = {}
+_compiled: dict[str | None, dict] = {}
 _engines = []      # keep the JITs (and so the code) alive
 
 
-def _host_has_avx2() -> bool:
+def host_isa() -> str:
+    """The instruction set the kernels are compiled for on this machine (:data:`ISAS`)."""
     import llvmlite.binding as llvm
-    return "+avx2" in llvm.get_host_cpu_features().flatten().split(",")
+    features = llvm.get_host_cpu_features().flatten().split(",")
+    if "+avx2" in features:
+        return "avx2"
+    if llvm.get_default_triple().startswith(("aarch64", "arm64")) and "+dotprod" in features:
+        return "sdot"
+    return "portable"
 
 
 #: activation rows per pass of the multi-row kernels (prefill); the rest run one by one
 ROWS = 4
 
 
-def module_ir(x86: bool) -> str:
+def module_ir(isa: str) -> str:
+    if isa not in ISAS:
+        raise ValueError(f"isa must be one of {ISAS}, got {isa!r}")
     return (_HEADER + "declare float @llvm.fmuladd.f32(float, float, float)\n"
-            + "".join(_kernel_ir(n, cs, body, x86, r) for n, _, body, cs in _KERNELS.values() for r in (1, ROWS)))
+            + "".join(_kernel_ir(n, cs, body, isa, r) for n, _, body, cs in _KERNELS.values() for r in (1, ROWS)))
 
 
-def _kernel_ir(name: str, cs: str, body, x86: bool, rows: int) -> str:
-    lines, accs = body(x86, rows)
+def _kernel_ir(name: str, cs: str, body, isa: str, rows: int) -> str:
+    lines, accs = body(isa, rows)
     fill = lambda template: "\n".join(template.format(i=i, accv1=v, accs1=a, cs=cs) for i, (v, a) in enumerate(accs))
     return _SKELETON.format(name=name, R=rows, body=lines, pointers=fill(_POINTERS), phis=fill(_PHIS),
                             stores=fill(_STORES))
@@ -392,22 +456,21 @@ def _disable_machine_scheduler(llvm) -> None:
         _misched_off = True
 
 
-def kernels(x86: bool | None = None) -> dict:
+def kernels(isa: str | None = None) -> dict:
     """ggml type -> (one-row kernel, ROWS-row kernel) as ctypes functions, compiled on first
     use; {} if LLVM cannot build them here.
 
-    ``x86`` None: AVX2 intrinsics when the host has AVX2, the portable IR otherwise;
-    True/False forces one (tests compile both)."""
+    ``isa`` None: :func:`host_isa`; or one of :data:`ISAS` that this CPU can run (tests compile
+    "portable" and "sdot-emulated" beside the host's)."""
     with _lock:
-        if x86 in _compiled:
-            return _compiled[x86]
+        if isa in _compiled:
+            return _compiled[isa]
         try:
             import llvmlite.binding as llvm
             llvm.initialize_native_target()
             llvm.initialize_native_asmprinter()
             _disable_machine_scheduler(llvm)
-            use_x86 = _host_has_avx2() if x86 is None else x86
-            mod = llvm.parse_assembly(module_ir(use_x86))
+            mod = llvm.parse_assembly(module_ir(host_isa() if isa is None else isa))
             mod.verify()
             target = llvm.Target.from_default_triple()
             tm = target.create_target_machine(cpu=llvm.get_host_cpu_name(),
@@ -419,7 +482,7 @@ def kernels(x86: bool | None = None) -> dict:
                    for qt, (n, _, _, _) in _KERNELS.items()}
         except Exception:   # no usable LLVM target: the numba float kernels remain
             fns = {}
-        _compiled[x86] = fns
+        _compiled[isa] = fns
         return fns
 
 

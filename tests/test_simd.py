@@ -17,24 +17,29 @@ SIMD = [T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q4_K, T.Q5_K, T.Q6_K]
 
 def test_kernels_compile_for_this_cpu():
     assert set(simd.kernels()) == {int(t) for t in SIMD}
-    assert set(simd.kernels(x86=False)) == {int(t) for t in SIMD}       # the portable IR (the A76's)
+    for isa in ("portable", "sdot-emulated"):          # plain IR; the A76's structure in plain IR
+        assert set(simd.kernels(isa)) == {int(t) for t in SIMD}
 
 
-def test_portable_kernels_compile_for_the_a76():
-    """The board's path: the portable IR lowers for AArch64 (cortex-a76, +dotprod); llvmlite's
-    LLVM carries every target, so this runs on x86 too (the code cannot run here)."""
+def test_sdot_kernels_compile_for_the_a76():
+    """The board's path lowers for AArch64 (cortex-a76, +dotprod) to sdot instructions; llvmlite's
+    LLVM carries every target, so this runs on x86 too (the code itself cannot run here: its
+    arithmetic is tested as "sdot-emulated")."""
     import llvmlite.binding as llvm
     llvm.initialize_all_targets()
     llvm.initialize_all_asmprinters()
     tm = llvm.Target.from_triple("aarch64-unknown-linux-gnu").create_target_machine(
         cpu="cortex-a76", features="+neon,+dotprod", opt=3)
-    mod = llvm.parse_assembly(simd.module_ir(x86=False))
+    mod = llvm.parse_assembly(simd.module_ir("sdot"))
     mod.triple = "aarch64-unknown-linux-gnu"
     mod.verify()
     asm = tm.emit_assembly(mod)
     for t in SIMD:
         for rows in (1, simd.ROWS):
             assert f"mm{rows}_{t.name.lower()}:" in asm
+    body = asm.split("mm1_q4_k:")[1].split(".Lfunc_end")[0]
+    # 256 products: 16 sdot (2 per 32); widening multiplies only for the mins (the portable IR: 68)
+    assert body.count("sdot") >= 16 and body.count("smull") <= 8
 
 
 def test_activation_quantization_is_llamacpps():
@@ -70,13 +75,13 @@ def test_activation_quantization_is_llamacpps():
     assert np.array_equal(s, q.reshape(4, -1, 16).sum(-1))
 
 
-@pytest.mark.parametrize("x86", [None, False], ids=["host", "portable"])
+@pytest.mark.parametrize("isa", [None, "portable", "sdot-emulated"], ids=["host", "portable", "sdot"])
 @pytest.mark.parametrize("qtype", SIMD, ids=lambda t: t.name)
-def test_kernel_equals_numpy_emulation(qtype, x86, monkeypatch):
+def test_kernel_equals_numpy_emulation(qtype, isa, monkeypatch):
     """dot(W, dequant(quant(x))) in float64 — the kernel computes exactly the scheme: one
     activation row, fewer than ROWS, ROWS at a time plus a rest, chunks of activation rows,
     one thread and numba's parallel split."""
-    fns = simd.kernels(x86)
+    fns = simd.kernels(isa)
     rng = np.random.default_rng(int(qtype))
     n, k, m = 300, 1024, 2 * simd.ROWS + 1
     bs, ts = GGML_QUANT_SIZES[qtype]
