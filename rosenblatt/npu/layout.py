@@ -29,24 +29,32 @@ def align(x: int, a: int) -> int:
     return -(-x // a) * a
 
 
+def _to_atoms(a: np.ndarray, rows: int, channels: int, atom: int, dtype) -> np.ndarray:
+    """A[M, C] zero-padded to [rows, channels], then channel atom by channel atom: for each group
+    of ``atom`` channels, every row's ``atom`` values in turn (the feature/output surface order)."""
+    m, c = a.shape
+    padded = np.zeros((rows, channels), dtype=dtype)
+    padded[:m, :c] = a
+    return np.ascontiguousarray(padded.reshape(rows, channels // atom, atom).transpose(1, 0, 2)).reshape(-1)
+
+
+def _from_atoms(v: np.ndarray, rows: int, channels: int, atom: int) -> np.ndarray:
+    """Inverse of :func:`_to_atoms` (padded shape)."""
+    v = v[: rows * channels]
+    return np.ascontiguousarray(v.reshape(channels // atom, rows, atom).transpose(1, 0, 2)).reshape(rows, channels)
+
+
 def pack_feature(a: np.ndarray, rows: int, channels: int) -> np.ndarray:
     """A[M, K] int8 -> feature bytes (int8, length channels*rows), zero-padded."""
     m, k = a.shape
     if rows < m or channels < k or channels % ATOM:
         raise ValueError(f"cannot pack {a.shape} into {rows} rows x {channels} channels")
-    padded = np.zeros((rows, channels), dtype=np.int8)
-    padded[:m, :k] = a
-    return np.ascontiguousarray(
-        padded.reshape(rows, channels // ATOM, ATOM).transpose(1, 0, 2)
-    ).reshape(-1)
+    return _to_atoms(a, rows, channels, ATOM, np.int8)
 
 
 def unpack_feature(buf: np.ndarray, rows: int, channels: int) -> np.ndarray:
     """Inverse of :func:`pack_feature` (padded shape)."""
-    v = np.asarray(buf, dtype=np.int8)[: rows * channels]
-    return np.ascontiguousarray(v.reshape(channels // ATOM, rows, ATOM).transpose(1, 0, 2)).reshape(
-        rows, channels
-    )
+    return _from_atoms(np.asarray(buf, dtype=np.int8), rows, channels, ATOM)
 
 
 def pack_weights_tile(b_tile: np.ndarray, kt: int, kernels: int) -> np.ndarray:
@@ -85,15 +93,9 @@ def unpack_weights_tile(buf: np.ndarray, kt: int, kernels: int) -> np.ndarray:
 
 def pack_output(c: np.ndarray, rows: int, channels: int) -> np.ndarray:
     """C[M, N] int32 -> output words (int32) in the DPU's int32 layout (for tests)."""
-    m, n = c.shape
-    padded = np.zeros((rows, channels), dtype=np.int32)
-    padded[:m, :n] = c
-    return np.ascontiguousarray(
-        padded.reshape(rows, channels // OUT_C2, OUT_C2).transpose(1, 0, 2)
-    ).reshape(-1)
+    return _to_atoms(c, rows, channels, OUT_C2, np.int32)
 
 
 def unpack_output(words: np.ndarray, rows: int, channels: int) -> np.ndarray:
     """Output words (int32, padded rows x channels) -> row-major C [rows, channels]."""
-    v = np.asarray(words)[: rows * channels]
-    return v.reshape(channels // OUT_C2, rows, OUT_C2).transpose(1, 0, 2).reshape(rows, channels)
+    return _from_atoms(np.asarray(words), rows, channels, OUT_C2)
