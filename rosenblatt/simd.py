@@ -47,6 +47,7 @@ ACT_BLOCK = {Q8_32: 64, Q8_256: 320}
 
 _HEADER = """
 declare float @llvm.vector.reduce.fadd.v8f32(float, <8 x float>)
+declare float @llvm.fmuladd.f32(float, float, float)
 declare i32 @llvm.vector.reduce.add.v8i32(<8 x i32>)
 declare <8 x float> @llvm.fmuladd.v8f32(<8 x float>, <8 x float>, <8 x float>)
 declare <16 x i16> @llvm.x86.avx2.pmadd.ub.sw(<32 x i8>, <32 x i8>)
@@ -157,18 +158,11 @@ class _IR:
     def half(self, base: str, offset) -> str:
         return self(f"fpext half {self.load(base, offset, 'half')} to float")
 
-    def byte_i32(self, base: str, offset, signed=False) -> str:
-        return self(f"{'sext' if signed else 'zext'} i8 {self.load(base, offset, 'i8')} to i32")
-
     def act(self, i: int, fmt: int, field: str, offset: int = 0, ty: str = "<32 x i8>") -> str:
         """Field "q" (at ``offset``), "d" or "s" of activation block %b of row i (fmt Q8_32/Q8_256)."""
         blk = self(f"mul i64 %b, {ACT_BLOCK[fmt]}")
         at = {"q": offset, "d": fmt, "s": fmt + 4}[field]
         return self.load(f"%x{i}", self(f"add i64 {blk}, {at}"), {"d": "float", "s": ty}.get(field, ty))
-
-    def f32_at(self, arr: str, index: str) -> str:
-        p = self(f"getelementptr float, float* {arr}, i64 {index}")
-        return self(f"load float, float* {p}")
 
     def splat(self, ty: str, n: int, scalar: str) -> str:
         v = self(f"insertelement <{n} x {ty}> undef, {ty} {scalar}, i32 0")
@@ -183,13 +177,17 @@ class _IR:
         od = self(f"shufflevector <{n} x {ty}> {prod}, <{n} x {ty}> undef, {_mask(range(1, n, 2))}")
         return self(f"add <{n // 2} x {ty}> {ev}, {od}")
 
+    def _wide_pairs(self, a: str, a_ext: str, s: str) -> str:
+        """Plain IR for <32 x i8> a (widened with ``a_ext``) x signed s, adjacent pairs summed: <16 x i16>"""
+        a16 = self(f"{a_ext} <32 x i8> {a} to <32 x i16>")
+        s16 = self(f"sext <32 x i8> {s} to <32 x i16>")
+        return self._pairs("i16", 32, self(f"mul <32 x i16> {a16}, {s16}"))
+
     def maddubs(self, u: str, s: str) -> str:
         """<32 x i8> unsigned u, signed s -> <16 x i16> sums of adjacent products"""
         if self.x86:
             return self(f"call <16 x i16> @llvm.x86.avx2.pmadd.ub.sw(<32 x i8> {u}, <32 x i8> {s})")
-        a = self(f"zext <32 x i8> {u} to <32 x i16>")
-        b = self(f"sext <32 x i8> {s} to <32 x i16>")
-        return self._pairs("i16", 32, self(f"mul <32 x i16> {a}, {b}"))
+        return self._wide_pairs(u, "zext", s)
 
     def signed_weights(self, a: str):
         """Prepare signed weight bytes for :meth:`maddss` / :meth:`dot32` (AVX2: |a| once for all rows)."""
@@ -204,9 +202,7 @@ class _IR:
         if self.x86:
             sgn = self(f"call <32 x i8> @llvm.x86.avx2.psign.b(<32 x i8> {s}, <32 x i8> {a})")
             return self.maddubs(absa, sgn)
-        a16 = self(f"sext <32 x i8> {a} to <32 x i16>")
-        b16 = self(f"sext <32 x i8> {s} to <32 x i16>")
-        return self._pairs("i16", 32, self(f"mul <32 x i16> {a16}, {b16}"))
+        return self._wide_pairs(a, "sext", s)
 
     def madd(self, a: str, b: str) -> str:
         """<16 x i16> x <16 x i16> -> <8 x i32> sums of adjacent products"""
@@ -407,7 +403,7 @@ ACT_FORMAT = {qt: fmt for qt, (_, fmt, _, _) in _KERNELS.items()}
 _FN = ctypes.CFUNCTYPE(None, *([ctypes.c_void_p] + [ctypes.c_int64] * 5 + [ctypes.c_void_p, ctypes.c_int64]
                                + [ctypes.c_void_p, ctypes.c_int64]))
 _lock = threading.Lock()
-_compiled: dict[str | None, dict] = {}
+_compiled: dict[str, dict] = {}
 _engines = []      # keep the JITs (and so the code) alive
 
 
@@ -429,8 +425,7 @@ ROWS = 4
 def module_ir(isa: str) -> str:
     if isa not in ISAS:
         raise ValueError(f"isa must be one of {ISAS}, got {isa!r}")
-    return (_HEADER + "declare float @llvm.fmuladd.f32(float, float, float)\n"
-            + "".join(_kernel_ir(n, cs, body, isa, r) for n, _, body, cs in _KERNELS.values() for r in (1, ROWS)))
+    return (_HEADER + "".join(_kernel_ir(n, cs, body, isa, r) for n, _, body, cs in _KERNELS.values() for r in (1, ROWS)))
 
 
 def _kernel_ir(name: str, cs: str, body, isa: str, rows: int) -> str:
@@ -462,6 +457,7 @@ def kernels(isa: str | None = None) -> dict:
 
     ``isa`` None: :func:`host_isa`; or one of :data:`ISAS` that this CPU can run (tests compile
     "portable" and "sdot-emulated" beside the host's)."""
+    isa = isa or host_isa()
     with _lock:
         if isa in _compiled:
             return _compiled[isa]
@@ -470,7 +466,7 @@ def kernels(isa: str | None = None) -> dict:
             llvm.initialize_native_target()
             llvm.initialize_native_asmprinter()
             _disable_machine_scheduler(llvm)
-            mod = llvm.parse_assembly(module_ir(host_isa() if isa is None else isa))
+            mod = llvm.parse_assembly(module_ir(isa))
             mod.verify()
             target = llvm.Target.from_default_triple()
             tm = target.create_target_machine(cpu=llvm.get_host_cpu_name(),
@@ -667,12 +663,3 @@ def matmul(qtype: int, rows: np.ndarray, acts: Activations, out: np.ndarray, fns
     (from :func:`quantize_activations` with the type's :data:`ACT_FORMAT`); ``parts`` > 1 splits
     the rows over numba's threads. (The backend keeps :class:`KernelGroup` objects instead.)"""
     out[...] = KernelGroup([qtype], [rows], fns)(acts, parts)
-
-
-def matmul_group(qtypes, rows, acts: Activations, outs, fns: dict | None = None, parts: int = 1) -> None:
-    """:func:`matmul` for up to three matrices sharing ``acts`` (their types must share an
-    activation format), in one parallel region per chunk of activation rows."""
-    g = KernelGroup(qtypes, rows, fns)
-    y = g(acts, parts)
-    for o, (a, b) in zip(outs, g.columns):
-        o[...] = y[:, a:b]

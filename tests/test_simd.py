@@ -114,12 +114,12 @@ def test_group_of_matrices_equals_single_products():
         mats.append((int(qtype), random_blocks(rng, qtype, n * k // bs, small=True).reshape(n, k // bs * ts)))
     for m in (1, simd.ROWS + 2):
         acts = simd.quantize_activations(rng.standard_normal((m, k)).astype(np.float32), simd.Q8_256)
-        outs = [np.empty((m, r.shape[0]), np.float32) for _, r in mats]
-        simd.matmul_group([qt for qt, _ in mats], [r for _, r in mats], acts, outs, parts=2)
-        for (qt, r), o in zip(mats, outs):
-            single = np.empty_like(o)
+        group = simd.KernelGroup([qt for qt, _ in mats], [r for _, r in mats])
+        y = group(acts, parts=2)
+        for (qt, r), (a, b) in zip(mats, group.columns):
+            single = np.empty((m, r.shape[0]), np.float32)
             simd.matmul(qt, r, acts, single)
-            assert np.array_equal(o, single)
+            assert np.array_equal(y[:, a:b], single)
 
 
 @pytest.mark.parametrize("name", [n for n in MICRO_MODELS if n.split("-micro-")[1] in

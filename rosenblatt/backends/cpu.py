@@ -1,9 +1,9 @@
 """CPU matmul backend: numba kernels that read the GGUF blocks directly.
 
 By default (``kernels="int8"``) the activations are quantized to int8 and the integer-SIMD
-kernels of :mod:`rosenblatt.simd` do the dots (llama.cpp's scheme), for every number of
-activation rows M up to ``int8_max_rows``: each quantized row of W is dotted directly with the
-activation rows, in parallel over output rows; W is streamed from the file mapping, never
+kernels of :mod:`rosenblatt.simd` do the dots (llama.cpp's scheme), for any number of
+activation rows M (decode and prefill alike; measured faster than band decode + BLAS even for
+long prompts): each quantized row of W is dotted directly with the activation rows, in parallel over output rows; W is streamed from the file mapping, never
 materialised. Types without an int8 kernel, or ``kernels="float"`` (exact to float32 rounding):
 
 * M < ``blas_min_rows`` (decode): the float32 kernels of :mod:`rosenblatt.qdot`;
@@ -31,7 +31,6 @@ from . import MatmulBackend, PreparedWeight
 
 _ROWS_PER_CHUNK = 16
 _SPLIT_MIN_WEIGHTS = 1 << 18   # ~20 us of int8 dots on one core
-_INT8_MAX_ROWS = 1 << 30  # int8 kernels for every M (measured faster than band decode + BLAS)
 _TILE_FLOATS = 1 << 18  # a 1 MiB float32 tile per band and worker in the BLAS regime
 _blas_limiter = None
 
@@ -88,11 +87,9 @@ class CPUBackend(MatmulBackend):
 
     name = "cpu"
 
-    def __init__(self, threads: int | None = None, blas_min_rows: int = 8, kernels: str | None = None,
-                 int8_max_rows: int | None = None):
+    def __init__(self, threads: int | None = None, blas_min_rows: int = 8, kernels: str | None = None):
         self.threads = _configure_threads(threads)
         self.blas_min_rows = blas_min_rows
-        self.int8_max_rows = _INT8_MAX_ROWS if int8_max_rows is None else int8_max_rows
         self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="rosenblatt-mm") if self.threads > 1 else None
         self.kernels = kernels or os.environ.get("ROSENBLATT_KERNELS", "int8")
 
@@ -111,8 +108,8 @@ class CPUBackend(MatmulBackend):
         self._simd = simd.kernels() if value == "int8" else {}
         self._groups = {}
 
-    def _int8(self, w: CPUWeight, m: int) -> bool:
-        return w.qtype in self._simd and m <= self.int8_max_rows
+    def _int8(self, w: CPUWeight) -> bool:
+        return w.qtype in self._simd
 
     def prepare(self, tensor: TensorInfo) -> CPUWeight:
         if tensor.qtype not in SUPPORTED_TYPES:
@@ -123,7 +120,7 @@ class CPUBackend(MatmulBackend):
 
     def matmul(self, x: np.ndarray, w: CPUWeight, out: np.ndarray | None = None) -> np.ndarray:
         m = x.shape[0]
-        if self._int8(w, m):
+        if self._int8(w):
             y = self._run_int8(x, (w,))[0]
             if out is None:
                 return y
@@ -145,7 +142,7 @@ class CPUBackend(MatmulBackend):
 
     def matmul_many(self, x: np.ndarray, ws) -> list[np.ndarray]:
         """Products of one input on the int8 kernels: one quantization, one parallel region."""
-        fmt = {simd.ACT_FORMAT[w.qtype] if self._int8(w, x.shape[0]) else None for w in ws}
+        fmt = {simd.ACT_FORMAT[w.qtype] if self._int8(w) else None for w in ws}
         if None in fmt or len(fmt) > 1 or not 1 <= len(ws) <= 3:
             return [self.matmul(x, w) for w in ws]
         y, g = self._run_int8(x, tuple(ws))
