@@ -1,10 +1,26 @@
-"""Key/value cache: preallocated per layer, truncatable (prefix reuse across chat turns)."""
+"""Key/value cache: preallocated per layer (memory committed as positions are written), truncatable."""
 
 from __future__ import annotations
 
+import mmap
 from collections.abc import Sequence
 
 import numpy as np
+
+
+def _lazy_zeros(shapes: Sequence[tuple[int, ...]]) -> list[np.ndarray]:
+    """float32 zero arrays of ``shapes`` in one anonymous mapping: pages are committed on first write.
+
+    ``np.zeros`` of a few MiB may come from the malloc heap, which zero-fills (touches) all of
+    it; a 4096-position cache of a 1.5B model is 224 MiB of which a short chat writes a few MiB.
+    """
+    sizes = [int(np.prod(s)) * 4 for s in shapes]
+    buf = mmap.mmap(-1, max(1, sum(sizes)), flags=mmap.MAP_PRIVATE)   # anonymous, zero-filled on demand
+    out, pos = [], 0
+    for shape, size in zip(shapes, sizes):
+        out.append(np.frombuffer(buf, dtype=np.float32, count=size // 4, offset=pos).reshape(shape))
+        pos += size
+    return out
 
 
 class KVCache:
@@ -12,8 +28,8 @@ class KVCache:
 
     def __init__(self, n_layers: int, n_kv_heads: int, n_ctx: int, head_dim: int, head_dim_v: int):
         self.n_ctx = n_ctx
-        self.k = [np.zeros((n_kv_heads, n_ctx, head_dim), dtype=np.float32) for _ in range(n_layers)]
-        self.v = [np.zeros((n_kv_heads, n_ctx, head_dim_v), dtype=np.float32) for _ in range(n_layers)]
+        self.k = _lazy_zeros([(n_kv_heads, n_ctx, head_dim)] * n_layers)
+        self.v = _lazy_zeros([(n_kv_heads, n_ctx, head_dim_v)] * n_layers)
         self.offset = [0] * n_layers     # position held at index 0 of each layer's arrays
         self.length = 0
 
@@ -62,8 +78,8 @@ class SlidingWindowKVCache(KVCache):
         self.n_ctx = n_ctx
         self.windows = [int(w) for w in windows]
         sizes = [min(n_ctx, 3 * w) if w else n_ctx for w in self.windows]
-        self.k = [np.zeros((n_kv_heads, n, head_dim), dtype=np.float32) for n in sizes]
-        self.v = [np.zeros((n_kv_heads, n, head_dim_v), dtype=np.float32) for n in sizes]
+        self.k = _lazy_zeros([(n_kv_heads, n, head_dim) for n in sizes])
+        self.v = _lazy_zeros([(n_kv_heads, n, head_dim_v) for n in sizes])
         self.offset = [0] * n_layers
         self.length = 0
 

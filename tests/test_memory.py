@@ -29,3 +29,33 @@ def test_peak_rss_close_to_file_size_plus_kv_cache():
     res = json.loads(out.stdout.strip().splitlines()[-1])
     file_mb = model.stat().st_size / 2**20
     assert res["peak_delta_mb"] <= 1.15 * file_mb + res["kv_mb"], res
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS in /proc/self/status")
+
+
+def test_kv_cache_commits_memory_only_for_written_positions():
+    import numpy as np
+
+    from rosenblatt.kv_cache import KVCache, SlidingWindowKVCache
+    for make in (lambda: KVCache(8, 2, 32768, 128, 128),
+                 lambda: SlidingWindowKVCache(8, 2, 32768, 128, 128, [0, 4096] * 4)):
+        before = _rss_mb()
+        cache = make()
+        assert cache.nbytes >= 8 * 2 * 2 * 4096 * 128 * 4        # >= 128 MiB reserved
+        assert all(not a.any() for a in cache.k[:1] + cache.v[:1])  # reads as zeros (reading commits nothing)
+        rng = np.random.default_rng(0)
+        for layer in range(8):
+            k = rng.standard_normal((16, 2, 128)).astype(np.float32)
+            kc, vc = cache.store(layer, 0, k, -k)
+            assert np.array_equal(kc[:, :16], k.transpose(1, 0, 2)) and np.array_equal(vc[:, :16], -k.transpose(1, 0, 2))
+        grown = _rss_mb() - before
+        # 16 positions x 8 layers x k,v x 2 heads: a page per head and array, ~0.1 MiB; reading
+        # the first arrays maps the shared zero page. Eager zeroing would be >= 128 MiB.
+        assert grown < 16, (make, grown)
+        del cache, kc, vc
