@@ -1,10 +1,10 @@
-"""Integer-SIMD matmul kernels, written in LLVM IR and compiled at import with llvmlite.
+"""Integer-SIMD matmul kernels, written in LLVM IR and compiled with llvmlite on first use.
 
 numba widens every small integer to int64, so its loops over int8 quants run on 4 lanes;
 llama.cpp's speed comes from 8/16-bit integer SIMD. These kernels are therefore written directly
 as LLVM vector IR — llvmlite ships with numba, so this is still no C extension — and compiled
-for the host CPU, then called through ctypes, which releases the GIL so the backend's threads
-run them in parallel.
+for the host CPU (the machine code is cached beside numba's cache, as numba caches its own), then
+called through numba (``KernelGroup``) or ctypes.
 
 Scheme (llama.cpp's): the activations are quantized to int8, and a block's dot product is an
 integer sum of int8 x 4/6/8-bit products, scaled once. Two activation formats, as in ggml:
@@ -31,6 +31,9 @@ activation rows; the weight row is read once per ``m`` loop, so it stays in L1 f
 from __future__ import annotations
 
 import ctypes
+import hashlib
+import os
+import tempfile
 import threading
 
 import numpy as np
@@ -451,35 +454,100 @@ def _disable_machine_scheduler(llvm) -> None:
         _misched_off = True
 
 
+def _cache_dir() -> str | None:
+    """Where compiled kernel objects are kept: beside numba's cache of this package (its
+    ``__pycache__``, or ``$NUMBA_CACHE_DIR``), else the user's cache directory; None if none is
+    writable."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    candidates = [os.environ["NUMBA_CACHE_DIR"]] if os.environ.get("NUMBA_CACHE_DIR") else []
+    candidates += [os.path.join(here, "__pycache__"),
+                   os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "rosenblatt")]
+    for d in candidates:
+        try:
+            os.makedirs(d, exist_ok=True)
+            if os.access(d, os.W_OK):
+                return d
+        except OSError:
+            continue
+    return None
+
+
+class _ObjectCache:
+    """MCJIT object cache for one kernel module: the machine code of an identical compile (same
+    IR, LLVM, CPU name and features, options) is read back instead of being generated again
+    (~0.3 s and ~25 MiB of LLVM code pages touched at start-up). Files carry a SHA-256 of their
+    content; an unreadable, truncated or mismatching file is ignored and rewritten."""
+
+    def __init__(self, key_text: str):
+        self.key = hashlib.sha256(key_text.encode()).hexdigest()[:32]
+        d = _cache_dir()
+        self.path = os.path.join(d, f"simd-kernels-{self.key}.o") if d else None
+        self.hit = False
+
+    def load(self, _module) -> bytes | None:
+        if self.path is None:
+            return None
+        try:
+            with open(self.path, "rb") as f:
+                blob = f.read()
+        except OSError:
+            return None
+        digest, data = blob[:32], blob[32:]
+        if len(blob) <= 32 or hashlib.sha256(data).digest() != digest:
+            return None
+        self.hit = True
+        return data
+
+    def store(self, _module, data: bytes) -> None:
+        if self.path is None or self.hit:
+            return
+        try:        # written whole under a temporary name, then renamed into place
+            fd, tmp = tempfile.mkstemp(dir=os.path.dirname(self.path), prefix=".simd-", suffix=".tmp")
+            with os.fdopen(fd, "wb") as f:
+                f.write(hashlib.sha256(data).digest() + data)
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, self.path)
+        except OSError:
+            pass
+
+
 def kernels(isa: str | None = None) -> dict:
     """ggml type -> (one-row kernel, ROWS-row kernel) as ctypes functions, compiled on first
-    use; {} if LLVM cannot build them here.
+    use (or read from the object cache); {} if LLVM cannot build them here.
 
     ``isa`` None: :func:`host_isa`; or one of :data:`ISAS` that this CPU can run (tests compile
     "portable" and "sdot-emulated" beside the host's)."""
     isa = isa or host_isa()
     with _lock:
-        if isa in _compiled:
-            return _compiled[isa]
-        try:
-            import llvmlite.binding as llvm
-            llvm.initialize_native_target()
-            llvm.initialize_native_asmprinter()
-            _disable_machine_scheduler(llvm)
-            mod = llvm.parse_assembly(module_ir(isa))
-            mod.verify()
-            target = llvm.Target.from_default_triple()
-            tm = target.create_target_machine(cpu=llvm.get_host_cpu_name(),
-                                              features=llvm.get_host_cpu_features().flatten(), opt=3)
-            engine = llvm.create_mcjit_compiler(mod, tm)
-            engine.finalize_object()
-            _engines.append(engine)
-            fns = {qt: (_FN(engine.get_function_address(f"mm1_{n}")), _FN(engine.get_function_address(f"mm{ROWS}_{n}")))
-                   for qt, (n, _, _, _) in _KERNELS.items()}
-        except Exception:   # no usable LLVM target: the numba float kernels remain
-            fns = {}
-        _compiled[isa] = fns
-        return fns
+        if isa not in _compiled:
+            try:
+                _compiled[isa] = _compile(isa)[0]
+            except Exception:   # no usable LLVM target: the numba float kernels remain
+                _compiled[isa] = {}
+        return _compiled[isa]
+
+
+def _compile(isa: str) -> tuple[dict, "_ObjectCache"]:
+    """Build the kernel module for ``isa``: its functions, and the object cache it went through."""
+    import llvmlite.binding as llvm
+    llvm.initialize_native_target()
+    llvm.initialize_native_asmprinter()
+    _disable_machine_scheduler(llvm)
+    ir_text = module_ir(isa)
+    mod = llvm.parse_assembly(ir_text)
+    mod.verify()
+    target = llvm.Target.from_default_triple()
+    cpu, features = llvm.get_host_cpu_name(), llvm.get_host_cpu_features().flatten()
+    tm = target.create_target_machine(cpu=cpu, features=features, opt=3)
+    engine = llvm.create_mcjit_compiler(mod, tm)
+    cache = _ObjectCache("\n".join([ir_text, repr(llvm.llvm_version_info), target.triple, cpu, features,
+                                    "opt=3 -enable-misched=false"]))
+    engine.set_object_cache(cache.store, cache.load)
+    engine.finalize_object()
+    _engines.append(engine)
+    fns = {qt: (_FN(engine.get_function_address(f"mm1_{n}")), _FN(engine.get_function_address(f"mm{ROWS}_{n}")))
+           for qt, (n, _, _, _) in _KERNELS.items()}
+    return fns, cache
 
 
 def _quantize_32(x, q, d, s):

@@ -75,6 +75,38 @@ def test_activation_quantization_is_llamacpps():
     assert np.array_equal(s, q.reshape(4, -1, 16).sum(-1))
 
 
+def test_compiled_kernels_are_cached_and_a_damaged_cache_is_ignored(tmp_path, monkeypatch):
+    """The second compile of a module reads its machine code back (no code generation), gives
+    the same products, and a damaged file is recompiled and rewritten, never executed."""
+    monkeypatch.setenv("NUMBA_CACHE_DIR", str(tmp_path))
+    rng = np.random.default_rng(7)
+    n, k, m = 64, 512, 3
+    data = random_blocks(rng, T.Q4_K, n * k // 256, small=True).reshape(n, -1)
+    acts = simd.quantize_activations(rng.standard_normal((m, k)).astype(np.float32), simd.Q8_256)
+
+    def product(fns):
+        out = np.full((m, n), np.nan, np.float32)
+        simd.matmul(int(T.Q4_K), data, acts, out, fns, 1)
+        return out
+
+    fresh, cache = simd._compile("portable")
+    assert not cache.hit and cache.path.startswith(str(tmp_path))
+    stored = open(cache.path, "rb").read()
+    again, cache2 = simd._compile("portable")
+    assert cache2.hit and cache2.path == cache.path
+    expected = product(fresh)
+    assert np.array_equal(product(again), expected) and np.isfinite(expected).all()
+    with open(cache.path, "r+b") as f:      # one flipped byte in the machine code
+        f.seek(len(stored) // 2)
+        f.write(bytes([stored[len(stored) // 2] ^ 0xFF]))
+    third, cache3 = simd._compile("portable")
+    assert not cache3.hit and open(cache.path, "rb").read() == stored
+    assert np.array_equal(product(third), expected)
+    # another ISA is another module, another file
+    _, other = simd._compile("sdot-emulated")
+    assert not other.hit and other.path != cache.path
+
+
 @pytest.mark.parametrize("isa", [None, "portable", "sdot-emulated"], ids=["host", "portable", "sdot"])
 @pytest.mark.parametrize("qtype", SIMD, ids=lambda t: t.name)
 def test_kernel_equals_numpy_emulation(qtype, isa, monkeypatch):
