@@ -113,7 +113,7 @@ def format_report(res: dict) -> str:
         f"decode        {res['decode_tok_s']:.2f} tok/s  ({res['gen_tokens']} tokens; "
         f"min {res['decode_tok_s_range'][0]:.2f}, max {res['decode_tok_s_range'][1]:.2f})",
         f"peak RSS      {res['peak_rss_mb']:.0f} MiB (file {res['file_mb']:.0f} + KV cache {res['kv_cache_mb']:.0f})",
-        "one decode step:",
+        "one decode step, per stage (timed op by op; generation runs the layers in one fused call):",
     ]
     split = res["decode_step_split_s"]
     total = split["total"]

@@ -28,8 +28,10 @@ class KVCache:
 
     def __init__(self, n_layers: int, n_kv_heads: int, n_ctx: int, head_dim: int, head_dim_v: int):
         self.n_ctx = n_ctx
-        self.k = _lazy_zeros([(n_kv_heads, n_ctx, head_dim)] * n_layers)
-        self.v = _lazy_zeros([(n_kv_heads, n_ctx, head_dim_v)] * n_layers)
+        #: every layer's keys / values as one [n_layers, n_kv_heads, n_ctx, head_dim] array
+        self.k_all, self.v_all = _lazy_zeros([(n_layers, n_kv_heads, n_ctx, head_dim),
+                                              (n_layers, n_kv_heads, n_ctx, head_dim_v)])
+        self.k, self.v = list(self.k_all), list(self.v_all)
         self.offset = [0] * n_layers     # position held at index 0 of each layer's arrays
         self.length = 0
 

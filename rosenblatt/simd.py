@@ -638,6 +638,23 @@ def quantize_activations(x: np.ndarray, fmt: int = Q8_32) -> Activations:
     return acts
 
 
+_q32_serial, _q256_serial = _QUANTIZE[Q8_32, False], _QUANTIZE[Q8_256, False]
+
+
+@njit(nogil=True, cache=True)
+def quantize_row_into(x, buf, fmt):
+    """One activation row x [1, K] quantized into ``buf`` (uint8, 1-D, at least K/fmt *
+    ACT_BLOCK[fmt] bytes) in the layout of :class:`Activations`; for callers inside numba."""
+    k = x.shape[1]
+    if fmt == Q8_256:
+        b = buf[:k // 256 * 320].reshape((1, k // 256, 320))
+        _q256_serial(x, b[:, :, :256].view(np.int8), b[:, :, 256:260].view(np.float32),
+                     b[:, :, 260:292].view(np.int16))
+    else:
+        b = buf[:k // 32 * 64].reshape((1, k // 32, 64))
+        _q32_serial(x, b[:, :, :32].view(np.int8), b[:, :, 32:36].view(np.float32), b[:, :, 36:40].view(np.float32))
+
+
 #: int8 activation bytes kept in L2 while a weight row is dotted with them (prefill chunks)
 _CHUNK_BYTES = 1 << 18
 

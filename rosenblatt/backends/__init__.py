@@ -39,6 +39,12 @@ class MatmulBackend(ABC):
         run together (one activation quantization, one parallel region)."""
         return [self.matmul(x, w) for w in ws]
 
+    def decode_group(self, ws: tuple[PreparedWeight, ...]):
+        """A prepared group of integer kernels (:class:`rosenblatt.simd.KernelGroup`, threads) for
+        one-row products of ``ws``, run inside numba by a model's fused decode step; None when
+        this backend has none for them (the model then calls :meth:`matmul_many`)."""
+        return None
+
 
 def get_backend(name: str, threads: int | None = None, npu_min_rows: int | None = None, **options) -> MatmulBackend:
     """``"cpu"``; ``"npu"`` (the rocket device, an error if there is none), ``"npu-sim"`` (the

@@ -148,17 +148,34 @@ class CPUBackend(MatmulBackend):
         y, g = self._run_int8(x, tuple(ws))
         return [y[:, a:b] for a, b in g.columns]
 
-    def _run_int8(self, x, ws):
-        """(x @ W.T for the group side by side, its KernelGroup); groups are built once."""
+    def decode_group(self, ws):
+        """(KernelGroup, threads to split it over) for one-row products of ``ws`` on the int8
+        kernels, for callers that run the group inside numba; None if they have none, or if a
+        subclass computes its products differently (they would be bypassed)."""
+        cls = type(self)
+        if cls.matmul is not CPUBackend.matmul or cls.matmul_many is not CPUBackend.matmul_many:
+            return None
+        if not all(self._int8(w) for w in ws) or len({simd.ACT_FORMAT[w.qtype] for w in ws}) != 1:
+            return None
+        g = self._group(ws)
+        return g, self._parts(g, ws, 1)
+
+    def _group(self, ws):
         key = tuple(id(w) for w in ws)
         entry = self._groups.get(key)
         if entry is None:     # the weights are kept in the entry, so their ids stay theirs
             entry = self._groups[key] = (simd.KernelGroup([w.qtype for w in ws], [w.rows for w in ws], self._simd), ws)
-        g = entry[0]
-        acts = simd.quantize_activations(x, g.fmt)
+        return entry[0]
+
+    def _parts(self, g, ws, m: int) -> int:
         # starting a parallel region costs ~20 us: split only products that take longer
-        parts = self.threads if int(g.col[-1]) * ws[0].n_in * x.shape[0] >= _SPLIT_MIN_WEIGHTS else 1
-        return g(acts, parts), g
+        return self.threads if int(g.col[-1]) * ws[0].n_in * m >= _SPLIT_MIN_WEIGHTS else 1
+
+    def _run_int8(self, x, ws):
+        """(x @ W.T for the group side by side, its KernelGroup); groups are built once."""
+        g = self._group(ws)
+        acts = simd.quantize_activations(x, g.fmt)
+        return g(acts, self._parts(g, ws, x.shape[0])), g
 
     @staticmethod
     def _gemm_part(x, w, out, start, stop):

@@ -162,6 +162,11 @@ class NPUBackend(MatmulBackend):
             return self.cpu.matmul_many(x, [w.cpu for w in ws])
         return [self.matmul(x, w) for w in ws]
 
+    def decode_group(self, ws):
+        if self.min_rows <= 1:      # one-row products go to the NPU too
+            return None
+        return self.cpu.decode_group([w.cpu for w in ws])
+
     def embed(self, w: NPUWeight, ids: np.ndarray) -> np.ndarray:
         return self.cpu.embed(w.cpu, ids)
 

@@ -8,7 +8,9 @@ Per layer::
 Differences between the two architectures are flags of :class:`~rosenblatt.config.ModelConfig`:
 ``qkv_bias`` (Qwen2 has q/k/v biases) and ``rope_neox`` (Qwen2 rotates the pairs (i, i+d/2),
 llama.cpp's llama rotates adjacent pairs (2i, 2i+1) because its converter permuted W_q/W_k).
-Prefill (many tokens) and decode (one token) run the same :meth:`LlamaModel.forward`.
+Prefill (many tokens) and decode (one token) run the same :meth:`LlamaModel.forward`; a token
+alone goes through every layer in one numba call (:mod:`.llama_step`) when the backend has
+integer kernels for all its products, with bit-identical results.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from ..errors import ModelFileError
 from ..gguf_file import GGUFFile
 from ..kv_cache import KVCache
 from .. import ops as kernels
+from .llama_step import DecodePlan
 from ..quants import F16, F32, dequantize
 
 
@@ -177,6 +180,18 @@ class LlamaModel:
         return tuple(timed(f, s) for f, s in zip(ops, ("matmul", "matmul", "attention", "norms/rope/act",
                                                        "norms/rope/act", "norms/rope/act")))
 
+    _plan: tuple | None = None
+
+    def _decode_plan(self, cache: KVCache) -> DecodePlan | None:
+        """The fused one-token step (:mod:`.llama_step`) when it applies: built on first use, again
+        when the backend's kernel choice changes; None while profiling or without int8 kernels."""
+        if self.profile is not None or type(cache) is not KVCache:
+            return None
+        key = getattr(self.backend, "kernels", None)
+        if self._plan is None or self._plan[0] != key:
+            self._plan = (key, DecodePlan.build(self))
+        return self._plan[1]
+
     def new_cache(self) -> KVCache:
         c = self.cfg
         return KVCache(c.n_layers, c.n_kv_heads, self.n_ctx, c.head_dim, c.head_dim_v)
@@ -195,9 +210,12 @@ class LlamaModel:
         start = cache.length
         if start + t > self.n_ctx:
             raise ValueError(f"context overflow: {start} + {t} tokens > n_ctx {self.n_ctx}")
-        cos, sin = self.cos[start:start + t], self.sin[start:start + t]
         x = self.embed(tokens)
-        for i, L in enumerate(self.layers):
+        plan = self._decode_plan(cache) if t == 1 else None
+        if plan is not None:            # one token through every layer in one numba call
+            plan.run(x, cache.k_all, cache.v_all, start, self.cos, self.sin)
+        cos, sin = self.cos[start:start + t], self.sin[start:start + t]
+        for i, L in enumerate(self.layers if plan is None else ()):
             n = rms_norm(x, L.attn_norm, cfg.rms_eps)
             q, k, v = mm_many(n, (L.wq, L.wk, L.wv))
             if L.bq is not None:
