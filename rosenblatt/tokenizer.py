@@ -1,9 +1,11 @@
 """GGUF tokenizer metadata → token ids and back, with llama.cpp's semantics.
 
-The vocabulary, merges and token types of a GGUF file (``tokenizer.ggml.*``) are turned into a
-Hugging Face ``tokenizers.Tokenizer`` that does the heavy lifting (pre-tokenizer regex split,
-byte-level mapping, BPE merges). Everything around it follows llama.cpp's ``llama-vocab.cpp``
-so that the ids match llama.cpp's ``llama_tokenize`` exactly:
+The vocabulary, merges, scores and token types of a GGUF file (``tokenizer.ggml.*``) drive
+llama.cpp's two BPE loops, implemented over numpy arrays in :mod:`rosenblatt.bpe` (the token
+texts stay the GGUF's bytes; hash tables map text -> id and merge pair -> rank). Only the
+pre-tokenizer's regex split runs in Hugging Face ``tokenizers`` (its regexes need Unicode
+classes such as ``\\p{L}``). Everything follows llama.cpp's ``llama-vocab.cpp`` so that the ids
+match llama.cpp's ``llama_tokenize`` exactly:
 
 * **Pre-tokenizer.** ``tokenizer.ggml.pre`` names a list of split regexes that are applied one
   after the other (each piece of the previous split is split again, matches and gaps both kept).
@@ -31,13 +33,19 @@ render as nothing. The bytes are then decoded as UTF-8 with U+FFFD for invalid s
 Two tokenizer models are implemented, each a :class:`_TextModel` registered in
 :data:`_MODEL_BUILDERS`:
 
-* ``gpt2``: byte-level BPE with the GGUF's merges and the pre-tokenizer regexes above.
+* ``gpt2``: byte-level BPE with the GGUF's merges and the pre-tokenizer regexes above. A byte
+  whose byte-level character is not a token is left out of the output, as in llama.cpp (where it
+  also never merges with its neighbours).
 * ``llama``: SentencePiece-style BPE over token scores (llama.cpp's SPM tokenizer; gemma3, Llama 2).
   No pre-tokenizer: a whole special-token-free fragment is one word, spaces become ``▁`` (U+2581),
   a ``▁`` is prepended to the first fragment and to every fragment after a special token when
   ``tokenizer.ggml.add_space_prefix`` says so (default true), characters without a token become
   their ``<0xXX>`` byte tokens. Decoding turns ``▁`` back into spaces. BOS defaults to on, and the
   BOS/EOS/UNK ids to 1/2/0, when the GGUF does not set them (llama.cpp's SPM defaults).
+
+One departure from llama.cpp, for malformed vocabularies only: a gpt2 merge whose parts or result
+are not tokens is dropped with a warning (llama.cpp would apply it and then could not give the
+result an id).
 """
 
 from __future__ import annotations
@@ -48,14 +56,14 @@ import re
 import warnings
 from dataclasses import dataclass
 from enum import IntEnum, IntFlag
+from itertools import chain
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
-from tokenizers import Regex
-from tokenizers import Tokenizer as _HFTokenizer
-from tokenizers import models as _hf_models
+from tokenizers import PreTokenizedString, Regex
 from tokenizers import pre_tokenizers as _hf_pre
 
+from .bpe import BYTE_TO_CHAR, ByteLevelBPE, ByteVocab, SentencePieceBPE, pack_strings
 from .errors import ModelFileError
 from .gguf_file import StringArray
 
@@ -199,19 +207,7 @@ _EOG_TEXTS = ("<|eot_id|>", "<|im_end|>", "<|end|>", "<|return|>", "<|call|>", "
 # Text models (the part that turns a special-token-free piece of text into ids)
 # --------------------------------------------------------------------------------------------
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's byte-level alphabet: byte value → the character that stands for it in the vocabulary."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAC + 1)) + list(range(0xAE, 0xFF + 1))
-    table: dict[int, str] = {b: chr(b) for b in keep}
-    extra = 0
-    for b in range(256):
-        if b not in table:
-            table[b] = chr(256 + extra)
-            extra += 1
-    return table
-
-
-_BYTE_TO_CHAR = _bytes_to_unicode()
+_BYTE_TO_CHAR = BYTE_TO_CHAR     # byte value -> its character in the byte-level alphabet
 _CHAR_TO_BYTE = {c: b for b, c in _BYTE_TO_CHAR.items()}
 _BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 
@@ -223,10 +219,16 @@ class _TextModel:
     space_prefix: str = ""
     #: special-token ids used when the GGUF has no ``tokenizer.ggml.*_token_id`` key for them
     default_ids: Mapping[str, int] = {}
+    #: the vocabulary's unknown token (set by the Tokenizer once it has read the special ids)
+    unk_id: int | None = None
 
-    def encode(self, text: str) -> list[int]:  # pragma: no cover - interface
-        """Ids of ``text``, which contains no special-token occurrences."""
+    def encode_fragments(self, texts: Sequence[str]) -> list[list[int]]:  # pragma: no cover - interface
+        """The ids of each text (none contains a special-token occurrence), in one pass."""
         raise NotImplementedError
+
+    def encode(self, text: str) -> list[int]:
+        """Ids of ``text``, which contains no special-token occurrences."""
+        return self.encode_fragments([text])[0]
 
     def normal_piece(self, token_text: str) -> bytes:  # pragma: no cover - interface
         """The bytes a NORMAL token stands for."""
@@ -236,24 +238,18 @@ class _TextModel:
         """The pre-tokenizer's pieces of ``text`` (for inspection and tests)."""
         raise NotImplementedError
 
-    def token_to_id(self, text: str) -> int | None:
-        """The id of a vocabulary text (the backend's vocabulary: the later id of a duplicate text)."""
-        return self._hf.token_to_id(text)  # type: ignore[attr-defined]
-
 
 class _ByteLevelBPE(_TextModel):
-    """``tokenizer.ggml.model = gpt2``: byte-level BPE, run by a Hugging Face ``tokenizers`` BPE."""
+    """``tokenizer.ggml.model = gpt2``: the pre-tokenizer's regexes (Hugging Face ``tokenizers``),
+    then byte-level BPE of each piece (:class:`rosenblatt.bpe.ByteLevelBPE`)."""
 
-    def __init__(self, vocab: dict[str, int], merges: list[tuple[str, str]], pre: PreTokenizer):
-        bpe = _hf_models.BPE(vocab=vocab, merges=merges, ignore_merges=pre.ignore_merges)
-        tok = _HFTokenizer(bpe)
-        steps = [_hf_pre.Split(Regex(rx), behavior="isolated", invert=False) for rx in pre.regexes]
-        steps.append(_hf_pre.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False))
-        tok.pre_tokenizer = _hf_pre.Sequence(steps)
-        self._hf = tok
+    def __init__(self, bpe: ByteLevelBPE, pre: PreTokenizer):
+        self._bpe = bpe
+        self._pre = _hf_pre.Sequence([_hf_pre.Split(Regex(rx), behavior="isolated", invert=False)
+                                      for rx in pre.regexes])
 
     @classmethod
-    def from_metadata(cls, md: Mapping[str, Any], tokens: Sequence[str], vocab: dict[str, int],
+    def from_metadata(cls, md: Mapping[str, Any], tokens: Sequence[str], vocab: ByteVocab,
                       path: str | None) -> tuple["_ByteLevelBPE", PreTokenizer]:
         if KEY_PRE not in md:
             warnings.warn(f"{path or '<memory>'}: no {KEY_PRE!r} in the GGUF; using llama.cpp's 'default' "
@@ -267,20 +263,38 @@ class _ByteLevelBPE(_TextModel):
         if pre is None:
             raise ModelFileError(path, f"metadata {KEY_PRE!r}",
                                  f"unknown pre-tokenizer {pre_name!r} (supported: {', '.join(sorted(PRE_TOKENIZERS))})")
-        try:
-            return cls(vocab, _parse_merges(md, vocab, path), pre), pre
-        except ModelFileError:
-            raise
-        except Exception:  # noqa: BLE001 - the backend rejected a merge; redo it the careful way
-            return cls(vocab, _parse_merges(md, vocab, path, exact=True), pre), pre
+        return cls(_parse_merges(md, vocab, path, pre.ignore_merges), pre), pre
 
-    def encode(self, text: str) -> list[int]:
-        return self._hf.encode(text, add_special_tokens=False).ids
+    def _splits(self, text: str) -> list[tuple[str, tuple[int, int], Any]]:
+        """The pre-tokenizer's pieces with their byte offsets in ``text``'s UTF-8."""
+        pts = PreTokenizedString(text)
+        self._pre.pre_tokenize(pts)
+        return pts.get_splits(offset_referential="original", offset_type="byte")
+
+    def encode_fragments(self, texts: Sequence[str]) -> list[list[int]]:
+        # The texts' UTF-8 back to back, the pieces of every text as byte ranges of it, and one
+        # BPE call for all of them (a call costs microseconds; a prompt has many fragments).
+        data, offsets = pack_strings(texts)
+        bounds: list[np.ndarray] = []
+        last_piece = []                        # per text: the index of its last piece, -1 if none
+        n_pieces = 0
+        for text, base in zip(texts, offsets.tolist()):
+            splits = self._splits(text)
+            if splits:
+                b = np.fromiter(chain.from_iterable(o for _, o, _ in splits), dtype=np.int64, count=2 * len(splits))
+                bounds.append(b + base)
+                n_pieces += len(splits)
+            last_piece.append(n_pieces - 1)
+        if not n_pieces:
+            return [[] for _ in texts]
+        ids, ends = self._bpe.encode_words(data, np.concatenate(bounds))
+        flat, ends = ids.tolist(), ends.tolist()
+        cuts = [0] + [ends[k] if k >= 0 else 0 for k in last_piece]
+        return [flat[a:b] for a, b in zip(cuts, cuts[1:])]
 
     def split(self, text: str) -> list[str]:
         """The pieces the pre-tokenizer cuts ``text`` into (each is BPE-merged on its own)."""
-        pieces = self._hf.pre_tokenizer.pre_tokenize_str(text)
-        return [bytes([_CHAR_TO_BYTE[c] for c in p]).decode("utf-8", errors="replace") for p, _ in pieces]
+        return [piece for piece, _, _ in self._splits(text)]
 
     def normal_piece(self, token_text: str) -> bytes:
         try:
@@ -291,67 +305,59 @@ class _ByteLevelBPE(_TextModel):
                             for c in token_text)
 
 
-def _parse_merges(md: Mapping[str, Any], vocab: dict[str, int], path: str | None,
-                  exact: bool = False) -> list[tuple[str, str]]:
-    """``tokenizer.ggml.merges`` as (left, right) pairs.
+def _parse_merges(md: Mapping[str, Any], vocab: ByteVocab, path: str | None, ignore_merges: bool) -> ByteLevelBPE:
+    """The BPE of ``tokenizer.ggml.merges``, each merge "left right" split like llama.cpp does
+    (at the first space after the first character).
 
-    The fast path splits at the first space; ``exact=True`` splits like llama.cpp (first space
-    after the first character) and drops, with a warning, merges the BPE backend cannot hold
-    (parts or result not in the vocabulary; llama.cpp could not give their result an id either).
+    Merges whose parts or result are not in the vocabulary are dropped with a warning
+    (llama.cpp could not give their result an id either).
     """
     raw = md.get(KEY_MERGES)
     if raw is None:
         raise ModelFileError(path, f"metadata {KEY_MERGES!r}", "missing (a gpt2 BPE vocabulary needs its merges)")
     if not isinstance(raw, (list, StringArray)) or not all(isinstance(m, str) for m in raw[:1]):
         raise ModelFileError(path, f"metadata {KEY_MERGES!r}", "expected an array of strings")
-    if not exact:
-        return [tuple(m.split(" ", 1)) for m in raw]  # type: ignore[misc]
-    pairs = []
-    for m in raw:
-        p = m.find(" ", 1)
-        pairs.append((m[:p], m[p + 1:]) if p >= 0 else (m, ""))
-    bad = [i for i, (a, b) in enumerate(pairs) if a not in vocab or b not in vocab or a + b not in vocab]
-    if bad:
-        warnings.warn(f"{path or '<memory>'}: ignoring {len(bad)} BPE merges whose parts or result are not "
-                      f"in the vocabulary (first: #{bad[0]} {raw[bad[0]]!r})", stacklevel=4)
-        bad_set = set(bad)
-        pairs = [p for i, p in enumerate(pairs) if i not in bad_set]
-    return pairs
+    if isinstance(raw, StringArray):   # the file's bytes as they are: no str per merge
+        bpe = ByteLevelBPE(vocab, raw._data, raw._offsets, 8, ignore_merges)
+    else:
+        try:
+            packed = pack_strings(raw)
+        except TypeError:   # not every merge is a str
+            raise ModelFileError(path, f"metadata {KEY_MERGES!r}", "expected an array of strings") from None
+        bpe = ByteLevelBPE(vocab, *packed, 0, ignore_merges)
+    if bpe.n_dropped:
+        warnings.warn(f"{path or '<memory>'}: ignoring {bpe.n_dropped} BPE merges whose parts or result are not "
+                      f"in the vocabulary (first: #{bpe.first_dropped} {raw[bpe.first_dropped]!r})", stacklevel=4)
+    return bpe
 
 
 _SPM_SPACE = "\u2581"   # "▁", SentencePiece's visible space
 
 
 class _SentencePieceBPE(_TextModel):
-    """``tokenizer.ggml.model = llama``: llama.cpp's SPM tokenizer, run by a Hugging Face BPE.
+    """``tokenizer.ggml.model = llama``: llama.cpp's SPM tokenizer (:class:`rosenblatt.bpe.SentencePieceBPE`).
 
     llama.cpp starts from the characters of a fragment (spaces escaped to ``▁``) and keeps merging
-    the adjacent pair whose concatenation is the vocabulary token with the highest score (the
-    leftmost pair on a tie); a character that never became part of a token is emitted as its
-    ``<0xXX>`` byte tokens. That is BPE whose merge list holds every split of every token into two
-    tokens, ranked by the token's score (splits of one token: left part shortest first), with
-    byte fallback, and no pre-tokenizer (the whole fragment is one word).
-
-    One corner is not reproduced exactly: competing pairs of *equal* score (different tokens with
-    the same score, or different splits of one token) are ranked by token id and split here, by
-    position in the text in llama.cpp. In a GGUF converted from SentencePiece the normal tokens
-    have distinct scores; equal ones are those of control/user-defined tokens (-1000) and byte
-    tokens (0). tests/test_tokenizer_spm.py checks the result against llama.cpp's merge loop.
+    the adjacent pair whose concatenation is the vocabulary token with the highest score, the
+    leftmost pair on equal scores (its work queue's order); a character that never became part
+    of a token is emitted as its ``<0xXX>`` byte tokens. The same loop runs here, ties included.
+    tests/test_tokenizer_spm.py checks it against llama.cpp's ids and against a transcription of
+    llama.cpp's merge loop.
     """
 
     default_ids = {"bos": 1, "eos": 2, "unk": 0}
 
-    def __init__(self, vocab: dict[str, int], merges: list[tuple[str, str]], add_space_prefix: bool):
-        self._hf = _HFTokenizer(_hf_models.BPE(vocab=vocab, merges=merges, byte_fallback=True, fuse_unk=False))
+    def __init__(self, bpe: SentencePieceBPE, add_space_prefix: bool):
+        self._bpe = bpe
         self.space_prefix = " " if add_space_prefix else ""
 
     @classmethod
-    def from_metadata(cls, md: Mapping[str, Any], tokens: Sequence[str], vocab: dict[str, int],
+    def from_metadata(cls, md: Mapping[str, Any], tokens: Sequence[str], vocab: ByteVocab,
                       path: str | None) -> tuple["_SentencePieceBPE", PreTokenizer]:
         n = len(tokens)
         scores = md.get(KEY_SCORES)
         if scores is None:   # llama.cpp: every score 0
-            scores = np.zeros(n)
+            scores = np.zeros(n, dtype=np.float32)
         elif not isinstance(scores, (list, np.ndarray)) or len(scores) < n:
             raise ModelFileError(path, f"metadata {KEY_SCORES!r}",
                                  f"expected an array of at least {n} numbers")
@@ -359,17 +365,19 @@ class _SentencePieceBPE(_TextModel):
         if not isinstance(add_prefix, (bool, int)):
             raise ModelFileError(path, f"metadata {KEY_ADD_SPACE_PREFIX!r}",
                                  f"expected a boolean, got {add_prefix!r:.60}")
-        try:
-            order = np.argsort(-np.asarray(scores[:n], dtype=np.float64), kind="stable")
+        try:   # llama.cpp keeps the scores as float32, so equal float32 scores tie
+            scores = np.asarray(scores[:n], dtype=np.float32)
         except (TypeError, ValueError):
             raise ModelFileError(path, f"metadata {KEY_SCORES!r}", "expected an array of numbers") from None
-        texts = tokens if isinstance(tokens, list) else list(tokens)
-        merges = [(t[:k], t[k:]) for t in map(texts.__getitem__, order.tolist())
-                  for k in range(1, len(t)) if t[:k] in vocab and t[k:] in vocab]
-        return cls(vocab, merges, bool(add_prefix)), PreTokenizer((), add_bos=True)
+        if scores.shape != (n,):
+            raise ModelFileError(path, f"metadata {KEY_SCORES!r}", "expected an array of numbers")
+        return cls(SentencePieceBPE(vocab, scores), bool(add_prefix)), PreTokenizer((), add_bos=True)
 
-    def encode(self, text: str) -> list[int]:
-        return self._hf.encode(text.replace(" ", _SPM_SPACE), add_special_tokens=False).ids
+    def encode_fragments(self, texts: Sequence[str]) -> list[list[int]]:
+        data, offsets = pack_strings([t.replace(" ", _SPM_SPACE) for t in texts])
+        ids, ends = self._bpe.encode_fragments(data, np.stack([offsets[:-1], offsets[1:]], axis=1), self.unk_id)
+        flat, cuts = ids.tolist(), [0] + ends.tolist()
+        return [flat[a:b] for a, b in zip(cuts, cuts[1:])]
 
     def split(self, text: str) -> list[str]:
         return [text] if text else []
@@ -400,8 +408,9 @@ class Tokenizer:
 
     def __init__(self, md: Mapping[str, Any], path: str | os.PathLike | None = None):
         # Memory: a 150k vocabulary is kept as the GGUF's StringArray when given one (decoded on
-        # access) or as the given list, token attributes as one byte each, text -> id lookups go
-        # to the BPE backend's own vocabulary; no second copy of the vocabulary stays resident.
+        # access) or as the given list, token attributes as one byte each; text -> id lookups go
+        # through a hash table over the token bytes (bpe.ByteVocab: the file's bytes, or one
+        # packed buffer for a list). No str or dict entry per token is made.
         self.path = os.fspath(path) if path is not None else None
         p = self.path
 
@@ -446,9 +455,15 @@ class Tokenizer:
                 attrs = bytearray(table[t] if isinstance(t, int) and 0 <= t < len(table) else 0 for t in types[:n])
         self._attrs: bytearray = attrs
 
-        # token text → id; on duplicate texts the later id wins (as llama.cpp's older loaders did).
-        # Only needed to build the BPE backend, which keeps its own copy for token_to_id.
-        vocab: dict[str, int] = {t: i for i, t in enumerate(tokens)}
+        # token text → id; on duplicate texts the later id wins (llama.cpp's token_to_id map).
+        if isinstance(tokens, StringArray):
+            vocab = ByteVocab(tokens._data, tokens._offsets, 8)   # the file's bytes, as stored
+        else:
+            try:
+                vocab = ByteVocab.from_strings(tokens)
+            except TypeError:
+                raise ModelFileError(p, f"metadata {KEY_TOKENS!r}", "expected a non-empty array of strings") from None
+        self._vocab: ByteVocab = vocab
 
         self._text_model, pre = _MODEL_BUILDERS[model](md, tokens, vocab, p)
         self.pre: str | None = md.get(KEY_PRE)
@@ -457,6 +472,7 @@ class Tokenizer:
         for name, default in self._text_model.default_ids.items():
             if _ID_KEYS[name] not in md and default < n:
                 ids[name] = default
+        self._text_model.unk_id = ids["unk"]
         self.add_bos: bool = self._read_bool(md, KEY_ADD_BOS, pre.add_bos)
         self.add_eos: bool = self._read_bool(md, KEY_ADD_EOS, False)
         if self.add_bos and ids["bos"] is None:
@@ -469,7 +485,7 @@ class Tokenizer:
             if current is not None:
                 return current
             for t in texts:
-                i = vocab.get(t)
+                i = vocab.lookup(t)
                 if i is not None:
                     self._attrs[i] |= _A_CONTROL
                     return i
@@ -483,13 +499,15 @@ class Tokenizer:
 
         # CONTROL tokens named "...unused..." are unused (gemma's <unused0> ...).
         flags = np.frombuffer(self._attrs, dtype=np.uint8)
+        texts: dict[int, str] = {}      # the special tokens' texts, decoded once (gemma3 has 6k)
         for i in np.flatnonzero(flags & _A_CONTROL).tolist():
-            if "unused" in tokens[i]:
+            texts[i] = tokens[i]
+            if "unused" in texts[i]:
                 self._attrs[i] |= _A_UNUSED
 
         eog: set[int] = {ids[k] for k in ("fim_pad", "fim_rep", "fim_sep") if ids[k] is not None}
         for t in _EOG_TEXTS:
-            i = vocab.get(t)
+            i = vocab.lookup(t)
             if i is not None:
                 eog.add(i)
                 self._attrs[i] |= _A_CONTROL
@@ -512,10 +530,10 @@ class Tokenizer:
         self.eog_ids: frozenset[int] = frozenset(eog)
 
         # Special tokens cut out of the text, longest (in bytes) first; ties in id order.
-        special = np.flatnonzero(flags & _A_PARTITION).tolist()
-        special.sort(key=lambda i: -len(self._tokens[i].encode("utf-8")))
-        self._special_all: list[tuple[str, int]] = [(self._tokens[i], i) for i in special]
-        self._special_user: list[tuple[str, int]] = [(self._tokens[i], i) for i in special
+        special = np.flatnonzero(flags & _A_PARTITION)
+        special = special[np.argsort(-vocab.lengths(special), kind="stable")].tolist()
+        self._special_all: list[tuple[str, int]] = [(texts[i] if i in texts else tokens[i], i) for i in special]
+        self._special_user: list[tuple[str, int]] = [(t, i) for t, i in self._special_all
                                                      if not self._attrs[i] & _A_SPECIAL]
         del flags   # a view that would pin the bytearray's size
 
@@ -560,7 +578,7 @@ class Tokenizer:
 
     def token_to_id(self, text: str) -> int | None:
         """The id of the token whose vocabulary text is ``text``, or ``None``."""
-        return self._text_model.token_to_id(text)
+        return self._vocab.lookup(text)
 
     def token_type(self, token_id: int) -> TokenAttr:
         """llama.cpp's attributes of a token (after the load-time adjustments)."""
@@ -588,16 +606,22 @@ class Tokenizer:
         if add_special and self.add_bos:
             out.append(self.bos_id)  # type: ignore[arg-type]
         if text:
-            encode_text = self._text_model.encode
+            frags = self._partition(text, parse_special)
             prefix = self._text_model.space_prefix
+            texts = []
             after_special = True   # the space prefix goes before the first fragment and after specials
-            for frag in self._partition(text, parse_special):
+            for frag in frags:
                 if isinstance(frag, int):
-                    out.append(frag)
                     after_special = True
                 else:
-                    out.extend(encode_text(prefix + frag if after_special else frag))
+                    texts.append(prefix + frag if after_special else frag)
                     after_special = False
+            encoded = iter(self._text_model.encode_fragments(texts))
+            for frag in frags:
+                if isinstance(frag, int):
+                    out.append(frag)
+                else:
+                    out.extend(next(encoded))
         if add_special and self.add_eos:
             out.append(self.eos_id)  # type: ignore[arg-type]
         return out

@@ -372,6 +372,16 @@ def test_smollm2_bytes_without_token_are_dropped():
     assert s.decode(s.encode("a\x04b")) == "ab"
 
 
+def test_smollm2_bytes_without_token_still_separate_their_neighbours():
+    """llama.cpp keeps such a byte as a symbol that never merges and drops it only at the end, so
+    "!\x04!" is "!" "!", not the "!!" token (a BPE that left the byte out first would merge).
+    The ids are llama.cpp's (llama-cpp-python 0.3.36, this vocabulary, parse_special=False)."""
+    s = tokenizer("smollm2")
+    for text, ids in [("!\x04!", [17, 17]), ("a\x04b", [81, 82]), ("..\x04..", [950, 950]),
+                      ("==\x13==", [1189, 1189]), ("!!", [10095])]:
+        assert s.encode(text, add_special=False, parse_special=False) == ids
+
+
 # ------------------------------------------------------------------------------------------
 # streaming detokenizer
 # ------------------------------------------------------------------------------------------

@@ -109,15 +109,18 @@ def test_byte_fallback():
 
 
 # ------------------------------------------------------------------------------------------
-# the HF BPE against llama.cpp's merge loop
+# rosenblatt.bpe against llama.cpp's merge loop
 # ------------------------------------------------------------------------------------------
 
 def spm_merge_loop(text: str, tokens: list[str], scores: list[float], vocab: dict[str, int]) -> list[int]:
-    """llama.cpp's SPM algorithm written out directly (slow; to check the BPE that runs it).
+    """llama.cpp's SPM algorithm written out directly (slow; to check rosenblatt.bpe against).
 
     Start from the characters (spaces as ▁); repeatedly merge the adjacent pair whose concatenation
     is the token with the highest score, leftmost first on ties; characters left without a token
-    become <0xXX> byte tokens.
+    become <0xXX> byte tokens. A transcription of llm_tokenizer_spm_session::tokenize: the heap
+    entries (-score, left position, ...) pop in the order of llama.cpp's work-queue comparator
+    (higher score first, then the smaller left index), and a popped pair whose symbols changed
+    since is skipped by the same size check.
     """
     sym = list(text.replace(" ", SPACE))
     nxt = list(range(1, len(sym))) + [-1]
@@ -241,6 +244,23 @@ def test_merges_follow_scores():
     scores[tid(md, "bc")] = -0.5
     md = tiny_vocab(add_space_prefix=False, tokens=tokens, scores=scores)
     assert Tokenizer.from_metadata(md).encode("abc", add_special=False) == [tid(md, "a"), tid(md, "bc")]
+
+
+def test_equal_scores_merge_the_leftmost_pair():
+    """Competing pairs of equal score: llama.cpp's work queue takes the leftmost one (its comparator
+    orders by score, then by position), whatever the tokens' ids. llama.cpp (llama-cpp-python
+    0.3.36) gives these results on a GGUF with the same normal tokens and scores; ranking equal
+    scores by id would give a + bc for "abc"."""
+    base = tiny_vocab()
+    tokens = base["tokenizer.ggml.tokens"][:261] + ["a", "b", "c", "bc", "ab"]      # "bc" has the lower id
+    types = base["tokenizer.ggml.token_type"][:261] + [1] * 5
+    scores = [0.0] * 261 + [-1.0, -2.0, -3.0, -5.0, -5.0]
+    md = tiny_vocab(add_space_prefix=False, tokens=tokens, token_type=types, scores=scores)
+    tk = Tokenizer.from_metadata(md)
+    vocab = {t: i for i, t in enumerate(tokens)}
+    for text, want in [("abc", ["ab", "c"]), ("abcbc", ["ab", "c", "bc"]), ("cabc", ["c", "ab", "c"])]:
+        ids = tk.encode(text, add_special=False)
+        assert ids == [vocab[t] for t in want] == spm_merge_loop(text, tokens, scores, vocab)
 
 
 @pytest.mark.parametrize("changes, message", [
