@@ -24,6 +24,7 @@ def test_bench_json_emits_every_field():
         assert isinstance(res[key], float) and res[key] > 0, key
     lo, hi = res["decode_tok_s_range"]
     assert lo <= res["decode_tok_s"] <= hi
+    assert isinstance(res["decode_step_s"], float) and res["decode_step_s"] > 0
     split = res["decode_step_split_s"]
     assert {"matmul", "attention", "norms/rope/act", "sampling", "python/other", "total"} <= set(split)
     assert abs(sum(v for k, v in split.items() if k != "total") - split["total"]) < 1e-6 + 0.01 * split["total"]
