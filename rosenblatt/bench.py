@@ -42,9 +42,7 @@ def prompt_ids(engine, n: int, seed: int = 0) -> list[int]:
 
 def decode_step_time(engine, context: list[int], steps: int = 4) -> float:
     """Median seconds of one decode step after ``context`` as generation runs it (the fused
-    one-call step where it applies), sampling excluded."""
-    engine.reset()
-    engine.eval(context[:-1], logits="none")
+    one-call step where it applies), sampling excluded. The cache must hold ``context[:-1]``."""
     times = []
     for _ in range(steps):
         engine.truncate(len(context) - 1)
@@ -56,9 +54,8 @@ def decode_step_time(engine, context: list[int], steps: int = 4) -> float:
 
 def decode_step_profile(engine, context: list[int]) -> dict:
     """Seconds per stage of one decode step after ``context``, run op by op (the stages need
-    their boundaries, so a fused step is not used here)."""
-    engine.reset()
-    engine.eval(context[:-1], logits="none")
+    their boundaries, so a fused step is not used here). The cache must hold ``context[:-1]``."""
+    engine.truncate(len(context) - 1)
     model = engine.model
     sampler = Sampler(SamplingParams(temperature=0))
     try:
@@ -98,6 +95,8 @@ def run_bench(model: str, prompt_tokens: int = 128, gen_tokens: int = 64, thread
         ttft.append(st.ttft_s)
         if progress:
             progress(r + 1, repeat)
+    engine.reset()
+    engine.eval(ids[:-1], logits="none")       # the context both step measurements start from
     step_s = decode_step_time(engine, ids)
     split = decode_step_profile(engine, ids)
     backend = engine.model.backend

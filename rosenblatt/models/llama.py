@@ -205,7 +205,7 @@ class LlamaModel:
         ``logits``: "all" → [T, vocab], "last" → [1, vocab], "none" → None (cache fill only).
         """
         cfg = self.cfg
-        mm, mm_many, attention, rms_norm, apply_rope, silu_mul = self.ops()
+        ops = self.ops()
         t = len(tokens)
         start = cache.length
         if start + t > self.n_ctx:
@@ -214,8 +214,23 @@ class LlamaModel:
         plan = self._decode_plan(cache) if t == 1 else None
         if plan is not None:            # one token through every layer in one numba call
             plan.run(x, cache.k_all, cache.v_all, start, self.cos, self.sin)
+        else:
+            self._layers(x, cache, start, ops)
+        cache.length = start + t
+        if logits == "none":
+            return None
+        if logits == "last":
+            x = x[-1:]
+        mm, _, _, rms_norm, _, _ = ops
+        return mm(np.ascontiguousarray(rms_norm(x, self.out_norm, cfg.rms_eps)), self.output)
+
+    def _layers(self, x: np.ndarray, cache: KVCache, start: int, ops) -> None:
+        """Every layer, operation by operation, on the residual ``x`` [T, d] (updated in place)."""
+        cfg = self.cfg
+        mm, mm_many, attention, rms_norm, apply_rope, silu_mul = ops
+        t = x.shape[0]
         cos, sin = self.cos[start:start + t], self.sin[start:start + t]
-        for i, L in enumerate(self.layers if plan is None else ()):
+        for i, L in enumerate(self.layers):
             n = rms_norm(x, L.attn_norm, cfg.rms_eps)
             q, k, v = mm_many(n, (L.wq, L.wk, L.wv))
             if L.bq is not None:
@@ -231,9 +246,3 @@ class LlamaModel:
             x += mm(np.ascontiguousarray(a), L.wo)
             m = rms_norm(x, L.ffn_norm, cfg.rms_eps)
             x += mm(silu_mul(*mm_many(m, (L.w_gate, L.w_up))), L.w_down)
-        cache.length = start + t
-        if logits == "none":
-            return None
-        if logits == "last":
-            x = x[-1:]
-        return mm(np.ascontiguousarray(rms_norm(x, self.out_norm, cfg.rms_eps)), self.output)

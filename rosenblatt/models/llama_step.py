@@ -18,7 +18,7 @@ path runs.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
 from .. import ops, simd
 
@@ -26,30 +26,18 @@ from .. import ops, simd
 GROUPS = (("wq", "wk", "wv"), ("wo",), ("w_gate", "w_up"), ("w_down",))
 
 
-@njit(parallel=True, nogil=True, cache=True)
-def _products_parallel(f1, fr, w, rb, n, col, nmat, nblk, x, out, parts):
-    """One activation row against the group's matrices, each split in ``parts`` shares of rows."""
-    base, so = np.int64(out.ctypes.data), col[nmat]
-    for p in prange(parts):
-        for j in range(nmat):
-            simd._rows_kernel(f1[j], fr[j], w[j], rb[j], n[j] * p // parts, n[j] * (p + 1) // parts, nblk, 1,
-                              x, 0, base + 4 * col[j], so)
-
-
 @njit(nogil=True, cache=True)
 def _products(g, xin, f1, fr, w, rb, n, col, nmat, parts, fmt, abuf):
-    """Group ``g``'s products of ``xin`` [1, K]: quantize once, run the kernels; [1, columns]."""
+    """Group ``g``'s products of ``xin`` [1, K]: quantize once, then :class:`simd.KernelGroup`'s
+    own serial or row-split call on the group's arrays; [1, columns]."""
     simd.quantize_row_into(xin, abuf, fmt[g])
-    out = np.empty((1, col[g, nmat[g]]), np.float32)
-    x = np.int64(abuf.ctypes.data)
+    m = nmat[g]
+    buf = abuf.reshape((1, abuf.shape[0]))         # one activation row (its length is not read)
     nblk = xin.shape[1] // fmt[g]
     if parts[g] > 1:
-        _products_parallel(f1[g], fr[g], w[g], rb[g], n[g], col[g], nmat[g], nblk, x, out, parts[g])
-    else:
-        base, so = np.int64(out.ctypes.data), col[g, nmat[g]]
-        for j in range(nmat[g]):
-            simd._rows_kernel(f1[g, j], fr[g, j], w[g, j], rb[g, j], 0, n[g, j], nblk, 1, x, 0, base + 4 * col[g, j], so)
-    return out
+        return simd._group_parallel(f1[g, :m], fr[g, :m], w[g, :m], rb[g, :m], n[g, :m], col[g, :m + 1],
+                                    nblk, buf, 1, parts[g])
+    return simd._group_serial(f1[g, :m], fr[g, :m], w[g, :m], rb[g, :m], n[g, :m], col[g, :m + 1], nblk, buf, 1)
 
 
 @njit(nogil=True, cache=True)
