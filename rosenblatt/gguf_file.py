@@ -101,9 +101,17 @@ class StringArray(Sequence):
     def __iter__(self) -> Iterator[str]:
         return iter(self.tolist())
 
+    #: bytes of the length field before each string
+    HEADER = 8
+
+    def buffers(self) -> tuple[np.ndarray, np.ndarray, int]:
+        """The strings as stored, without copying: (data, offsets, header); string ``i`` is
+        ``data[offsets[i] + header:offsets[i + 1]]`` (for kernels that read the bytes)."""
+        return self._data, self._offsets, self.HEADER
+
     def lengths(self) -> np.ndarray:
         """The byte length of every string."""
-        return np.diff(self._offsets.astype(np.int64)) - 8
+        return np.diff(self._offsets.astype(np.int64)) - self.HEADER
 
     def tolist(self) -> list[str]:
         """Every string, decoded in one pass (one UTF-8 decode of the joined bytes, then slices)."""

@@ -263,7 +263,7 @@ class _ByteLevelBPE(_TextModel):
         if pre is None:
             raise ModelFileError(path, f"metadata {KEY_PRE!r}",
                                  f"unknown pre-tokenizer {pre_name!r} (supported: {', '.join(sorted(PRE_TOKENIZERS))})")
-        return cls(_parse_merges(md, vocab, path, pre.ignore_merges), pre), pre
+        return cls(_merges_bpe(md, vocab, path, pre.ignore_merges), pre), pre
 
     def _splits(self, text: str) -> list[tuple[str, tuple[int, int], Any]]:
         """The pre-tokenizer's pieces with their byte offsets in ``text``'s UTF-8."""
@@ -305,7 +305,7 @@ class _ByteLevelBPE(_TextModel):
                             for c in token_text)
 
 
-def _parse_merges(md: Mapping[str, Any], vocab: ByteVocab, path: str | None, ignore_merges: bool) -> ByteLevelBPE:
+def _merges_bpe(md: Mapping[str, Any], vocab: ByteVocab, path: str | None, ignore_merges: bool) -> ByteLevelBPE:
     """The BPE of ``tokenizer.ggml.merges``, each merge "left right" split like llama.cpp does
     (at the first space after the first character).
 
@@ -318,7 +318,7 @@ def _parse_merges(md: Mapping[str, Any], vocab: ByteVocab, path: str | None, ign
     if not isinstance(raw, (list, StringArray)) or not all(isinstance(m, str) for m in raw[:1]):
         raise ModelFileError(path, f"metadata {KEY_MERGES!r}", "expected an array of strings")
     if isinstance(raw, StringArray):   # the file's bytes as they are: no str per merge
-        bpe = ByteLevelBPE(vocab, raw._data, raw._offsets, 8, ignore_merges)
+        bpe = ByteLevelBPE(vocab, *raw.buffers(), ignore_merges)
     else:
         try:
             packed = pack_strings(raw)
@@ -457,7 +457,7 @@ class Tokenizer:
 
         # token text → id; on duplicate texts the later id wins (llama.cpp's token_to_id map).
         if isinstance(tokens, StringArray):
-            vocab = ByteVocab(tokens._data, tokens._offsets, 8)   # the file's bytes, as stored
+            vocab = ByteVocab(*tokens.buffers())   # the file's bytes, as stored
         else:
             try:
                 vocab = ByteVocab.from_strings(tokens)
