@@ -23,6 +23,7 @@ from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic
 
+from .jit import njit_twin
 from .qdot import FASTMATH
 
 _LOG2E = np.float32(float.fromhex("0x1.715476p+0"))
@@ -98,9 +99,9 @@ def _silu_mul(gate, up, out):
             out[t, i] = g / (np.float32(1.0) + exp(-g)) * up[t, i]
 
 
-silu_mul = njit(fastmath=FASTMATH, error_model="numpy", cache=True)(_silu_mul)
+silu_mul = njit_twin(_silu_mul, "_serial", fastmath=FASTMATH, error_model="numpy", cache=True)
 #: the same with the rows over numba's threads (prompts: [64, 8960] is ~3 ms on one core)
-silu_mul_rows = njit(fastmath=FASTMATH, error_model="numpy", cache=True, parallel=True)(_silu_mul)
+silu_mul_rows = njit_twin(_silu_mul, "_rows", fastmath=FASTMATH, error_model="numpy", cache=True, parallel=True)
 
 
 @njit(fastmath=FASTMATH, error_model="numpy", cache=True)

@@ -41,6 +41,7 @@ from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic
 
+from .jit import njit_twin
 from .quants import Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0
 
 Q8_32, Q8_256 = 32, 256
@@ -592,8 +593,9 @@ def _quantize_256(x, q, d, s):
 
 
 # one activation row (decode) runs serially: a parallel region costs more than the work
-_QUANTIZE = {(fmt, par): njit(cache=True, parallel=par)(fn) for fmt, fn in ((Q8_32, _quantize_32), (Q8_256, _quantize_256))
-             for par in (False, True)}
+# (separate functions for numba's cache, see jit.njit_twin)
+_QUANTIZE = {(fmt, par): njit_twin(fn, "_parallel" if par else "_serial", cache=True, parallel=par)
+             for fmt, fn in ((Q8_32, _quantize_32), (Q8_256, _quantize_256)) for par in (False, True)}
 
 
 class Activations:
