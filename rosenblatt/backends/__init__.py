@@ -40,9 +40,10 @@ class MatmulBackend(ABC):
         return [self.matmul(x, w) for w in ws]
 
     def decode_group(self, ws: tuple[PreparedWeight, ...]):
-        """A prepared group of integer kernels (:class:`rosenblatt.simd.KernelGroup`, threads) for
-        one-row products of ``ws``, run inside numba by a model's fused decode step; None when
-        this backend has none for them (the model then calls :meth:`matmul_many`)."""
+        """A prepared group of integer kernels (:class:`rosenblatt.simd.KernelGroup`) for one-row
+        products of ``ws``, run inside numba by a model's fused decode step on the backend's
+        ``threads``; None when this backend has none for them (the model then calls
+        :meth:`matmul_many`)."""
         return None
 
 

@@ -149,16 +149,15 @@ class CPUBackend(MatmulBackend):
         return [y[:, a:b] for a, b in g.columns]
 
     def decode_group(self, ws):
-        """(KernelGroup, threads to split it over) for one-row products of ``ws`` on the int8
-        kernels, for callers that run the group inside numba; None if they have none, or if a
-        subclass computes its products differently (they would be bypassed)."""
+        """The :class:`simd.KernelGroup` of one-row products of ``ws`` on the int8 kernels, for
+        callers that run the group inside numba (on :attr:`threads` threads); None if they have
+        none, or if a subclass computes its products differently (they would be bypassed)."""
         cls = type(self)
         if cls.matmul is not CPUBackend.matmul or cls.matmul_many is not CPUBackend.matmul_many:
             return None
         if not all(self._int8(w) for w in ws) or len({simd.ACT_FORMAT[w.qtype] for w in ws}) != 1:
             return None
-        g = self._group(ws)
-        return g, self._parts(g, ws, 1)
+        return self._group(ws)
 
     def _group(self, ws):
         key = tuple(id(w) for w in ws)

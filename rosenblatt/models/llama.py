@@ -212,11 +212,14 @@ class LlamaModel:
             raise ValueError(f"context overflow: {start} + {t} tokens > n_ctx {self.n_ctx}")
         x = self.embed(tokens)
         plan = self._decode_plan(cache) if t == 1 else None
-        if plan is not None:            # one token through every layer in one numba call
-            plan.run(x, cache.k_all, cache.v_all, start, self.cos, self.sin)
+        if plan is not None:            # one token through every layer (and the output) in one numba call
+            out = plan.run(x, cache.k_all, cache.v_all, start, self.cos, self.sin, logits != "none")
+            cache.length = start + t
+            if out is not None or logits == "none":
+                return out
         else:
             self._layers(x, cache, start, ops)
-        cache.length = start + t
+            cache.length = start + t
         if logits == "none":
             return None
         if logits == "last":

@@ -1,0 +1,137 @@
+"""Work sharing inside one numba parallel region: chunks claimed from atomic counters.
+
+Starting a parallel region wakes the runtime's sleeping workers (~20 us each time on the test
+machines); a decode step has four products per layer, so a region per product spends ~3 % of a
+1.5B step just waking threads. Instead a step can run as *one* region whose threads walk the same
+list of phases. A phase is ``n`` chunks of independent work; each thread claims the next chunk
+from the phase's counter until none are left, counts the chunks it finished, then waits until
+every chunk of the phase is done before going on (the next phase reads what this one wrote).
+
+Nothing waits for a chunk that nobody has claimed, so the scheme cannot deadlock when the
+runtime has fewer threads than the region asked for, or runs the region's iterations one after
+another on a single thread: that thread simply claims every chunk itself.
+
+The counters live in an int64 array ``sync`` [phases, 16]: ``sync[p, 0]`` is the next chunk to
+claim, ``sync[p, 8]`` the number done (a cache line apart, so claims do not slow the waiters).
+The caller zeroes it before the region starts. Counts use sequentially consistent read-modify-
+write operations (a release of the chunk's stores), waiters an acquiring load.
+"""
+
+from __future__ import annotations
+
+import platform
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+#: int64 columns per phase in ``sync``: claim counter in 0, done counter in 8
+SYNC_COLS = 16
+#: busy-wait rounds (each a CPU pause hint) before a waiter starts yielding its core
+SPIN = 2000
+
+
+def _element_ptr(context, builder, aryty, ary, row, col):
+    arr = context.make_array(aryty)(context, builder, ary)
+    return cgutils.get_item_pointer(context, builder, aryty, arr, [row, col], wraparound=False)
+
+
+@intrinsic
+def atomic_add(typingctx, sync, row, col, value):
+    """``sync[row, col] += value`` atomically (seq_cst); returns the value before."""
+    if not (isinstance(sync, types.Array) and sync.dtype == types.int64 and sync.ndim == 2):
+        return None
+    sig = types.int64(sync, row, col, value)
+
+    def codegen(context, builder, signature, args):
+        ptr = _element_ptr(context, builder, signature.args[0], args[0],
+                           context.cast(builder, args[1], signature.args[1], types.intp),
+                           context.cast(builder, args[2], signature.args[2], types.intp))
+        inc = context.cast(builder, args[3], signature.args[3], types.int64)
+        return builder.atomic_rmw("add", ptr, inc, "seq_cst")
+    return sig, codegen
+
+
+@intrinsic
+def atomic_load(typingctx, sync, row, col):
+    """``sync[row, col]`` read with acquire ordering."""
+    if not (isinstance(sync, types.Array) and sync.dtype == types.int64 and sync.ndim == 2):
+        return None
+    sig = types.int64(sync, row, col)
+
+    def codegen(context, builder, signature, args):
+        ptr = _element_ptr(context, builder, signature.args[0], args[0],
+                           context.cast(builder, args[1], signature.args[1], types.intp),
+                           context.cast(builder, args[2], signature.args[2], types.intp))
+        return builder.load_atomic(ptr, "acquire", 8)
+    return sig, codegen
+
+
+_machine = platform.machine().lower()
+#: the LLVM intrinsic of the spin-wait hint, and its arguments (numba's JIT has no inline assembler)
+_PAUSE = (("llvm.x86.sse2.pause", ()) if _machine in ("x86_64", "amd64", "i686")
+          else ("llvm.aarch64.hint", (1,)) if _machine in ("aarch64", "arm64") else None)
+
+
+@intrinsic
+def cpu_relax(typingctx):
+    """The spin-wait hint (x86 ``pause``, AArch64 ``yield``): lets the sibling hardware thread
+    run and keeps the waiting loop from flooding the memory system."""
+    def codegen(context, builder, signature, args):
+        if _PAUSE is not None:
+            name, consts = _PAUSE
+            i32 = ir.IntType(32)
+            fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [i32] * len(consts)), name)
+            builder.call(fn, [ir.Constant(i32, c) for c in consts])
+        return context.get_dummy_value()
+    return types.void(), codegen
+
+
+@intrinsic
+def sched_yield(typingctx):
+    """libc ``sched_yield()``: give the core to another runnable thread (oversubscribed machines)."""
+    def codegen(context, builder, signature, args):
+        fnty = ir.FunctionType(ir.IntType(32), [])
+        builder.call(cgutils.get_or_insert_function(builder.module, fnty, "sched_yield"), [])
+        return context.get_dummy_value()
+    return types.void(), codegen
+
+
+@njit(nogil=True, cache=True)
+def claim(sync, phase, n):
+    """The next unclaimed chunk of ``phase`` (of ``n``), or -1 when all are taken."""
+    if atomic_load(sync, phase, 0) >= n:       # a plain read first: no write once drained
+        return -1
+    c = atomic_add(sync, phase, 0, 1)
+    return c if c < n else -1
+
+
+@njit(nogil=True, cache=True)
+def done(sync, phase):
+    """Count one finished chunk of ``phase`` (after its results are stored)."""
+    atomic_add(sync, phase, 8, 1)
+
+
+@njit(nogil=True, cache=True)
+def drained(sync, phase, n):
+    """True once all ``n`` chunks of ``phase`` are claimed (without waiting)."""
+    return atomic_load(sync, phase, 0) >= n
+
+
+@njit(nogil=True, cache=True)
+def wait(sync, phase, n):
+    """Return once all ``n`` chunks of ``phase`` are done: spin briefly, then yield the core."""
+    spins = 0
+    while atomic_load(sync, phase, 8) < n:
+        if spins < SPIN:
+            cpu_relax()
+            spins += 1
+        else:
+            sched_yield()
+
+
+def new_sync(phases: int) -> np.ndarray:
+    """Counters for ``phases`` phases (zeroed; zero them again before each region)."""
+    return np.zeros((phases, SYNC_COLS), np.int64)
