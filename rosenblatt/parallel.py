@@ -1,7 +1,7 @@
 """Work sharing inside one numba parallel region: chunks claimed from atomic counters.
 
-Starting a parallel region wakes the runtime's sleeping workers (~20 us each time on the test
-machines); a decode step has four products per layer, so a region per product spends ~3 % of a
+Starting a parallel region wakes the runtime's sleeping workers (~20 us each time on the
+development machine); a decode step has four products per layer, so a region per product spends ~3 % of a
 1.5B step just waking threads. Instead a step can run as *one* region whose threads walk the same
 list of phases. A phase is ``n`` chunks of independent work; each thread claims the next chunk
 from the phase's counter until none are left, counts the chunks it finished, then waits until
@@ -10,6 +10,11 @@ every chunk of the phase is done before going on (the next phase reads what this
 Nothing waits for a chunk that nobody has claimed, so the scheme cannot deadlock when the
 runtime has fewer threads than the region asked for, or runs the region's iterations one after
 another on a single thread: that thread simply claims every chunk itself.
+
+A wait means every chunk of the phase is done, not that every thread has got that far: a thread
+may still be reading, after its own wait, what the phase wrote while another is already working
+on later phases. So what threads read outside their chunks must not be overwritten later in the
+same region (the decode step gives each layer its own rows).
 
 The counters live in an int64 array ``sync`` [phases, 16]: ``sync[p, 0]`` is the next chunk to
 claim, ``sync[p, 8]`` the number done (a cache line apart, so claims do not slow the waiters).
@@ -69,10 +74,19 @@ def atomic_load(typingctx, sync, row, col):
     return sig, codegen
 
 
-_machine = platform.machine().lower()
-#: the LLVM intrinsic of the spin-wait hint, and its arguments (numba's JIT has no inline assembler)
-_PAUSE = (("llvm.x86.sse2.pause", ()) if _machine in ("x86_64", "amd64", "i686")
-          else ("llvm.aarch64.hint", (1,)) if _machine in ("aarch64", "arm64") else None)
+def pause_intrinsic(machine: str):
+    """(LLVM intrinsic, its i32 arguments) of the spin-wait hint on ``machine`` (a
+    ``platform.machine()`` name): x86 ``pause``, AArch64 ``yield``; None elsewhere. An intrinsic
+    rather than inline assembly: numba's JIT has no assembler parser."""
+    machine = machine.lower()
+    if machine in ("x86_64", "amd64", "i686"):
+        return "llvm.x86.sse2.pause", ()
+    if machine in ("aarch64", "arm64"):
+        return "llvm.aarch64.hint", (1,)
+    return None
+
+
+_PAUSE = pause_intrinsic(platform.machine())
 
 
 @intrinsic
@@ -83,7 +97,8 @@ def cpu_relax(typingctx):
         if _PAUSE is not None:
             name, consts = _PAUSE
             i32 = ir.IntType(32)
-            fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [i32] * len(consts)), name)
+            fnty = ir.FunctionType(ir.VoidType(), [i32] * len(consts))
+            fn = cgutils.get_or_insert_function(builder.module, fnty, name)
             builder.call(fn, [ir.Constant(i32, c) for c in consts])
         return context.get_dummy_value()
     return types.void(), codegen

@@ -1,4 +1,5 @@
-"""One decode step of the llama family (one token, every layer) in a single numba call.
+"""One decode step of the llama family (one token, every layer, the output) in a single numba
+call and a single parallel region.
 
 Decode runs ~20 small operations per layer (norms, four groups of products, biases, RoPE, the
 cache write, attention, SiLU, residuals). As separate calls from Python each costs a few
@@ -6,6 +7,8 @@ microseconds of dispatch and argument checking, ~2-5 % of a 1.5B step and ~20 % 
 Here the whole stack of layers is one call over arrays prepared once: the int8 kernels of
 :mod:`rosenblatt.simd` (addresses and weight pointers of each layer's q/k/v, o, gate/up and
 down groups), the norm weights and biases stacked per layer, the rope tables and the cache.
+Its threads share each product out in chunks claimed from atomic counters
+(:mod:`rosenblatt.parallel`) instead of starting a parallel region per product.
 
 It computes exactly what :meth:`LlamaModel.forward` computes for one token with the same
 kernels (same quantization, same per-row products, same float32 operations in the same order),
@@ -141,14 +144,14 @@ def decode_layers(threads, sync, x_in, pos, f1, fr, w, rb, n, col, nmat, nchunk,
     ``sync`` the phase counters (zeroed here)."""
     sync[:] = 0
     if threads == 1:
-        _run_step(0, sync, x_in, pos, f1, fr, w, rb, n, col, nmat, nchunk, fmt, abuf, attn_norm, ffn_norm, eps,
-                  bias, cos, sin, rope_dim, neox, n_heads, n_kv, hd, hd_v, k_cache, v_cache, scale, x, h, gated,
-                  qkv, act, o, gu, down, out_norm, logits)
+        _run_step(np.int64(0), sync, x_in, pos, f1, fr, w, rb, n, col, nmat, nchunk, fmt, abuf, attn_norm,
+                  ffn_norm, eps, bias, cos, sin, rope_dim, neox, n_heads, n_kv, hd, hd_v, k_cache, v_cache, scale,
+                  x, h, gated, qkv, act, o, gu, down, out_norm, logits)
         return
     for tid in prange(threads):
-        _run_step(tid, sync, x_in, pos, f1, fr, w, rb, n, col, nmat, nchunk, fmt, abuf, attn_norm, ffn_norm, eps,
-                  bias, cos, sin, rope_dim, neox, n_heads, n_kv, hd, hd_v, k_cache, v_cache, scale, x, h, gated,
-                  qkv, act, o, gu, down, out_norm, logits)
+        _run_step(np.int64(tid), sync, x_in, pos, f1, fr, w, rb, n, col, nmat, nchunk, fmt, abuf, attn_norm,
+                  ffn_norm, eps, bias, cos, sin, rope_dim, neox, n_heads, n_kv, hd, hd_v, k_cache, v_cache, scale,
+                  x, h, gated, qkv, act, o, gu, down, out_norm, logits)
 
 
 #: weight bytes per chunk of a product phase (a few tens of microseconds of work: claiming a
@@ -191,8 +194,9 @@ class DecodePlan:
         self.abuf = np.empty((t, widest // 32 * simd.ACT_BLOCK[simd.Q8_32]), np.uint8)   # the larger format
         self.private = (f32(t, 1, cfg.d_model), f32(t, 1, cfg.d_model), f32(t, 1, cfg.d_ff))      # x, h, gated
         L = len(layers)
+        # qkv, act, o, gu, down: a row per layer, none written twice in a step
         self.shared = (f32(L, 1, q_dim + kv_dim), f32(L, 1, cfg.n_heads * cfg.head_dim_v), f32(L, 1, cfg.d_model),
-                       f32(L, 1, 2 * cfg.d_ff), f32(L, 1, cfg.d_model))                           # qkv, act, o, gu, down
+                       f32(L, 1, 2 * cfg.d_ff), f32(L, 1, cfg.d_model))
         self.sync = parallel.new_sync(L * 5 + 2)
         self.no_logits = f32(1, 0)
         self.vocab = int(groups[-1].col[-1]) if with_output else 0
