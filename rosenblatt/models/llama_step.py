@@ -30,7 +30,7 @@ GROUPS = (("wq", "wk", "wv"), ("wo",), ("w_gate", "w_up"), ("w_down",))
 
 
 @njit(nogil=True, cache=True)
-def _products(sync, ph, g, f1, fr, w, rb, n, col, nmat, nchunk, nblk, abuf, out):
+def _products(sync, ph, g, f1, fr, w, rb, col, nmat, nchunk, nblk, abuf, out):
     """Phase ``ph``: group ``g``'s one-row products of the quantized activations in ``abuf`` into
     ``out`` [1, columns], as ``nchunk[g]`` chunks of consecutive output rows (a chunk's rows may
     span two matrices). Every row is the kernel's own per-row dot product, so the split does not
@@ -54,7 +54,7 @@ def _products(sync, ph, g, f1, fr, w, rb, n, col, nmat, nchunk, nblk, abuf, out)
 
 
 @njit(nogil=True, cache=True)
-def _run_step(tid, sync, x_in, pos, f1, fr, w, rb, n, col, nmat, nchunk, fmt, abuf, attn_norm, ffn_norm, eps,
+def _run_step(tid, sync, x_in, pos, f1, fr, w, rb, col, nmat, nchunk, fmt, abuf, attn_norm, ffn_norm, eps,
               bias, cos, sin, rope_dim, neox, n_heads, n_kv, hd, hd_v, k_cache, v_cache, scale, x, h, gated, qkv,
               act, o, gu, down, out_norm, logits):
     """Thread ``tid``'s walk through the phases of a step (see :mod:`rosenblatt.parallel`).
@@ -81,7 +81,7 @@ def _run_step(tid, sync, x_in, pos, f1, fr, w, rb, n, col, nmat, nchunk, fmt, ab
             xt += down[layer - 1]
         ops.rms_norm(xt, attn_norm[layer], eps, ht)
         simd.quantize_row_into(ht, at, fmt[g])
-        ph = _products(sync, ph, g, f1, fr, w, rb, n, col, nmat, nchunk, d // fmt[g], at, qkv[layer])
+        ph = _products(sync, ph, g, f1, fr, w, rb, col, nmat, nchunk, d // fmt[g], at, qkv[layer])
         flat = qkv[layer, 0]
         q = flat[:q_dim].reshape((1, n_heads, hd))
         k = flat[q_dim:q_dim + k_dim].reshape((1, n_kv, hd))
@@ -108,20 +108,20 @@ def _run_step(tid, sync, x_in, pos, f1, fr, w, rb, n, col, nmat, nchunk, fmt, ab
             parallel.done(sync, ph)
         parallel.wait(sync, ph, n_kv)
         simd.quantize_row_into(act[layer], at, fmt[g + 1])
-        ph = _products(sync, ph + 1, g + 1, f1, fr, w, rb, n, col, nmat, nchunk, act.shape[2] // fmt[g + 1], at,
+        ph = _products(sync, ph + 1, g + 1, f1, fr, w, rb, col, nmat, nchunk, act.shape[2] // fmt[g + 1], at,
                        o[layer])
         xt += o[layer]
         ops.rms_norm(xt, ffn_norm[layer], eps, ht)
         simd.quantize_row_into(ht, at, fmt[g + 2])
-        ph = _products(sync, ph, g + 2, f1, fr, w, rb, n, col, nmat, nchunk, d // fmt[g + 2], at, gu[layer])
+        ph = _products(sync, ph, g + 2, f1, fr, w, rb, col, nmat, nchunk, d // fmt[g + 2], at, gu[layer])
         ops.silu_mul(gu[layer, :, :d_ff], gu[layer, :, d_ff:], gt)
         simd.quantize_row_into(gt, at, fmt[g + 3])
-        ph = _products(sync, ph, g + 3, f1, fr, w, rb, n, col, nmat, nchunk, d_ff // fmt[g + 3], at, down[layer])
+        ph = _products(sync, ph, g + 3, f1, fr, w, rb, col, nmat, nchunk, d_ff // fmt[g + 3], at, down[layer])
     xt += down[-1]
     if logits.shape[1]:                          # the output norm and product
         ops.rms_norm(xt, out_norm, eps, ht)
         simd.quantize_row_into(ht, at, fmt[nmat.shape[0] - 1])
-        _products(sync, ph, nmat.shape[0] - 1, f1, fr, w, rb, n, col, nmat, nchunk, d // fmt[nmat.shape[0] - 1],
+        _products(sync, ph, nmat.shape[0] - 1, f1, fr, w, rb, col, nmat, nchunk, d // fmt[nmat.shape[0] - 1],
                   at, logits)
     if parallel.claim(sync, last, 1) == 0:       # a thread that started late finds this claimed
         x_in[:] = xt
@@ -129,7 +129,7 @@ def _run_step(tid, sync, x_in, pos, f1, fr, w, rb, n, col, nmat, nchunk, fmt, ab
 
 
 @njit(parallel=True, nogil=True, cache=True)
-def decode_layers(threads, sync, x_in, pos, f1, fr, w, rb, n, col, nmat, nchunk, fmt, abuf, attn_norm, ffn_norm,
+def decode_layers(threads, sync, x_in, pos, f1, fr, w, rb, col, nmat, nchunk, fmt, abuf, attn_norm, ffn_norm,
                   eps, bias, cos, sin, rope_dim, neox, n_heads, n_kv, hd, hd_v, k_cache, v_cache, scale, x, h, gated,
                   qkv, act, o, gu, down, out_norm, logits):
     """Run the one-token residual ``x_in`` [1, d] at position ``pos`` through every layer, in
@@ -144,12 +144,12 @@ def decode_layers(threads, sync, x_in, pos, f1, fr, w, rb, n, col, nmat, nchunk,
     ``sync`` the phase counters (zeroed here)."""
     sync[:] = 0
     if threads == 1:
-        _run_step(np.int64(0), sync, x_in, pos, f1, fr, w, rb, n, col, nmat, nchunk, fmt, abuf, attn_norm,
+        _run_step(np.int64(0), sync, x_in, pos, f1, fr, w, rb, col, nmat, nchunk, fmt, abuf, attn_norm,
                   ffn_norm, eps, bias, cos, sin, rope_dim, neox, n_heads, n_kv, hd, hd_v, k_cache, v_cache, scale,
                   x, h, gated, qkv, act, o, gu, down, out_norm, logits)
         return
     for tid in prange(threads):
-        _run_step(np.int64(tid), sync, x_in, pos, f1, fr, w, rb, n, col, nmat, nchunk, fmt, abuf, attn_norm,
+        _run_step(np.int64(tid), sync, x_in, pos, f1, fr, w, rb, col, nmat, nchunk, fmt, abuf, attn_norm,
                   ffn_norm, eps, bias, cos, sin, rope_dim, neox, n_heads, n_kv, hd, hd_v, k_cache, v_cache, scale,
                   x, h, gated, qkv, act, o, gu, down, out_norm, logits)
 
@@ -168,14 +168,14 @@ class DecodePlan:
         layers, cfg = model.layers, model.cfg
         size = len(groups)
         i64 = lambda: np.zeros((size, 3), np.int64)
-        self.f1, self.fr, self.w, self.rb, self.n = i64(), i64(), i64(), i64(), i64()
+        self.f1, self.fr, self.w, self.rb = i64(), i64(), i64(), i64()
         self.col = np.zeros((size, 4), np.int64)
         self.nmat, self.nchunk, self.fmt = (np.zeros(size, np.int64) for _ in range(3))
         self._keep = groups              # the KernelGroups own the weight mappings' references
         for i, kg in enumerate(groups):
             m = len(kg.n)
             self.f1[i, :m], self.fr[i, :m], self.w[i, :m] = kg.f1, kg.fr, kg.w
-            self.rb[i, :m], self.n[i, :m], self.col[i, :m + 1] = kg.row_bytes, kg.n, kg.col
+            self.rb[i, :m], self.col[i, :m + 1] = kg.row_bytes, kg.col
             self.nmat[i], self.fmt[i] = m, kg.fmt
             weight_bytes = int((kg.n * kg.row_bytes).sum())
             self.nchunk[i] = 1 if threads == 1 else min(MAX_CHUNKS, max(threads, weight_bytes // CHUNK_BYTES))
@@ -224,7 +224,7 @@ class DecodePlan:
         logits [1, vocab], else None (the caller computes them from ``x``)."""
         c = self.cfg
         out = np.empty((1, self.vocab), np.float32) if logits and self.with_output else self.no_logits
-        decode_layers(self.threads, self.sync, x, pos, self.f1, self.fr, self.w, self.rb, self.n, self.col,
+        decode_layers(self.threads, self.sync, x, pos, self.f1, self.fr, self.w, self.rb, self.col,
                       self.nmat, self.nchunk, self.fmt, self.abuf, self.attn_norm, self.ffn_norm, c.rms_eps,
                       self.bias, cos, sin, c.rope_dim, c.rope_neox, c.n_heads, c.n_kv_heads, c.head_dim, c.head_dim_v,
                       k_cache, v_cache, self.scale, *self.private, *self.shared, self.out_norm, out)
