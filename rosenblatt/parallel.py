@@ -38,40 +38,40 @@ SYNC_COLS = 16
 SPIN = 2000
 
 
-def _element_ptr(context, builder, aryty, ary, row, col):
-    arr = context.make_array(aryty)(context, builder, ary)
+def _is_sync(sync) -> bool:
+    return isinstance(sync, types.Array) and sync.dtype == types.int64 and sync.ndim == 2
+
+
+def _element_ptr(context, builder, signature, args):
+    """Pointer to ``sync[row, col]`` from an intrinsic's first three arguments."""
+    aryty, (rowty, colty) = signature.args[0], signature.args[1:3]
+    arr = context.make_array(aryty)(context, builder, args[0])
+    row = context.cast(builder, args[1], rowty, types.intp)
+    col = context.cast(builder, args[2], colty, types.intp)
     return cgutils.get_item_pointer(context, builder, aryty, arr, [row, col], wraparound=False)
 
 
 @intrinsic
 def atomic_add(typingctx, sync, row, col, value):
     """``sync[row, col] += value`` atomically (seq_cst); returns the value before."""
-    if not (isinstance(sync, types.Array) and sync.dtype == types.int64 and sync.ndim == 2):
+    if not _is_sync(sync):
         return None
-    sig = types.int64(sync, row, col, value)
 
     def codegen(context, builder, signature, args):
-        ptr = _element_ptr(context, builder, signature.args[0], args[0],
-                           context.cast(builder, args[1], signature.args[1], types.intp),
-                           context.cast(builder, args[2], signature.args[2], types.intp))
         inc = context.cast(builder, args[3], signature.args[3], types.int64)
-        return builder.atomic_rmw("add", ptr, inc, "seq_cst")
-    return sig, codegen
+        return builder.atomic_rmw("add", _element_ptr(context, builder, signature, args), inc, "seq_cst")
+    return types.int64(sync, row, col, value), codegen
 
 
 @intrinsic
 def atomic_load(typingctx, sync, row, col):
     """``sync[row, col]`` read with acquire ordering."""
-    if not (isinstance(sync, types.Array) and sync.dtype == types.int64 and sync.ndim == 2):
+    if not _is_sync(sync):
         return None
-    sig = types.int64(sync, row, col)
 
     def codegen(context, builder, signature, args):
-        ptr = _element_ptr(context, builder, signature.args[0], args[0],
-                           context.cast(builder, args[1], signature.args[1], types.intp),
-                           context.cast(builder, args[2], signature.args[2], types.intp))
-        return builder.load_atomic(ptr, "acquire", 8)
-    return sig, codegen
+        return builder.load_atomic(_element_ptr(context, builder, signature, args), "acquire", 8)
+    return types.int64(sync, row, col), codegen
 
 
 def pause_intrinsic(machine: str):

@@ -49,3 +49,17 @@ def gemma3_path() -> Path:
 def smollm2_engine():
     from rosenblatt import Engine
     return Engine.load(smollm2_path(), n_ctx=512)
+
+
+def a76_assembly(ir_text: str, features: str = "") -> str:
+    """``ir_text`` (an LLVM module) lowered to AArch64 assembly for the board's cortex-a76;
+    llvmlite's LLVM carries every target, so this runs on any host."""
+    import llvmlite.binding as llvm
+    llvm.initialize_all_targets()
+    llvm.initialize_all_asmprinters()
+    triple = "aarch64-unknown-linux-gnu"
+    machine = llvm.Target.from_triple(triple).create_target_machine(cpu="cortex-a76", features=features, opt=3)
+    module = llvm.parse_assembly(ir_text)
+    module.triple = triple
+    module.verify()
+    return machine.emit_assembly(module)

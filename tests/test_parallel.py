@@ -9,6 +9,8 @@ from numba import njit, prange
 
 from rosenblatt import parallel
 
+from conftest import a76_assembly
+
 
 @njit(parallel=True, cache=True)
 def _chain(sync, out, region_threads):
@@ -54,21 +56,13 @@ def test_every_chunk_once_after_the_phase_before(region_threads, numba_threads):
 
 def test_the_spin_hint_lowers_to_yield_on_the_a76():
     """The board's hint is never executed here: lower the intrinsic for the A76 and look."""
-    import llvmlite.binding as llvm
     name, args = parallel.pause_intrinsic("aarch64")
-    llvm.initialize_all_targets()
-    llvm.initialize_all_asmprinters()
-    text = f"""
-target triple = "aarch64-unknown-linux-gnu"
+    assembly = a76_assembly(f"""
 declare void @{name}({", ".join("i32" for _ in args)})
 define void @f() {{
   call void @{name}({", ".join(f"i32 {a}" for a in args)})
   ret void
 }}
-"""
-    module = llvm.parse_assembly(text)
-    module.verify()
-    machine = llvm.Target.from_triple("aarch64-unknown-linux-gnu").create_target_machine(cpu="cortex-a76")
-    assembly = machine.emit_assembly(module)
+""")
     assert "\tyield" in assembly
     assert parallel.pause_intrinsic("x86_64") == ("llvm.x86.sse2.pause", ())

@@ -9,7 +9,7 @@ from gguf.quants import dequantize as gguf_dequantize
 
 from rosenblatt import Engine, simd
 
-from conftest import MICRO_MODELS, load_reference, micro_path
+from conftest import MICRO_MODELS, a76_assembly, load_reference, micro_path
 from test_quants import random_blocks
 
 SIMD = [T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q4_K, T.Q5_K, T.Q6_K]
@@ -25,15 +25,7 @@ def test_sdot_kernels_compile_for_the_a76():
     """The board's path lowers for AArch64 (cortex-a76, +dotprod) to sdot instructions; llvmlite's
     LLVM carries every target, so this runs on x86 too (the code itself cannot run here: its
     arithmetic is tested as "sdot-emulated")."""
-    import llvmlite.binding as llvm
-    llvm.initialize_all_targets()
-    llvm.initialize_all_asmprinters()
-    tm = llvm.Target.from_triple("aarch64-unknown-linux-gnu").create_target_machine(
-        cpu="cortex-a76", features="+neon,+dotprod", opt=3)
-    mod = llvm.parse_assembly(simd.module_ir("sdot"))
-    mod.triple = "aarch64-unknown-linux-gnu"
-    mod.verify()
-    asm = tm.emit_assembly(mod)
+    asm = a76_assembly(simd.module_ir("sdot"), features="+neon,+dotprod")
     for t in SIMD:
         for rows in (1, simd.ROWS):
             assert f"mm{rows}_{t.name.lower()}:" in asm

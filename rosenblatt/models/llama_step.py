@@ -66,7 +66,7 @@ def _run_step(tid, sync, x_in, pos, f1, fr, w, rb, col, nmat, nchunk, fmt, abuf,
     waits while another does them. The shared rows (``qkv`` .. ``down``) have one row per layer:
     none is written twice in a step, so a thread that falls behind never reads a row another has
     already overwritten. Whichever thread claims the last phase writes the residual back."""
-    last = attn_norm.shape[0] * 5 + 1            # the write-back (after the output product, phase - 1)
+    last = attn_norm.shape[0] * 5 + 1            # phases: 5 a layer, the output product, the write-back
     if parallel.drained(sync, last, 1):
         return                                   # a runtime ran the region's threads one after another
     q_dim, k_dim = n_heads * hd, n_kv * hd
@@ -140,8 +140,7 @@ def decode_layers(threads, sync, x_in, pos, f1, fr, w, rb, col, nmat, nchunk, fm
     Group ``4 * layer + i`` holds the layer's i-th product (:data:`GROUPS`), the last group the
     output; ``bias`` is [layers, q+k+v] or has no columns when the model has none. ``x``, ``h``,
     ``gated``, ``abuf`` are per-thread scratch rows [threads, ...], ``qkv`` .. ``down`` shared ones
-    [layers, 1, ...];
-    ``sync`` the phase counters (zeroed here)."""
+    [layers, 1, ...]; ``sync`` the phase counters (zeroed here)."""
     sync[:] = 0
     if threads == 1:
         _run_step(np.int64(0), sync, x_in, pos, f1, fr, w, rb, col, nmat, nchunk, fmt, abuf, attn_norm,
