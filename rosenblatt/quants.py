@@ -34,7 +34,10 @@ SUPPORTED_TYPES = frozenset(
     GGMLQuantizationType(c) for c in (F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K))
 
 # fp16 -> fp32 by table: exact for every bit pattern (subnormals, inf, nan) and one load per block.
-_F16 = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
+# AArch64's hardware conversion raises the invalid flag on the signalling-NaN patterns (numpy
+# would warn at import there); they still become NaN.
+with np.errstate(invalid="ignore"):
+    _F16 = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
 
 
 def block_size(qtype: int) -> int:
