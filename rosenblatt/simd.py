@@ -20,9 +20,12 @@ adjacent pairs summed to int16) and ``vpmaddwd`` (int16 x int16, adjacent pairs 
 int32); value ranges never reach int16 saturation (2 x 63 x 127 < 32767; Q8_0 weights run as
 |w| x sign-adjusted x, 2 x 128 x 127). On AArch64 with the dot-product extension (the A76) it is
 ``sdot`` (4 byte products summed into each int32 lane). Elsewhere the same arithmetic is plain
-widen-multiply-add IR left to LLVM. All forms compute the same integers: the tests run the
-host's, the portable one and the sdot structure with the dot product in plain IR, and lower the
-sdot module for the A76.
+widen-multiply-add IR left to LLVM. All forms compute the same integers in the same lanes
+(lane j of a 32-product dot holds products 4j..4j+3), scale them with fused multiply-adds and
+sum the lanes in one fixed order, so every ISA gives bit-identical floats and a model's output
+does not depend on the machine: the tests compare the host's, the portable one and the sdot
+structure with the dot product in plain IR bit for bit, and lower the sdot module for the A76
+(the emulated A76 lane, scripts/arm-check, runs the real instruction).
 
 Each kernel computes ``out[m, r] = dot(row r, x[m])`` for rows ``[r0, r1)`` and ``m_rows``
 activation rows; the weight row is read once per ``m`` loop, so it stays in L1 for prefill.
@@ -41,6 +44,7 @@ from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic
 
+from .isa import ISAS, IsaError, host_choice, target_features
 from .jit import njit_twin
 from .quants import Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0
 
@@ -50,10 +54,9 @@ Q8_32, Q8_256 = 32, 256
 ACT_BLOCK = {Q8_32: 64, Q8_256: 320}
 
 _HEADER = """
-declare float @llvm.vector.reduce.fadd.v8f32(float, <8 x float>)
-declare float @llvm.fmuladd.f32(float, float, float)
+declare float @llvm.fma.f32(float, float, float)
 declare i32 @llvm.vector.reduce.add.v8i32(<8 x i32>)
-declare <8 x float> @llvm.fmuladd.v8f32(<8 x float>, <8 x float>, <8 x float>)
+declare <8 x float> @llvm.fma.v8f32(<8 x float>, <8 x float>, <8 x float>)
 declare <16 x i16> @llvm.x86.avx2.pmadd.ub.sw(<32 x i8>, <32 x i8>)
 declare <8 x i32> @llvm.x86.avx2.pmadd.wd(<16 x i16>, <16 x i16>)
 declare <32 x i8> @llvm.x86.avx2.psign.b(<32 x i8>, <32 x i8>)
@@ -112,7 +115,18 @@ _POINTERS = """  %m{i} = add i64 %m, {i}
 _PHIS = """  %accv{i} = phi <8 x float> [zeroinitializer, %mloop], [{accv1}, %bloop]
   %accs{i} = phi float [0.0, %mloop], [{accs1}, %bloop]"""
 
-_STORES = """  %vsum{i} = call reassoc float @llvm.vector.reduce.fadd.v8f32(float 0.0, <8 x float> {accv1})
+# The 8 float lanes are summed in one fixed order, the same on every target (a "reassoc"
+# reduction is free to pick a target's own order, and x86 and AArch64 pick differently):
+# lanes k + k+4, then (0+2) + (1+3).
+_STORES = """  %vlo{i} = shufflevector <8 x float> {accv1}, <8 x float> undef, <4 x i32> <i32 0, i32 1, i32 2, i32 3>
+  %vhi{i} = shufflevector <8 x float> {accv1}, <8 x float> undef, <4 x i32> <i32 4, i32 5, i32 6, i32 7>
+  %v4{i} = fadd <4 x float> %vlo{i}, %vhi{i}
+  %v2a{i} = shufflevector <4 x float> %v4{i}, <4 x float> undef, <2 x i32> <i32 0, i32 1>
+  %v2b{i} = shufflevector <4 x float> %v4{i}, <4 x float> undef, <2 x i32> <i32 2, i32 3>
+  %v2{i} = fadd <2 x float> %v2a{i}, %v2b{i}
+  %v1a{i} = extractelement <2 x float> %v2{i}, i32 0
+  %v1b{i} = extractelement <2 x float> %v2{i}, i32 1
+  %vsum{i} = fadd float %v1a{i}, %v1b{i}
   %ssum{i} = fmul float {accs1}, {cs}
   %total{i} = fadd float %vsum{i}, %ssum{i}
   %oo{i} = mul i64 %m{i}, %so
@@ -133,7 +147,6 @@ def _mask(indices) -> str:
 #: instruction sets the kernels are written for: "avx2" (x86 intrinsics), "sdot" (AArch64 dot
 #: product, the A76's), "portable" (plain IR, any LLVM target); "sdot-emulated" is the sdot
 #: structure with the dot product in plain IR, so that tests run it on any CPU
-ISAS = ("avx2", "sdot", "portable", "sdot-emulated")
 
 
 class _IR:
@@ -232,9 +245,11 @@ class _IR:
         hi = self(f"shufflevector <32 x i8> {v}, <32 x i8> undef, {_mask(range(16, 32))}")
         return lo, hi
 
-    def _widen8(self, v4: str) -> str:
-        """<4 x i32> -> <8 x i32> with zero upper lanes (LLVM drops them along the chain)"""
-        return self(f"shufflevector <4 x i32> {v4}, <4 x i32> zeroinitializer, {_mask(range(8))}")
+    def _join8(self, lo: str, hi: str) -> str:
+        """two <4 x i32> -> <8 x i32>. In :meth:`dot32` the sdot sums of bytes 0-15 in lanes 0-3
+        and of bytes 16-31 in lanes 4-7: lane j holds products 4j..4j+3, as the x86 and portable
+        kernels' lane j does, so every ISA hands the same integers to the same float lanes"""
+        return self(f"shufflevector <4 x i32> {lo}, <4 x i32> {hi}, {_mask(range(8))}")
 
     def dot32(self, w, x: str, signed: bool = False) -> str:
         """Sum of the 32 products of weight bytes ``w`` (unsigned 0..127, or the result of
@@ -243,7 +258,7 @@ class _IR:
         if self.sdot:
             wl, wh = self._halves16(w[0] if signed else w)
             xl, xh = self._halves16(x)
-            return self._widen8(self.dot4(self.dot4("zeroinitializer", wl, xl), wh, xh))
+            return self._join8(self.dot4("zeroinitializer", wl, xl), self.dot4("zeroinitializer", wh, xh))
         p16 = self.maddss(w, x) if signed else self.maddubs(w, x)
         return self.madd(p16, _ONES16)
 
@@ -254,12 +269,14 @@ class _IR:
             wl, wh = self._halves16(w)
             xl, xh = self._halves16(x)
             lanes = lambda j: self.splat("i32", 4, self(f"sext i16 {self(f'extractelement <{n_scales} x i16> {scales}, i32 {j}')} to i32"))
+            # compact: lane k sums products 4k..4k+3 and 16+4k..16+4k+3, upper lanes zero (the
+            # K-quant bodies fold the other ISAs' lanes the same way, see fma_acc)
             if j_lo == j_hi:
                 t = self.dot4(self.dot4("zeroinitializer", wl, xl), wh, xh)
-                return self._widen8(self(f"mul <4 x i32> {t}, {lanes(j_lo)}"))
+                return self._join8(self(f"mul <4 x i32> {t}, {lanes(j_lo)}"), "zeroinitializer")
             tl = self(f"mul <4 x i32> {self.dot4('zeroinitializer', wl, xl)}, {lanes(j_lo)}")
             th = self(f"mul <4 x i32> {self.dot4('zeroinitializer', wh, xh)}, {lanes(j_hi)}")
-            return self._widen8(self(f"add <4 x i32> {tl}, {th}"))
+            return self._join8(self(f"add <4 x i32> {tl}, {th}"), "zeroinitializer")
         sv = self(f"shufflevector <{n_scales} x i16> {scales}, <{n_scales} x i16> undef, {_mask([j_lo] * 8 + [j_hi] * 8)}")
         return self.madd(self.maddubs(w, x), sv)
 
@@ -270,10 +287,24 @@ class _IR:
         return self(f"and <32 x i8> {v}, {self.bytes_(n)}")
 
     def fma_acc(self, ivec: str, scale: str, acc: str) -> str:
-        """acc + float(ivec) * scale  (<8 x i32>, scalar float, <8 x float>)"""
+        """acc + float(ivec) * scale  (<8 x i32>, scalar float, <8 x float>), fused."""
+        return self._fma(ivec, self.splat('float', 8, scale), acc)
+
+    def fma_acc_folded(self, a: str, scale_a: str, b: str, scale_b: str, acc: str) -> str:
+        """The K-quants' once-per-super-block step: lanes k and k+4 of the integer vectors ``a``
+        and ``b`` added (exact), which puts any ISA's lanes into the sdot kernels' compact form
+        (:meth:`dot32s`); then float lanes 0-3 take ``a`` x ``scale_a`` and lanes 4-7 ``b`` x
+        ``scale_b``. One cross-lane shuffle pair on x86, none on NEON."""
+        b = b or "zeroinitializer"
+        lo = self(f"shufflevector <8 x i32> {a}, <8 x i32> {b}, {_mask([0, 1, 2, 3, 8, 9, 10, 11])}")
+        hi = self(f"shufflevector <8 x i32> {a}, <8 x i32> {b}, {_mask([4, 5, 6, 7, 12, 13, 14, 15])}")
+        scales = self(f"insertelement <8 x float> {self.splat('float', 8, scale_a)}, float {scale_b}, i32 4")
+        scales = self(f"shufflevector <8 x float> {scales}, <8 x float> undef, {_mask([0] * 4 + [4] * 4)}")
+        return self._fma(self(f"add <8 x i32> {lo}, {hi}"), scales, acc)
+
+    def _fma(self, ivec: str, scales: str, acc: str) -> str:
         f = self(f"sitofp <8 x i32> {ivec} to <8 x float>")
-        return self(f"call <8 x float> @llvm.fmuladd.v8f32(<8 x float> {f}, <8 x float> {self.splat('float', 8, scale)}, "
-                    f"<8 x float> {acc})")
+        return self(f"call <8 x float> @llvm.fma.v8f32(<8 x float> {f}, <8 x float> {scales}, <8 x float> {acc})")
 
     def finish(self, accs: list[tuple[str, str]]) -> tuple[str, list[tuple[str, str]]]:
         """The body's lines and, per activation row, its updated (accv, accs)."""
@@ -314,7 +345,7 @@ def _body_q32(kind: str, isa: str, rows: int):
             accs.append((accv, f"%accs{i}"))
             continue
         xs = e.act(i, Q8_32, "s", ty="float")                     # scale * sum(q) of the block
-        accs.append((accv, e(f"call float @llvm.fmuladd.f32(float {factor}, float {xs}, float %accs{i})")))
+        accs.append((accv, e(f"call float @llvm.fma.f32(float {factor}, float {xs}, float %accs{i})")))
     return e.finish(accs)
 
 
@@ -354,8 +385,8 @@ def _body_q45_k(isa: str, rows: int, five: bool):
     for i in range(rows):
         mins = e.madd(e.act(i, Q8_256, "s", ty="<16 x i16>"), mn16)
         dx = e.act(i, Q8_256, "d")
-        accv = e.fma_acc(sumi[i], e(f"fmul float {d}, {dx}"), f"%accv{i}")
-        accv = e.fma_acc(mins, e(f"fneg float {e(f'fmul float {dmin}, {dx}')}"), accv)
+        accv = e.fma_acc_folded(sumi[i], e(f"fmul float {d}, {dx}"),
+                                mins, e(f"fneg float {e(f'fmul float {dmin}, {dx}')}"), f"%accv{i}")
         accs.append((accv, f"%accs{i}"))
     return e.finish(accs)
 
@@ -384,7 +415,7 @@ def _body_q6_k(isa: str, rows: int):
         corr = e.madd(e.act(i, Q8_256, "s", ty="<16 x i16>"), scv)
         corr32 = e(f"shl <8 x i32> {corr}, {_vec('i32', [5] * 8)}")
         total = e(f"sub <8 x i32> {sumi[i]}, {corr32}")
-        accv = e.fma_acc(total, e(f"fmul float {d}, {e.act(i, Q8_256, 'd')}"), f"%accv{i}")
+        accv = e.fma_acc_folded(total, e(f"fmul float {d}, {e.act(i, Q8_256, 'd')}"), None, "0.0", f"%accv{i}")
         accs.append((accv, f"%accs{i}"))
     return e.finish(accs)
 
@@ -412,14 +443,9 @@ _engines = []      # keep the JITs (and so the code) alive
 
 
 def host_isa() -> str:
-    """The instruction set the kernels are compiled for on this machine (:data:`ISAS`)."""
-    import llvmlite.binding as llvm
-    features = llvm.get_host_cpu_features().flatten().split(",")
-    if "+avx2" in features:
-        return "avx2"
-    if llvm.get_default_triple().startswith(("aarch64", "arm64")) and "+dotprod" in features:
-        return "sdot"
-    return "portable"
+    """The instruction set the kernels are compiled for on this machine (:data:`ISAS`), as
+    :mod:`rosenblatt.isa` decides it from the operating system's report (or ``$ROSENBLATT_ISA``)."""
+    return host_choice().isa
 
 
 #: activation rows per pass of the multi-row kernels (prefill); the rest run one by one
@@ -517,8 +543,12 @@ def kernels(isa: str | None = None) -> dict:
     use (or read from the object cache); {} if LLVM cannot build them here.
 
     ``isa`` None: :func:`host_isa`; or one of :data:`ISAS` that this CPU can run (tests compile
-    "portable" and "sdot-emulated" beside the host's)."""
+    "portable" and "sdot-emulated" beside the host's); any other is an :class:`IsaError`."""
     isa = isa or host_isa()
+    if isa not in ISAS:
+        raise ValueError(f"isa must be one of {ISAS}, got {isa!r}")
+    if isa not in host_choice().cpu.runnable():
+        raise IsaError(f"the {isa} kernels cannot run on this CPU (it runs {', '.join(host_choice().cpu.runnable())})")
     with _lock:
         if isa not in _compiled:
             try:
@@ -535,10 +565,14 @@ def _compile(isa: str) -> tuple[dict, "_ObjectCache"]:
     llvm.initialize_native_asmprinter()
     _disable_machine_scheduler(llvm)
     ir_text = module_ir(isa)
+    cpu, features = llvm.get_host_cpu_name(), target_features(isa, llvm.get_host_cpu_features().flatten())
+    if not llvm.get_default_triple().startswith(("aarch64", "arm64")) and "+fma" not in features.split(","):
+        # no fused multiply-add here (pre-Haswell x86): an fma would be a libm call per block;
+        # these results then round differently from every other machine's
+        ir_text = ir_text.replace("@llvm.fma.", "@llvm.fmuladd.")
     mod = llvm.parse_assembly(ir_text)
     mod.verify()
     target = llvm.Target.from_default_triple()
-    cpu, features = llvm.get_host_cpu_name(), llvm.get_host_cpu_features().flatten()
     tm = target.create_target_machine(cpu=cpu, features=features, opt=3)
     engine = llvm.create_mcjit_compiler(mod, tm)
     cache = _ObjectCache("\n".join([ir_text, repr(llvm.llvm_version_info), target.triple, cpu, features,

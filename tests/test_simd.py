@@ -128,6 +128,27 @@ def test_kernel_equals_numpy_emulation(qtype, isa, monkeypatch):
         assert np.abs(out - exact[:rows_m]).max() <= 0.02 * np.abs(exact).max()
 
 
+@pytest.mark.parametrize("qtype", SIMD, ids=lambda t: t.name)
+def test_every_isa_gives_the_same_floats(qtype):
+    """Not close: equal. The integer lanes, the fused multiply-adds and the order of the final
+    sum are the same in every ISA's kernels, so a model's output does not depend on the machine
+    (the A76 lane runs this with the real sdot instruction as the host's)."""
+    rng = np.random.default_rng(100 + int(qtype))
+    n, k, m = 96, 2048, simd.ROWS + 3
+    bs, ts = GGML_QUANT_SIZES[qtype]
+    rows = random_blocks(rng, qtype, n * k // bs, small=True).reshape(n, k // bs * ts)
+    acts = simd.quantize_activations(rng.standard_normal((m, k)).astype(np.float32) * 3, simd.ACT_FORMAT[int(qtype)])
+    results = {}
+    for isa in dict.fromkeys([simd.host_isa(), "portable", "sdot-emulated"]):
+        out = np.empty((m, n), np.float32)
+        simd.matmul(int(qtype), rows, acts, out, simd.kernels(isa))
+        results[isa] = out
+    first, *others = results.values()
+    assert np.isfinite(first).all()
+    for isa, out in results.items():
+        assert np.array_equal(out.view(np.int32), first.view(np.int32)), f"{isa} differs"
+
+
 def test_group_of_matrices_equals_single_products():
     """q/k/v-style: three matrices of two types sharing one activation format, one call."""
     rng = np.random.default_rng(7)
