@@ -18,8 +18,27 @@ same region (the decode step gives each layer its own rows).
 
 The counters live in an int64 array ``sync`` [phases, 16]: ``sync[p, 0]`` is the next chunk to
 claim, ``sync[p, 8]`` the number done (a cache line apart, so claims do not slow the waiters).
-The caller zeroes it before the region starts. Counts use sequentially consistent read-modify-
-write operations (a release of the chunk's stores), waiters an acquiring load.
+The caller zeroes it before the region starts.
+
+Memory ordering (why this is right on the A76's weak memory model, not only on x86's TSO):
+
+* The only hand-off of data between threads is "a chunk's results, then ``done``" on one side and
+  "``wait`` returns, then read them" on the other. ``done`` is a sequentially consistent
+  read-modify-write (so a release: the chunk's plain stores are ordered before it), ``wait``
+  loops on an *acquire* load. The load that finally reads ``n`` reads the value written by the
+  last ``done`` of the phase; every earlier ``done`` heads a release sequence that the later
+  read-modify-writes on the same counter continue, so that acquire synchronizes with *every*
+  chunk's ``done``, and all the phase's results are visible to the waiter.
+* ``claim`` needs atomicity only (each chunk handed out once); it is a seq_cst add all the same,
+  and its first acquire load only skips the write once a phase is drained.
+* ``sync`` is zeroed before the region starts and the region's start and end are the runtime's
+  own fork/join, which order everything before and after.
+* Nothing is ``monotonic`` (relaxed) where data depends on it. On the A76 (ARMv8.2 with LSE and
+  RCpc) LLVM lowers the add to ``ldaddal`` and the acquire load to ``ldapr``; without LSE to an
+  ``ldaxr``/``stlxr`` loop. tests/test_parallel.py checks the IR orderings numba generates and
+  that lowering, and runs a many-phase stress region (which the emulated A76 lane runs too;
+  qemu on an x86 host executes with x86's ordering, so the lane checks the code, not the
+  weak-memory timing: the same test run natively on the board does).
 """
 
 from __future__ import annotations
