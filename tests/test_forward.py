@@ -90,3 +90,17 @@ def test_context_overflow_and_bad_token_ids():
     with pytest.raises(ValueError, match="vocabulary"):
         engine.logits([1, 2, engine.config.vocab_size])
     assert engine.logits([]).shape == (0, engine.config.vocab_size)
+
+
+@pytest.mark.parametrize("name", ["qwen2-micro-q4_k_m", "qwen2-micro-q8_0", "llama-micro-q4_0", "llama-micro-q6_k"])
+def test_a_positions_logits_do_not_depend_on_how_the_tokens_were_cut(name):
+    """Bit for bit: one call over the whole sequence, or chunks of 7 and 13 then one token at a
+    time (the fused decode step). Prefix reuse and batching rely on it."""
+    meta, *_ = load_reference(name)
+    ids = meta["prompt_ids"] + meta["greedy_ids"][:10]
+    engine = Engine.load(micro_path(name), n_ctx=64)
+    whole = engine.logits(ids)
+    engine.reset()
+    parts = [engine.eval(ids[:7], logits="all"), engine.eval(ids[7:20], logits="all")]
+    parts += [engine.eval([t], logits="all") for t in ids[20:]]
+    assert np.array_equal(np.concatenate(parts).view(np.int32), whole.view(np.int32))

@@ -100,37 +100,19 @@ def attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, start: in
     Query head h reads kv head h // (H / n_kv). Returns [T, H * hd_v].
     ``window`` > 0: query position i sees only keys j with i - j < window (sliding-window layers).
     ``scale``: score scale, default 1/sqrt(hd).
-    One query (decode) runs a numba kernel; several use numpy's batched matmuls (BLAS), which a
-    numba kernel did not beat once many keys are cached.
+    Every query row runs the same numba kernel (``ops.attention_decode``) over the keys it sees, so
+    its result does not depend on how many rows share the call (a decode step, a prompt chunk, a
+    reused prefix all give the same numbers).
     """
     t, h, hd = q.shape
-    lo = max(0, start - window + 1) if window else 0     # the oldest key any of the queries sees
     scale = np.float32(1.0 / np.sqrt(hd) if scale is None else scale)
+    out = np.empty((t, h, v_cache.shape[2]), np.float32)
     if t == 1:
-        out = np.empty((h, v_cache.shape[2]), np.float32)
-        kernels.attention_decode(q[0], k_cache, v_cache, n_kv, lo, start + 1, scale, out)
-        return out.reshape(1, -1)
-    return _attention_batch(q, k_cache, v_cache, start, n_kv, window, lo, scale)
-
-
-def _attention_batch(q, k_cache, v_cache, start, n_kv, window, lo, scale):
-    """:func:`attention` of several queries (prefill), with numpy's batched matmuls."""
-    t, h, hd = q.shape
-    s = start + t
-    group = h // n_kv
-    qg = q.transpose(1, 0, 2).reshape(n_kv, group, t, hd)
-    keys = k_cache[:, None, lo:s, :]
-    scores = np.matmul(qg, keys.swapaxes(-1, -2)) * scale                               # [n_kv, g, T, S]
-    key_pos, query_pos = np.arange(lo, s)[None, :], (start + np.arange(t))[:, None]
-    hidden = key_pos > query_pos
-    if window:
-        hidden |= key_pos <= query_pos - window
-    scores[..., hidden] = -np.inf
-    scores -= scores.max(axis=-1, keepdims=True)
-    np.exp(scores, out=scores)
-    scores /= scores.sum(axis=-1, keepdims=True)
-    out = np.matmul(scores, v_cache[:, None, lo:s, :])                                  # [n_kv, g, T, hd_v]
-    return out.reshape(h, t, -1).transpose(1, 0, 2).reshape(t, -1)
+        lo = max(0, start - window + 1) if window else 0
+        kernels.attention_decode(q[0], k_cache, v_cache, n_kv, lo, start + 1, scale, out[0])
+    else:
+        kernels.attention_rows(q, k_cache, v_cache, n_kv, start, window, scale, out)
+    return out.reshape(t, -1)
 
 
 def silu_mul(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
