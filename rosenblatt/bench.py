@@ -100,10 +100,14 @@ def run_bench(model: str, prompt_tokens: int = 128, gen_tokens: int = 64, thread
     step_s = decode_step_time(engine, ids)
     split = decode_step_profile(engine, ids)
     backend = engine.model.backend
+    from .isa import NOTABLE, host_choice
+    isa = host_choice()
     return {
         "model": os.path.basename(str(model)),
         "device": device,
         "threads": getattr(backend, "threads", threads),
+        "isa": isa.isa,
+        "cpu_features": [f for f in NOTABLE if f in isa.cpu.features],
         "prompt_tokens": prompt_tokens,
         "gen_tokens": gen_tokens,
         "repeat": repeat,
@@ -124,7 +128,8 @@ def run_bench(model: str, prompt_tokens: int = 128, gen_tokens: int = 64, thread
 
 def format_report(res: dict) -> str:
     lines = [
-        f"model         {res['model']}  ({res['file_mb']:.0f} MiB, device {res['device']}, {res['threads']} threads)",
+        f"model         {res['model']}  ({res['file_mb']:.0f} MiB, device {res['device']}, {res['threads']} threads, "
+        f"{res['isa']} kernels)",
         f"load          {res['load_s']:.2f} s",
         f"prefill       {res['prefill_tok_s']:.1f} tok/s  ({res['prompt_tokens']} tokens; "
         f"min {res['prefill_tok_s_range'][0]:.1f}, max {res['prefill_tok_s_range'][1]:.1f})",

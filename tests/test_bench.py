@@ -20,6 +20,8 @@ def test_bench_json_emits_every_field():
     for key in FIELDS:
         assert key in res, key
     assert res["model"] == "qwen2-micro-q4_k_m.gguf" and res["device"] == "cpu" and res["threads"] >= 1
+    from rosenblatt import simd
+    assert res["isa"] == simd.host_isa() and isinstance(res["cpu_features"], list)
     for key in ("prefill_tok_s", "decode_tok_s", "ttft_s", "load_s", "peak_rss_mb"):
         assert isinstance(res[key], float) and res[key] > 0, key
     lo, hi = res["decode_tok_s_range"]
