@@ -1,9 +1,9 @@
 """Which instruction set the integer kernels are built for, decided from what the kernel says.
 
 LLVM's own host detection is not enough: on Linux/AArch64 it maps only a few of
-``/proc/cpuinfo``'s feature names (LLVM 20 reports a Cortex-A76 as ``+aes,+crc,+fp-armv8,+lse,
-+neon,+sha2`` and never ``+dotprod``), so the A76's ``sdot`` kernels would never be chosen. The
-operating system's answer is used instead:
+``/proc/cpuinfo``'s feature names (llvmlite 0.50's LLVM 22 reports a Cortex-A76 as
+``+aes,+crc,+fp-armv8,+lse,+neon,+sha2`` and never ``+dotprod``), so the A76's ``sdot`` kernels
+would never be chosen. The operating system's answer is used instead:
 
 * Linux/AArch64: ``getauxval(AT_HWCAP)`` / ``AT_HWCAP2`` (the bits the kernel sets from the CPU's
   ID registers; ``HWCAP_ASIMDDP`` is the dot-product extension, ``HWCAP2_I8MM`` the int8 matrix
