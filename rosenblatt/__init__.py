@@ -8,6 +8,10 @@ import os as _os
 # Must be set before numba starts its thread pool; a user's own setting wins.
 _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+# numba's cache must key this package's compiled functions on the whole package (see jit.py)
+# before any of them is decorated
+from . import jit as _jit  # noqa: E402,F401
+
 from .chat_template import ChatTemplate  # noqa: E402
 from .engine import Engine, GenerationStats  # noqa: E402
 from .errors import ModelFileError, RosenblattError  # noqa: E402

@@ -1,10 +1,14 @@
-"""numba helpers shared by the kernels' modules."""
+"""numba helpers shared by the kernels' modules, and the package-wide stamp of numba's cache."""
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import os
 import types
 
 from numba import njit
+from numba.core import caching
 
 
 def njit_twin(fn, suffix: str, **options):
@@ -18,3 +22,50 @@ def njit_twin(fn, suffix: str, **options):
     twin.__qualname__ = fn.__qualname__ + suffix
     twin.__module__, twin.__doc__ = fn.__module__, fn.__doc__
     return njit(**options)(twin)
+
+
+# numba's on-disk cache keys each function's entries on its own source file (its content since
+# numba 0.61, its time and size before). A function that inlines or calls another module's
+# function (the fused decode step inlines ops.rms_norm, simd's kernels ...) is then loaded from
+# the cache with the old callee compiled in after that callee's file changed: an upgrade, an
+# edit, or a checkout of another commit ran stale machine code. For this package's files the
+# stamp is the whole package's content instead, so any change recompiles everything (other
+# modules keep numba's own stamp).
+_PACKAGE = os.path.dirname(os.path.abspath(__file__))
+
+
+@functools.lru_cache(maxsize=1)
+def package_stamp() -> str:
+    """sha256 of every ``.py`` file of the package (relative path and bytes), read once."""
+    h = hashlib.sha256()
+    for top, dirs, files in os.walk(_PACKAGE):
+        dirs[:] = sorted(d for d in dirs if d != "__pycache__")
+        for f in sorted(files):
+            if f.endswith(".py"):
+                path = os.path.join(top, f)
+                h.update(os.path.relpath(path, _PACKAGE).encode() + b"\0")
+                with open(path, "rb") as fh:
+                    h.update(fh.read())
+    return h.hexdigest()
+
+
+def _in_package(path) -> bool:
+    return bool(path) and os.path.abspath(path).startswith(_PACKAGE + os.sep)
+
+
+def _package_stamped(locator_class):
+    def get_source_stamp(self):
+        if _in_package(getattr(self, "_py_file", None)):
+            return package_stamp()
+        return locator_class.get_source_stamp(self)
+    return type(locator_class.__name__, (locator_class,),
+                {"get_source_stamp": get_source_stamp, "__module__": __name__, "_rosenblatt_stamp": True})
+
+
+def _install_package_stamp() -> None:
+    impl = getattr(caching, "CacheImpl", None) or caching._CacheImpl      # renamed in numba 0.61
+    classes = impl._locator_classes
+    classes[:] = [c if getattr(c, "_rosenblatt_stamp", False) else _package_stamped(c) for c in classes]
+
+
+_install_package_stamp()

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import importlib
+import os
 import pkgutil
+import shutil
+import subprocess
+import sys
 from collections import defaultdict
 
 from numba.core.registry import CPUDispatcher
 
 import rosenblatt
-from rosenblatt.jit import njit_twin
+from rosenblatt.jit import njit_twin, package_stamp
 
 
 def _dispatchers():
@@ -49,3 +53,44 @@ def test_twin_is_a_separately_cached_copy():
     assert a(1) == b(1) == 2
     assert a.py_func.__qualname__.endswith("f_a") and b.py_func.__qualname__.endswith("f_b")
     assert a._cache._cache_file._index_name != b._cache._cache_file._index_name
+
+
+def test_every_cached_function_is_stamped_with_the_whole_package():
+    stamps = {d._cache._impl.locator.get_source_stamp() for _, d in _dispatchers() if d._cache is not None
+              and hasattr(d._cache, "_impl")}
+    assert stamps == {package_stamp()}
+
+
+_CALLEE = """
+from numba import njit
+
+@njit(cache=True, inline="always")
+def value():
+    return {}
+"""
+_CALLER = """
+from numba import njit
+from .probe_callee import value
+
+@njit(cache=True)
+def twice():
+    return 2 * value()
+"""
+
+
+def test_a_change_in_an_inlined_callee_recompiles_its_caller(tmp_path):
+    """numba keys a function's cache on its own file only: the fused step kept an old ops.rms_norm
+    inlined after ops.py changed (an upgrade or a checkout would run stale code). A copy of the
+    package with a caller/callee pair in two files: the second run must see the new callee."""
+    shutil.copytree(os.path.dirname(rosenblatt.__file__), tmp_path / "rosenblatt",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    (tmp_path / "rosenblatt" / "probe_caller.py").write_text(_CALLER)
+    env = dict(os.environ, PYTHONPATH=str(tmp_path), NUMBA_CACHE_DIR=str(tmp_path / "cache"))
+    run = ["import rosenblatt.probe_caller as c; print(c.twice(), len(c.twice.stats.cache_hits))"]
+    outs = []
+    for n in (1, 1, 21):
+        (tmp_path / "rosenblatt" / "probe_callee.py").write_text(_CALLEE.format(n))
+        p = subprocess.run([sys.executable, "-c", *run], env=env, cwd=tmp_path, capture_output=True, text=True)
+        assert p.returncode == 0, p.stderr
+        outs.append(p.stdout.split())
+    assert outs == [["2", "0"], ["2", "1"], ["42", "0"]]      # compiled, loaded from the cache, recompiled
