@@ -12,8 +12,12 @@ what llama.cpp's SIMD SiLU uses), within 2 ulp of the exact value, 0 below -103.
 Outputs are arrays the caller allocates (cheaper than returning an array numba allocated).
 The kernels compile with ``error_model="numpy"``: a float division by zero gives inf/nan as in
 numpy instead of raising, which also keeps the check out of the loops so that they vectorize.
-They allow reassociation (:data:`~rosenblatt.qdot.FASTMATH`, vectorized sums) except RoPE, which
-computes exactly what the numpy expression ``x0 * c - x1 * s`` does, and :func:`exp`.
+None of them lets LLVM reassociate: a reassociated sum is vectorized to the target's width
+(16 lanes with AVX-512, 4 on NEON) and differently again where the function is inlined, so
+results would depend on the machine and on the caller. Sums are written as 8 partial sums
+combined in one fixed order instead, which vectorizes lane-wise the same everywhere; with
+the int8 kernels' fixed order (:mod:`rosenblatt.simd`) a position's logits are the same bits on
+x86 and the A76, and whether it was computed alone, in a prompt chunk or in the fused step.
 """
 
 from __future__ import annotations
@@ -24,7 +28,6 @@ from numba import njit, prange, types
 from numba.extending import intrinsic
 
 from .jit import njit_twin
-from .qdot import FASTMATH
 
 _LOG2E = np.float32(float.fromhex("0x1.715476p+0"))
 _LN2_HI = np.float32(float.fromhex("0x1.62e4p-1"))      # ln 2 = _LN2_HI + _LN2_LO; n * _LN2_HI is exact
@@ -59,14 +62,28 @@ def exp(x):
     return np.float32(np.inf) if x > _EXP_MAX else y
 
 
-@njit(fastmath=FASTMATH, error_model="numpy", cache=True)
+@njit(error_model="numpy", cache=True)
 def rms_norm(x, weight, eps, out):
-    """out[t] = x[t] / sqrt(mean(x[t]^2) + eps) * weight for each row of x [T, d]."""
+    """out[t] = x[t] / sqrt(mean(x[t]^2) + eps) * weight for each row of x [T, d]; the sum of
+    squares in float64 as 8 partial sums combined in one fixed order (the same bits on every
+    target and wherever it is inlined)."""
     d = x.shape[1]
+    d8 = d - d % 8
     for t in range(x.shape[0]):
-        ss = 0.0
-        for i in range(d):
-            ss += np.float64(x[t, i] * x[t, i])
+        xt = x[t]
+        s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = 0.0
+        for i in range(0, d8, 8):
+            s0 += np.float64(xt[i] * xt[i])
+            s1 += np.float64(xt[i + 1] * xt[i + 1])
+            s2 += np.float64(xt[i + 2] * xt[i + 2])
+            s3 += np.float64(xt[i + 3] * xt[i + 3])
+            s4 += np.float64(xt[i + 4] * xt[i + 4])
+            s5 += np.float64(xt[i + 5] * xt[i + 5])
+            s6 += np.float64(xt[i + 6] * xt[i + 6])
+            s7 += np.float64(xt[i + 7] * xt[i + 7])
+        for i in range(d8, d):
+            s0 += np.float64(xt[i] * xt[i])
+        ss = ((s0 + s4) + (s2 + s6)) + ((s1 + s5) + (s3 + s7))
         r = np.float32(1.0) / np.sqrt(np.float32(ss / d) + np.float32(eps))
         for i in range(d):
             out[t, i] = x[t, i] * r * weight[i]
@@ -99,63 +116,95 @@ def _silu_mul(gate, up, out):
             out[t, i] = g / (np.float32(1.0) + exp(-g)) * up[t, i]
 
 
-silu_mul = njit_twin(_silu_mul, "_serial", fastmath=FASTMATH, error_model="numpy", cache=True)
+silu_mul = njit_twin(_silu_mul, "_serial", error_model="numpy", cache=True)
 #: the same with the rows over numba's threads (prompts: [64, 8960] is ~3 ms on one core)
-silu_mul_rows = njit_twin(_silu_mul, "_rows", fastmath=FASTMATH, error_model="numpy", cache=True, parallel=True)
+silu_mul_rows = njit_twin(_silu_mul, "_rows", error_model="numpy", cache=True, parallel=True)
 
 
-@njit(fastmath=FASTMATH, error_model="numpy", cache=True)
+@njit(error_model="numpy", cache=True, inline="always")
+def _dot8(a, b, n):
+    """sum(a[:n] * b[:n]) in float32 as 8 running partial sums (lane i % 8), combined in one
+    fixed order: the same operations in the same order on every target and in every caller
+    (no reassociation for LLVM to redo its own way), which still vectorizes lane-wise."""
+    s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = np.float32(0.0)
+    n8 = n - n % 8
+    for i in range(0, n8, 8):
+        s0 += a[i] * b[i]
+        s1 += a[i + 1] * b[i + 1]
+        s2 += a[i + 2] * b[i + 2]
+        s3 += a[i + 3] * b[i + 3]
+        s4 += a[i + 4] * b[i + 4]
+        s5 += a[i + 5] * b[i + 5]
+        s6 += a[i + 6] * b[i + 6]
+        s7 += a[i + 7] * b[i + 7]
+    for i in range(n8, n):
+        s0 += a[i] * b[i]
+    return ((s0 + s4) + (s2 + s6)) + ((s1 + s5) + (s3 + s7))
+
+
+@njit(error_model="numpy", cache=True, inline="always")
+def _sum8(a, n):
+    """sum(a[:n]) in float32, in :func:`_dot8`'s fixed order."""
+    s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = np.float32(0.0)
+    n8 = n - n % 8
+    for i in range(0, n8, 8):
+        s0 += a[i]
+        s1 += a[i + 1]
+        s2 += a[i + 2]
+        s3 += a[i + 3]
+        s4 += a[i + 4]
+        s5 += a[i + 5]
+        s6 += a[i + 6]
+        s7 += a[i + 7]
+    for i in range(n8, n):
+        s0 += a[i]
+    return ((s0 + s4) + (s2 + s6)) + ((s1 + s5) + (s3 + s7))
+
+
+@njit(error_model="numpy", cache=True)
 def attention_decode(q, k_cache, v_cache, n_kv, lo, hi, scale, out):
     """One query position against the keys/values at [lo, hi) of the cache: q [H, hd] -> out [H, hd_v].
 
-    Query head h reads kv head h // (H / n_kv): softmax(scale * q k^T) v, in float32. Keys and
-    values are taken four rows at a time, each row loaded once for the kv head's group of query
-    heads; four independent sums per query head (no horizontal reduction per key).
+    Query head h reads kv head h // (H / n_kv): softmax(scale * q k^T) v, in float32. No
+    reassociation: every sum has one written order (:func:`_dot8`, :func:`_sum8`, the values
+    accumulated key by key), so the result is the same bits wherever this is compiled: alone,
+    inlined into the fused decode step, per row of a prompt (:func:`attention_rows`), on x86 or
+    the A76.
     """
     n_heads, hd = q.shape
     group = n_heads // n_kv
     n = hi - lo
-    n4 = n - n % 4
     p = np.empty((n_heads, n), np.float32)
     out[:] = 0.0
     for kh in range(n_kv):
         k, v = k_cache[kh, lo:hi], v_cache[kh, lo:hi]
-        heads = range(kh * group, (kh + 1) * group)
-        for j in range(0, n4, 4):                                   # scores
-            k0, k1, k2, k3 = k[j], k[j + 1], k[j + 2], k[j + 3]
-            for h in heads:
-                s0 = s1 = s2 = s3 = np.float32(0.0)
-                for i in range(hd):
-                    s0 += q[h, i] * k0[i]
-                    s1 += q[h, i] * k1[i]
-                    s2 += q[h, i] * k2[i]
-                    s3 += q[h, i] * k3[i]
-                p[h, j], p[h, j + 1], p[h, j + 2], p[h, j + 3] = s0 * scale, s1 * scale, s2 * scale, s3 * scale
-        for j in range(n4, n):
-            for h in heads:
-                s0 = np.float32(0.0)
-                for i in range(hd):
-                    s0 += q[h, i] * k[j, i]
-                p[h, j] = s0 * scale
-        for h in heads:                                             # softmax
-            top = p[h, 0]
+        for h in range(kh * group, (kh + 1) * group):
+            ph, qh = p[h], q[h]
+            for j in range(n):                                      # scores
+                ph[j] = _dot8(qh, k[j], hd) * scale
+            top = ph[0]                                             # softmax
             for j in range(1, n):
-                top = max(top, p[h, j])
-            total = np.float32(0.0)
+                top = max(top, ph[j])
             for j in range(n):
-                p[h, j] = exp(p[h, j] - top)
-                total += p[h, j]
+                ph[j] = exp(ph[j] - top)
+            total = _sum8(ph, n)
             for j in range(n):
-                p[h, j] /= total
-        for j in range(0, n4, 4):                                   # weighted sum of the values
-            v0, v1, v2, v3 = v[j], v[j + 1], v[j + 2], v[j + 3]
-            for h in heads:
-                w0, w1, w2, w3 = p[h, j], p[h, j + 1], p[h, j + 2], p[h, j + 3]
-                o = out[h]
+                ph[j] /= total
+            o = out[h]
+            for j in range(n):                                      # weighted sum of the values
+                w, vj = ph[j], v[j]
                 for i in range(o.shape[0]):
-                    o[i] += w0 * v0[i] + w1 * v1[i] + w2 * v2[i] + w3 * v3[i]
-        for j in range(n4, n):
-            for h in heads:
-                w0 = p[h, j]
-                for i in range(out.shape[1]):
-                    out[h, i] += w0 * v[j, i]
+                    o[i] += w * vj[i]
+
+
+@njit(parallel=True, error_model="numpy", cache=True)
+def attention_rows(q, k_cache, v_cache, n_kv, start, window, scale, out):
+    """Causal attention of T query positions start..start+T-1 (q [T, H, hd] -> out [T, H, hd_v]),
+    each row by :func:`attention_decode` over exactly the keys its position sees (the last
+    ``window`` if > 0). A row's result is the same whether it is computed in a batch of any size
+    or alone as a decode step, so a prompt's KV cache does not depend on how the prompt was cut
+    into calls (prefix reuse is exact); the rows run over numba's threads."""
+    for t in prange(q.shape[0]):
+        pos = start + t
+        lo = max(0, pos - window + 1) if window > 0 else 0
+        attention_decode(q[t], k_cache, v_cache, n_kv, lo, pos + 1, scale, out[t])

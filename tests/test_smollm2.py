@@ -36,3 +36,19 @@ def test_config_of_the_real_model(smollm2_engine):
     assert (c.arch, c.n_layers, c.d_model, c.n_heads, c.n_kv_heads, c.vocab_size) == ("llama", 30, 576, 9, 3, 49152)
     assert c.tied_output and not c.qkv_bias and not c.rope_neox
     assert c.rope_base == 100000.0
+
+
+GREEDY = json.loads((FIXTURES / "smollm2" / "greedy-x86.json").read_text())["prompts"]
+
+
+@pytest.mark.parametrize("case", GREEDY, ids=[c["name"] for c in GREEDY])
+def test_greedy_continuation_equals_the_x86_run(smollm2_engine, case):
+    """32 greedy tokens through the whole generation path (prefill, fused decode step, the int8
+    kernels of this CPU's ISA, detokenizer) equal those recorded on x86_64 with avx2: every sum
+    in the forward has one fixed order, so the A76 lane (sdot kernels, NEON) must give the same
+    tokens, not merely close logits."""
+    smollm2_engine.reset()
+    text = smollm2_engine.generate(case["prompt"], max_new_tokens=32, temperature=0, ignore_eos=True,
+                                   add_special=case["add_special"])
+    assert smollm2_engine.stats.tokens == case["ids"]
+    assert text == case["text"]

@@ -100,18 +100,18 @@ def attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, start: in
     Query head h reads kv head h // (H / n_kv). Returns [T, H * hd_v].
     ``window`` > 0: query position i sees only keys j with i - j < window (sliding-window layers).
     ``scale``: score scale, default 1/sqrt(hd).
-    Every query row is one call of the same compiled kernel (``ops.attention_decode``) over the keys
-    it sees, so its result does not depend on how many rows share the call: a decode step, a
-    prompt chunk and a reused prefix give the same numbers. (A loop over rows inside numba would
-    compile the kernel again, inlined, and its reassociated sums may then round differently.)
+    Every query row runs the same numba kernel (``ops.attention_decode``) over the keys it sees, so
+    its result does not depend on how many rows share the call (a decode step, a prompt chunk, a
+    reused prefix all give the same numbers).
     """
     t, h, hd = q.shape
     scale = np.float32(1.0 / np.sqrt(hd) if scale is None else scale)
     out = np.empty((t, h, v_cache.shape[2]), np.float32)
-    for i in range(t):
-        pos = start + i
-        lo = max(0, pos - window + 1) if window else 0
-        kernels.attention_decode(q[i], k_cache, v_cache, n_kv, lo, pos + 1, scale, out[i])
+    if t == 1:
+        lo = max(0, start - window + 1) if window else 0
+        kernels.attention_decode(q[0], k_cache, v_cache, n_kv, lo, start + 1, scale, out[0])
+    else:
+        kernels.attention_rows(q, k_cache, v_cache, n_kv, start, window, scale, out)
     return out.reshape(t, -1)
 
 
