@@ -77,8 +77,26 @@ def decode_step_profile(engine, context: list[int]) -> dict:
     return split
 
 
+def batched_decode(engine, prompts: list[list[int]], gen_tokens: int) -> tuple[float, list[list[int]]]:
+    """Seconds of ``gen_tokens`` greedy decode steps of len(prompts) sequences run together
+    (:meth:`LlamaModel.forward_batch`, one call a step for all of them), after each prompt's
+    prefill; and each sequence's generated ids."""
+    model = engine.model
+    caches = model.new_caches(len(prompts))
+    nxt = []
+    for p, c in zip(prompts, caches):
+        nxt.append(int(np.argmax(model.forward(np.asarray(p), c, logits="last")[0])))
+    out = [[t] for t in nxt]
+    t0 = time.perf_counter()
+    for _ in range(gen_tokens - 1):
+        nxt = [int(t) for t in np.argmax(model.forward_batch(nxt, caches), axis=1)]
+        for o, t in zip(out, nxt):
+            o.append(t)
+    return time.perf_counter() - t0, out
+
+
 def run_bench(model: str, prompt_tokens: int = 128, gen_tokens: int = 64, threads: int | None = None,
-              device: str = "cpu", repeat: int = 3, n_ctx: int | None = None, progress=None) -> dict:
+              device: str = "cpu", repeat: int = 3, n_ctx: int | None = None, progress=None, batch: int = 1) -> dict:
     from .engine import Engine
     t0 = time.perf_counter()
     engine = Engine.load(model, device=device, n_ctx=n_ctx or (prompt_tokens + gen_tokens + 8), threads=threads)
@@ -95,6 +113,15 @@ def run_bench(model: str, prompt_tokens: int = 128, gen_tokens: int = 64, thread
         ttft.append(st.ttft_s)
         if progress:
             progress(r + 1, repeat)
+    batched = []
+    if batch > 1:
+        if not hasattr(engine.model, "forward_batch"):
+            raise ValueError(f"{engine.config.arch} models have no batched decode step yet")
+        prompts = [prompt_ids(engine, prompt_tokens, seed=1 + i) for i in range(batch)]
+        batched_decode(engine, [p[:8] for p in prompts], 2)          # warm-up
+        for _ in range(repeat):
+            seconds, _ = batched_decode(engine, prompts, gen_tokens)
+            batched.append(batch * (gen_tokens - 1) / seconds)
     engine.reset()
     engine.eval(ids[:-1], logits="none")       # the context both step measurements start from
     step_s = decode_step_time(engine, ids)
@@ -114,9 +141,11 @@ def run_bench(model: str, prompt_tokens: int = 128, gen_tokens: int = 64, thread
         "load_s": load_s,
         "ttft_s": statistics.median(ttft),
         "prefill_tok_s": statistics.median(prefill),
-        "decode_tok_s": statistics.median(decode),
+        "batch": batch,
+        "decode_tok_s": statistics.median(batched or decode),
+        "decode_tok_s_single": statistics.median(decode),
         "prefill_tok_s_range": [min(prefill), max(prefill)],
-        "decode_tok_s_range": [min(decode), max(decode)],
+        "decode_tok_s_range": [min(batched or decode), max(batched or decode)],
         "ttft_s_range": [min(ttft), max(ttft)],
         "peak_rss_mb": _peak_rss_mb(),
         "file_mb": os.path.getsize(model) / 2**20,
@@ -135,7 +164,9 @@ def format_report(res: dict) -> str:
         f"min {res['prefill_tok_s_range'][0]:.1f}, max {res['prefill_tok_s_range'][1]:.1f})",
         f"time to 1st   {res['ttft_s']:.3f} s",
         f"decode        {res['decode_tok_s']:.2f} tok/s  ({res['gen_tokens']} tokens; "
-        f"min {res['decode_tok_s_range'][0]:.2f}, max {res['decode_tok_s_range'][1]:.2f})",
+        f"min {res['decode_tok_s_range'][0]:.2f}, max {res['decode_tok_s_range'][1]:.2f})"
+        + (f", {res['batch']} sequences together: {res['decode_tok_s'] / res['decode_tok_s_single']:.2f}x "
+           f"the {res['decode_tok_s_single']:.2f} tok/s of one" if res.get("batch", 1) > 1 else ""),
         f"peak RSS      {res['peak_rss_mb']:.0f} MiB (file {res['file_mb']:.0f} + KV cache {res['kv_cache_mb']:.0f})",
         f"one decode step {res['decode_step_s'] * 1e3:.2f} ms as generation runs it (sampling excluded);",
         "  per stage, timed op by op (generation runs the layers in one fused call where it can):",

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import os
 import sys
+import threading
 from pathlib import Path
 
 import click
@@ -74,7 +75,8 @@ def _dim(text: str) -> None:
 
 
 def load_engine(model: str | None, n_ctx: int, threads: int | None, device: str = "cpu", quiet: bool = False):
-    """Load with a progress bar for the weights and for the first numba compilation."""
+    """Load with a progress bar for the weights, then a status line through the warm-up (numba's
+    first compilation: which function, how many so far, the seconds going by)."""
     from .engine import Engine
     model = model or default_model()
     if model is None:
@@ -84,20 +86,37 @@ def load_engine(model: str | None, n_ctx: int, threads: int | None, device: str 
     show = not quiet and sys.stderr.isatty()
     from tqdm import tqdm
     bar = tqdm(total=0, desc="loading", unit="layer", leave=False, disable=not show, file=sys.stderr)
+    compiled = []
 
     def progress(done, total, what):
+        if what.startswith("compiling"):
+            if not compiled:        # the first compile: from here on a first run (later runs read the cache)
+                bar.bar_format = "{desc}  {elapsed}"
+            compiled.append(what)
+            bar.set_description(f"first run: compiling kernels ({len(compiled)}, {what.split(' ', 1)[1]})",
+                                refresh=False)
+            return
         bar.total = total
         bar.unit = what
         bar.n = done
         bar.refresh()
 
-    engine = Engine.load(model, device=device, n_ctx=n_ctx, threads=threads, progress=progress)
-    bar.set_description("compiling kernels (first run only)")
-    bar.refresh()
-    engine.eval([0], logits="last")      # first call compiles (or loads the cached) numba kernels
-    engine.reset()
-    bar.close()
-    return engine
+    stop = threading.Event()
+
+    def tick():                     # one compile can take tens of seconds: keep the clock moving
+        while not stop.wait(0.5):
+            bar.refresh()
+
+    ticker = threading.Thread(target=tick, daemon=True)
+    if show:
+        ticker.start()
+    try:
+        return Engine.load(model, device=device, n_ctx=n_ctx, threads=threads, progress=progress)
+    finally:
+        stop.set()
+        if show:
+            ticker.join()
+        bar.close()
 
 
 def sampling_options(fn):
@@ -291,11 +310,17 @@ def info(model, cpu_only):
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads (default: all cores).")
 @click.option("--device", type=click.Choice(["cpu", "npu", "npu-sim", "auto"]), default="cpu", show_default=True)
 @click.option("--repeat", type=click.IntRange(min=1), default=3, show_default=True)
+@click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Decode this many sequences together (one call a step); decode tok/s is then their sum.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the report.")
 @user_errors
-def bench(model, prompt_tokens, gen_tokens, threads, device, repeat, as_json):
+def bench(model, prompt_tokens, gen_tokens, threads, device, repeat, batch, as_json):
     """Measure load time, time to first token, prefill and decode tok/s, peak RSS and a per-stage
-    split of one decode step, on random prompt tokens (medians of --repeat runs)."""
+    split of one decode step, on random prompt tokens (medians of --repeat runs).
+
+    With --batch B, B sequences (each its own random prompt) are also decoded together, and
+    decode tok/s is their aggregate (the one-sequence figure is in the report and the JSON's
+    decode_tok_s_single)."""
     import json as _json
 
     from .bench import format_report, run_bench
@@ -303,7 +328,7 @@ def bench(model, prompt_tokens, gen_tokens, threads, device, repeat, as_json):
     if model is None:
         _fail(NO_MODEL)
     res = run_bench(model, prompt_tokens=prompt_tokens, gen_tokens=gen_tokens, threads=threads, device=device,
-                    repeat=repeat)
+                    repeat=repeat, batch=batch)
     click.echo(_json.dumps(res) if as_json else format_report(res))
 
 

@@ -12,6 +12,7 @@ import numpy as np
 from .backends import get_backend
 from .chat_template import ChatTemplate, ChatTemplateError
 from .config import ModelConfig
+from . import jit
 from .errors import ModelFileError
 from .gguf_file import GGUFFile
 from .models import build_model
@@ -116,8 +117,14 @@ class Engine:
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: str = "cpu", n_ctx: int = 4096,
-             threads: int | None = None, progress=None, npu_min_rows: int | None = None) -> "Engine":
-        """Open a GGUF model. ``progress(done, total, what)`` is called while weights are prepared.
+             threads: int | None = None, progress=None, npu_min_rows: int | None = None,
+             warm_up: bool = True) -> "Engine":
+        """Open a GGUF model. ``progress(done, total, what)`` is called while weights are prepared,
+        and with ``what`` = "compiling NAME" whenever numba compiles a function.
+
+        ``warm_up``: run one token through the model before returning, so that numba's
+        compilation (tens of seconds on a first run, ~0.1 s to read its cache afterwards) happens
+        here and never inside the timings of an answer.
 
         ``device``: "cpu", "npu" (the rocket NPU; an error if there is none), "npu-sim" (its
         simulator) or "auto" (the NPU if present, else the CPU with a notice on stderr).
@@ -141,7 +148,17 @@ class Engine:
         model = build_model(g, cfg, backend, n_ctx, progress=progress)
         engine = cls(g, cfg, model, backend.name, n_ctx, tokenizer, template)   # "auto" resolved
         g.evict_metadata_pages()    # parsed; the few token texts read later come back from the file
+        if warm_up:
+            engine.warm_up(progress)
         return engine
+
+    def warm_up(self, progress=None) -> None:
+        """Compile (or read back from numba's cache) what generation runs: one token through the
+        model, then an empty context again."""
+        report = (lambda name: progress(0, 0, f"compiling {name}")) if progress else (lambda name: None)
+        with jit.compiling(report):
+            self.eval([0], logits="last")
+        self.reset()
 
     def _check_tokens(self, token_ids: Sequence[int]) -> np.ndarray:
         ids = np.asarray(token_ids, dtype=np.int64).reshape(-1)

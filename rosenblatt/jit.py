@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import os
 import types
 
 from numba import njit
-from numba.core import caching
+from numba.core import caching, event
 
 
 def njit_twin(fn, suffix: str, **options):
@@ -69,3 +70,25 @@ def _install_package_stamp() -> None:
 
 
 _install_package_stamp()
+
+
+class _CompileListener(event.Listener):
+    def __init__(self, on_compile):
+        self.on_compile = on_compile
+
+    def on_start(self, ev):
+        dispatcher = ev.data.get("dispatcher") if isinstance(ev.data, dict) else None
+        fn = getattr(dispatcher, "py_func", None)
+        self.on_compile(getattr(fn, "__qualname__", None) or "?")
+
+    def on_end(self, ev):
+        pass
+
+
+@contextlib.contextmanager
+def compiling(on_compile):
+    """Call ``on_compile(name)`` whenever numba starts compiling a function inside the block
+    (a function read back from the cache does not count): what a status line shows through a
+    first run's compilation."""
+    with event.install_listener("numba:compile", _CompileListener(on_compile)):
+        yield

@@ -24,16 +24,34 @@ def _lazy_zeros(shapes: Sequence[tuple[int, ...]]) -> list[np.ndarray]:
 
 
 class KVCache:
-    """``k[layer]``: float32 [n_kv_heads, n_ctx, head_dim]; positions [0, length) are valid."""
+    """``k[layer]``: float32 [n_kv_heads, n_ctx, head_dim]; positions [0, length) are valid.
 
-    def __init__(self, n_layers: int, n_kv_heads: int, n_ctx: int, head_dim: int, head_dim_v: int):
+    A cache is slot :attr:`slot` of a pool (:meth:`pool`): the pool's keys are one
+    [slots, n_layers, n_kv_heads, n_ctx, head_dim] array (:attr:`pool_k`), so that one call can
+    run several sequences, each row reading and writing its own slot. A cache made alone is the
+    only slot of its own pool."""
+
+    def __init__(self, n_layers: int, n_kv_heads: int, n_ctx: int, head_dim: int, head_dim_v: int,
+                 _pool: tuple[np.ndarray, np.ndarray, int] | None = None):
         self.n_ctx = n_ctx
+        if _pool is None:
+            _pool = (*_lazy_zeros([(1, n_layers, n_kv_heads, n_ctx, head_dim),
+                                   (1, n_layers, n_kv_heads, n_ctx, head_dim_v)]), 0)
+        #: the pool's keys / values [slots, n_layers, n_kv_heads, n_ctx, head_dim], this cache's slot
+        self.pool_k, self.pool_v, self.slot = _pool
         #: every layer's keys / values as one [n_layers, n_kv_heads, n_ctx, head_dim] array
-        self.k_all, self.v_all = _lazy_zeros([(n_layers, n_kv_heads, n_ctx, head_dim),
-                                              (n_layers, n_kv_heads, n_ctx, head_dim_v)])
+        self.k_all, self.v_all = self.pool_k[self.slot], self.pool_v[self.slot]
         self.k, self.v = list(self.k_all), list(self.v_all)
         self.offset = [0] * n_layers     # position held at index 0 of each layer's arrays
         self.length = 0
+
+    @classmethod
+    def pool(cls, slots: int, n_layers: int, n_kv_heads: int, n_ctx: int, head_dim: int,
+             head_dim_v: int) -> list["KVCache"]:
+        """``slots`` caches in one mapping (memory committed as positions are written)."""
+        k, v = _lazy_zeros([(slots, n_layers, n_kv_heads, n_ctx, head_dim),
+                            (slots, n_layers, n_kv_heads, n_ctx, head_dim_v)])
+        return [cls(n_layers, n_kv_heads, n_ctx, head_dim, head_dim_v, _pool=(k, v, s)) for s in range(slots)]
 
     @property
     def nbytes(self) -> int:

@@ -439,6 +439,7 @@ _FN = ctypes.CFUNCTYPE(None, *([ctypes.c_void_p] + [ctypes.c_int64] * 5 + [ctype
                                + [ctypes.c_void_p, ctypes.c_int64]))
 _lock = threading.Lock()
 _compiled: dict[str, dict] = {}
+_dots: dict[str, int] = {}
 _engines = []      # keep the JITs (and so the code) alive
 
 
@@ -452,10 +453,178 @@ def host_isa() -> str:
 ROWS = 4
 
 
+# Float dot products of one query row with n key rows (attention scores), for ops.attention_decode:
+# out[j] = sum(q[i] * k[j, i]) for i < hd (a multiple of 8), as 8 running lane sums (lane i % 8,
+# a multiply then an add, never fused) combined as ((l0 + l4) + (l2 + l6)) + ((l1 + l5) + (l3 + l7)):
+# exactly the operations and order of ops._dot8, in one <8 x float> register (two on NEON) instead
+# of eight scalars, which LLVM does not vectorize by itself. All arguments are i64 (see _call_kernel).
+# Float dot products of one query row with n key rows (attention scores), for ops.attention_decode:
+# out[j] = sum(q[i] * k[j, i]) for i < hd (a multiple of 8), as 8 running lane sums (lane i % 8,
+# a multiply then an add, never fused) combined as ((l0 + l4) + (l2 + l6)) + ((l1 + l5) + (l3 + l7)):
+# exactly the operations and order of ops._dot8, in one <8 x float> register (two on NEON) instead
+# of eight scalars, which LLVM does not vectorize by itself; four keys per pass share the query's
+# loads and keep four independent add chains in flight. All arguments are i64 (see _call_kernel).
+_DOTS_IR = """
+define void @dots_f32(i64 %q_, i64 %k_, i64 %ks, i64 %n, i64 %hd, i64 %out_) {
+entry:
+  %q = inttoptr i64 %q_ to float*
+  %out = inttoptr i64 %out_ to float*
+  %n4 = and i64 %n, -4
+  %has4 = icmp sgt i64 %n4, 0
+  br i1 %has4, label %k4loop, label %rest
+k4loop:
+  %j4 = phi i64 [0, %entry], [%j4n, %k4end]
+  %jc0 = add i64 %j4, 0
+  %koff0 = mul i64 %jc0, %ks
+  %kaddr0 = add i64 %k_, %koff0
+  %kr0 = inttoptr i64 %kaddr0 to float*
+  %jc1 = add i64 %j4, 1
+  %koff1 = mul i64 %jc1, %ks
+  %kaddr1 = add i64 %k_, %koff1
+  %kr1 = inttoptr i64 %kaddr1 to float*
+  %jc2 = add i64 %j4, 2
+  %koff2 = mul i64 %jc2, %ks
+  %kaddr2 = add i64 %k_, %koff2
+  %kr2 = inttoptr i64 %kaddr2 to float*
+  %jc3 = add i64 %j4, 3
+  %koff3 = mul i64 %jc3, %ks
+  %kaddr3 = add i64 %k_, %koff3
+  %kr3 = inttoptr i64 %kaddr3 to float*
+  br label %i4loop
+i4loop:
+  %i4 = phi i64 [0, %k4loop], [%i4n, %i4loop]
+  %ka0 = phi <8 x float> [zeroinitializer, %k4loop], [%kan0, %i4loop]
+  %ka1 = phi <8 x float> [zeroinitializer, %k4loop], [%kan1, %i4loop]
+  %ka2 = phi <8 x float> [zeroinitializer, %k4loop], [%kan2, %i4loop]
+  %ka3 = phi <8 x float> [zeroinitializer, %k4loop], [%kan3, %i4loop]
+  %qp4 = getelementptr float, float* %q, i64 %i4
+  %qvp4 = bitcast float* %qp4 to <8 x float>*
+  %qv4 = load <8 x float>, <8 x float>* %qvp4, align 4
+  %kp0 = getelementptr float, float* %kr0, i64 %i4
+  %kvp0 = bitcast float* %kp0 to <8 x float>*
+  %kv0 = load <8 x float>, <8 x float>* %kvp0, align 4
+  %p0 = fmul <8 x float> %qv4, %kv0
+  %kan0 = fadd <8 x float> %ka0, %p0
+  %kp1 = getelementptr float, float* %kr1, i64 %i4
+  %kvp1 = bitcast float* %kp1 to <8 x float>*
+  %kv1 = load <8 x float>, <8 x float>* %kvp1, align 4
+  %p1 = fmul <8 x float> %qv4, %kv1
+  %kan1 = fadd <8 x float> %ka1, %p1
+  %kp2 = getelementptr float, float* %kr2, i64 %i4
+  %kvp2 = bitcast float* %kp2 to <8 x float>*
+  %kv2 = load <8 x float>, <8 x float>* %kvp2, align 4
+  %p2 = fmul <8 x float> %qv4, %kv2
+  %kan2 = fadd <8 x float> %ka2, %p2
+  %kp3 = getelementptr float, float* %kr3, i64 %i4
+  %kvp3 = bitcast float* %kp3 to <8 x float>*
+  %kv3 = load <8 x float>, <8 x float>* %kvp3, align 4
+  %p3 = fmul <8 x float> %qv4, %kv3
+  %kan3 = fadd <8 x float> %ka3, %p3
+  %i4n = add i64 %i4, 8
+  %i4done = icmp sge i64 %i4n, %hd
+  br i1 %i4done, label %k4end, label %i4loop
+k4end:
+  %lo0 = shufflevector <8 x float> %kan0, <8 x float> undef, <4 x i32> <i32 0, i32 1, i32 2, i32 3>
+  %hi0 = shufflevector <8 x float> %kan0, <8 x float> undef, <4 x i32> <i32 4, i32 5, i32 6, i32 7>
+  %s40 = fadd <4 x float> %lo0, %hi0
+  %a20 = shufflevector <4 x float> %s40, <4 x float> undef, <2 x i32> <i32 0, i32 1>
+  %b20 = shufflevector <4 x float> %s40, <4 x float> undef, <2 x i32> <i32 2, i32 3>
+  %s20 = fadd <2 x float> %a20, %b20
+  %e00 = extractelement <2 x float> %s20, i32 0
+  %e10 = extractelement <2 x float> %s20, i32 1
+  %t0 = fadd float %e00, %e10
+  %oj0 = add i64 %j4, 0
+  %op0 = getelementptr float, float* %out, i64 %oj0
+  store float %t0, float* %op0
+  %lo1 = shufflevector <8 x float> %kan1, <8 x float> undef, <4 x i32> <i32 0, i32 1, i32 2, i32 3>
+  %hi1 = shufflevector <8 x float> %kan1, <8 x float> undef, <4 x i32> <i32 4, i32 5, i32 6, i32 7>
+  %s41 = fadd <4 x float> %lo1, %hi1
+  %a21 = shufflevector <4 x float> %s41, <4 x float> undef, <2 x i32> <i32 0, i32 1>
+  %b21 = shufflevector <4 x float> %s41, <4 x float> undef, <2 x i32> <i32 2, i32 3>
+  %s21 = fadd <2 x float> %a21, %b21
+  %e01 = extractelement <2 x float> %s21, i32 0
+  %e11 = extractelement <2 x float> %s21, i32 1
+  %t1 = fadd float %e01, %e11
+  %oj1 = add i64 %j4, 1
+  %op1 = getelementptr float, float* %out, i64 %oj1
+  store float %t1, float* %op1
+  %lo2 = shufflevector <8 x float> %kan2, <8 x float> undef, <4 x i32> <i32 0, i32 1, i32 2, i32 3>
+  %hi2 = shufflevector <8 x float> %kan2, <8 x float> undef, <4 x i32> <i32 4, i32 5, i32 6, i32 7>
+  %s42 = fadd <4 x float> %lo2, %hi2
+  %a22 = shufflevector <4 x float> %s42, <4 x float> undef, <2 x i32> <i32 0, i32 1>
+  %b22 = shufflevector <4 x float> %s42, <4 x float> undef, <2 x i32> <i32 2, i32 3>
+  %s22 = fadd <2 x float> %a22, %b22
+  %e02 = extractelement <2 x float> %s22, i32 0
+  %e12 = extractelement <2 x float> %s22, i32 1
+  %t2 = fadd float %e02, %e12
+  %oj2 = add i64 %j4, 2
+  %op2 = getelementptr float, float* %out, i64 %oj2
+  store float %t2, float* %op2
+  %lo3 = shufflevector <8 x float> %kan3, <8 x float> undef, <4 x i32> <i32 0, i32 1, i32 2, i32 3>
+  %hi3 = shufflevector <8 x float> %kan3, <8 x float> undef, <4 x i32> <i32 4, i32 5, i32 6, i32 7>
+  %s43 = fadd <4 x float> %lo3, %hi3
+  %a23 = shufflevector <4 x float> %s43, <4 x float> undef, <2 x i32> <i32 0, i32 1>
+  %b23 = shufflevector <4 x float> %s43, <4 x float> undef, <2 x i32> <i32 2, i32 3>
+  %s23 = fadd <2 x float> %a23, %b23
+  %e03 = extractelement <2 x float> %s23, i32 0
+  %e13 = extractelement <2 x float> %s23, i32 1
+  %t3 = fadd float %e03, %e13
+  %oj3 = add i64 %j4, 3
+  %op3 = getelementptr float, float* %out, i64 %oj3
+  store float %t3, float* %op3
+  %j4n = add i64 %j4, 4
+  %j4done = icmp eq i64 %j4n, %n4
+  br i1 %j4done, label %rest, label %k4loop
+rest:
+  %more = icmp slt i64 %n4, %n
+  br i1 %more, label %kloop, label %exit
+kloop:
+  %j = phi i64 [%n4, %rest], [%jn, %kend]
+  %koff = mul i64 %j, %ks
+  %kaddr = add i64 %k_, %koff
+  %k = inttoptr i64 %kaddr to float*
+  br label %iloop
+iloop:
+  %i = phi i64 [0, %kloop], [%in, %iloop]
+  %acc = phi <8 x float> [zeroinitializer, %kloop], [%accr, %iloop]
+  %qp = getelementptr float, float* %q, i64 %i
+  %qvp = bitcast float* %qp to <8 x float>*
+  %qv = load <8 x float>, <8 x float>* %qvp, align 4
+  %kp = getelementptr float, float* %k, i64 %i
+  %kvp = bitcast float* %kp to <8 x float>*
+  %kv = load <8 x float>, <8 x float>* %kvp, align 4
+  %p = fmul <8 x float> %qv, %kv
+  %accr = fadd <8 x float> %acc, %p
+  %in = add i64 %i, 8
+  %idone = icmp sge i64 %in, %hd
+  br i1 %idone, label %kend, label %iloop
+kend:
+  %lor = shufflevector <8 x float> %accr, <8 x float> undef, <4 x i32> <i32 0, i32 1, i32 2, i32 3>
+  %hir = shufflevector <8 x float> %accr, <8 x float> undef, <4 x i32> <i32 4, i32 5, i32 6, i32 7>
+  %s4r = fadd <4 x float> %lor, %hir
+  %a2r = shufflevector <4 x float> %s4r, <4 x float> undef, <2 x i32> <i32 0, i32 1>
+  %b2r = shufflevector <4 x float> %s4r, <4 x float> undef, <2 x i32> <i32 2, i32 3>
+  %s2r = fadd <2 x float> %a2r, %b2r
+  %e0r = extractelement <2 x float> %s2r, i32 0
+  %e1r = extractelement <2 x float> %s2r, i32 1
+  %tr = fadd float %e0r, %e1r
+  %ojr = add i64 %j, 0
+  %opr = getelementptr float, float* %out, i64 %ojr
+  store float %tr, float* %opr
+  %jn = add i64 %j, 1
+  %jdone = icmp eq i64 %jn, %n
+  br i1 %jdone, label %exit, label %kloop
+exit:
+  ret void
+}
+"""
+
+
 def module_ir(isa: str) -> str:
     if isa not in ISAS:
         raise ValueError(f"isa must be one of {ISAS}, got {isa!r}")
-    return (_HEADER + "".join(_kernel_ir(n, cs, body, isa, r) for n, _, body, cs in _KERNELS.values() for r in (1, ROWS)))
+    return (_HEADER + "".join(_kernel_ir(n, cs, body, isa, r) for n, _, body, cs in _KERNELS.values() for r in (1, ROWS))
+            + _DOTS_IR)
 
 
 def _kernel_ir(name: str, cs: str, body, isa: str, rows: int) -> str:
@@ -558,6 +727,14 @@ def kernels(isa: str | None = None) -> dict:
         return _compiled[isa]
 
 
+def dots_address(isa: str | None = None) -> int:
+    """Address of the float dot-product kernel of ``isa``'s module (:data:`_DOTS_IR`; ops passes
+    it to :func:`rosenblatt.ops.attention_decode`), 0 where LLVM cannot build the module here."""
+    isa = isa or host_isa()
+    kernels(isa)
+    return _dots.get(isa, 0)
+
+
 def _compile(isa: str) -> tuple[dict, "_ObjectCache"]:
     """Build the kernel module for ``isa``: its functions, and the object cache it went through."""
     import llvmlite.binding as llvm
@@ -582,6 +759,7 @@ def _compile(isa: str) -> tuple[dict, "_ObjectCache"]:
     _engines.append(engine)
     fns = {qt: (_FN(engine.get_function_address(f"mm1_{n}")), _FN(engine.get_function_address(f"mm{ROWS}_{n}")))
            for qt, (n, _, _, _) in _KERNELS.items()}
+    _dots[isa] = engine.get_function_address("dots_f32")
     return fns, cache
 
 

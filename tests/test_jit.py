@@ -94,3 +94,25 @@ def test_a_change_in_an_inlined_callee_recompiles_its_caller(tmp_path):
         assert p.returncode == 0, p.stderr
         outs.append(p.stdout.split())
     assert outs == [["2", "0"], ["2", "1"], ["42", "0"]]      # compiled, loaded from the cache, recompiled
+
+
+def test_compiling_reports_each_function_numba_compiles():
+    from numba import njit
+    from rosenblatt.jit import compiling
+
+    @njit
+    def inner(x):
+        return x + 1
+
+    @njit
+    def outer(x):
+        return inner(x) * 2
+
+    names = []
+    with compiling(names.append):
+        assert outer(3) == 8
+        assert outer(4) == 10                 # compiled already: nothing more to report
+    assert [n.rsplit(".", 1)[-1] for n in names] == ["outer", "inner"]
+    names.clear()
+    assert outer(5) == 12
+    assert names == []                        # outside the block: no listener

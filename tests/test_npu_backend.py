@@ -128,7 +128,7 @@ def test_two_terms_bound_the_activation_error():
 def test_forward_on_npu_equals_numpy_emulation(name):
     meta, *_ = load_reference(name)
     prompt, gen = meta["prompt_ids"], meta["greedy_ids"][:3]
-    npu = Engine.load(micro_path(name), device="npu-sim", n_ctx=64, npu_min_rows=0)
+    npu = Engine.load(micro_path(name), device="npu-sim", n_ctx=64, npu_min_rows=0, warm_up=False)
     emu = _with_backend(Engine.load(micro_path(name), n_ctx=64), EmulatedInt8Backend())
     cpu = Engine.load(micro_path(name), n_ctx=64)
     assert npu.device == "npu-sim" and npu.model.backend.min_rows == 0
@@ -164,7 +164,7 @@ def _log_softmax(z: np.ndarray) -> np.ndarray:
 def test_smollm2_quality_against_cpu(smollm2_engine):
     """Teacher-forced on llama.cpp's greedy continuations: top-1 agreement with the CPU path and
     KL(CPU || NPU) over every position (numbers in docs/npu.md)."""
-    npu = Engine.load(smollm2_path(), device="npu-sim", n_ctx=512, npu_min_rows=0)
+    npu = Engine.load(smollm2_path(), device="npu-sim", n_ctx=512, npu_min_rows=0, warm_up=False)
     agree, kls = [], []
     for p in SMOLLM2_REFS:
         ids = p["prompt_ids"] + p["greedy_ids"][:-1]
@@ -183,7 +183,7 @@ def test_smollm2_quality_against_cpu(smollm2_engine):
 
 def test_default_threshold_decode_on_cpu_prefill_on_npu():
     meta, *_ = load_reference("qwen2-micro-q4_k_m")
-    engine = Engine.load(micro_path("qwen2-micro-q4_k_m"), device="npu-sim", n_ctx=64)
+    engine = Engine.load(micro_path("qwen2-micro-q4_k_m"), device="npu-sim", n_ctx=64, warm_up=False)
     backend = engine.model.backend
     stats = backend.device.stats
     assert backend.min_rows == DEFAULT_MIN_ROWS > 1
@@ -205,7 +205,7 @@ def test_default_threshold_decode_on_cpu_prefill_on_npu():
 
 def test_generate_runs_on_the_simulator():
     meta, *_ = load_reference("llama-micro-q4_0")
-    engine = Engine.load(micro_path("llama-micro-q4_0"), device="npu-sim", n_ctx=64)
+    engine = Engine.load(micro_path("llama-micro-q4_0"), device="npu-sim", n_ctx=64, warm_up=False)
     out = list(engine.stream(meta["prompt_ids"], max_new_tokens=3, temperature=0))
     assert engine.stats.generated_tokens == 3 and out
     assert engine.model.backend.device.stats.submits == MATMULS_PER_LAYER * engine.config.n_layers

@@ -190,3 +190,17 @@ def test_attention_decode_equals_batch_rows():
     batch = attention(q, k, v, 500, 1, 512, 0.0625)
     steps = np.concatenate([attention(q[i:i + 1], k, v, 500 + i, 1, 512, 0.0625) for i in range(30)])
     np.testing.assert_allclose(steps, batch, rtol=0, atol=attention_tolerance(v))
+
+
+@pytest.mark.parametrize("h,n_kv,hd,hd_v,start,window,scale", ATTENTION_CASES)
+def test_attention_scores_kernel_gives_the_plain_loops_bits(h, n_kv, hd, hd_v, start, window, scale):
+    """The vector dot-product kernel of the scores (simd's dots_f32) is ops._dot8's operations in
+    one register: the same bits as the plain loop, on every ISA (the A76 lane runs this too)."""
+    from rosenblatt import ops
+    assert ops.dots_kernel() != 0
+    q, k, v = attention_inputs(7, h, n_kv, hd, hd_v, start, 1)
+    lo = max(0, start - window + 1) if window else 0
+    out = [np.full((h, hd_v), np.nan, np.float32) for _ in range(2)]
+    for o, dots in zip(out, (ops.dots_kernel(), 0)):
+        ops.attention_decode(q[0], k, v, n_kv, lo, start + 1, np.float32(scale or hd ** -0.5), o, dots)
+    assert np.array_equal(out[0], out[1])

@@ -40,11 +40,16 @@ class MatmulBackend(ABC):
         return [self.matmul(x, w) for w in ws]
 
     def decode_group(self, ws: tuple[PreparedWeight, ...]):
-        """A prepared group of integer kernels (:class:`rosenblatt.simd.KernelGroup`) for one-row
-        products of ``ws``, run inside numba by a model's fused decode step on the backend's
-        ``threads``; None when this backend has none for them (the model then calls
-        :meth:`matmul_many`)."""
+        """A prepared group of integer kernels (:class:`rosenblatt.simd.KernelGroup`) for products
+        of ``ws`` with up to :meth:`fused_rows` activation rows, run inside numba by a model's
+        fused layers on the backend's ``threads``; None when this backend has none for them (the
+        model then calls :meth:`matmul_many`)."""
         return None
+
+    def fused_rows(self) -> int:
+        """The most activation rows for which :meth:`decode_group`'s kernels are what this backend
+        would compute the products with (the model runs larger calls op by op)."""
+        return 0
 
 
 def get_backend(name: str, threads: int | None = None, npu_min_rows: int | None = None, **options) -> MatmulBackend:

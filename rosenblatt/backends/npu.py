@@ -167,6 +167,9 @@ class NPUBackend(MatmulBackend):
             return None
         return self.cpu.decode_group([w.cpu for w in ws])
 
+    def fused_rows(self) -> int:
+        return max(0, self.min_rows - 1)        # from min_rows rows on, the products go to the NPU
+
     def embed(self, w: NPUWeight, ids: np.ndarray) -> np.ndarray:
         return self.cpu.embed(w.cpu, ids)
 

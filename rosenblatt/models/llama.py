@@ -25,7 +25,7 @@ from ..errors import ModelFileError
 from ..gguf_file import GGUFFile
 from ..kv_cache import KVCache
 from .. import ops as kernels
-from .llama_step import DecodePlan
+from .llama_step import FusedPlan
 from ..quants import F16, F32, dequantize
 
 
@@ -109,9 +109,9 @@ def attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, start: in
     out = np.empty((t, h, v_cache.shape[2]), np.float32)
     if t == 1:
         lo = max(0, start - window + 1) if window else 0
-        kernels.attention_decode(q[0], k_cache, v_cache, n_kv, lo, start + 1, scale, out[0])
+        kernels.attention_decode(q[0], k_cache, v_cache, n_kv, lo, start + 1, scale, out[0], kernels.dots_kernel())
     else:
-        kernels.attention_rows(q, k_cache, v_cache, n_kv, start, window, scale, out)
+        kernels.attention_rows(q, k_cache, v_cache, n_kv, start, window, scale, out, kernels.dots_kernel())
     return out.reshape(t, -1)
 
 
@@ -164,19 +164,28 @@ class LlamaModel:
 
     _plan: tuple | None = None
 
-    def _decode_plan(self, cache: KVCache) -> DecodePlan | None:
-        """The fused one-token step (:mod:`.llama_step`) when it applies: built on first use, again
-        when the backend's kernel choice changes; None while profiling or without int8 kernels."""
-        if self.profile is not None or type(cache) is not KVCache:
+    def fused_plan(self, cache: KVCache | None = None) -> FusedPlan | None:
+        """The fused layers (:mod:`.llama_step`) when they apply: built on first use, again when the
+        backend's kernel choice changes; None while profiling, without int8 kernels for every
+        product, or for a cache of another kind (sliding windows)."""
+        if self.profile is not None or (cache is not None and type(cache) is not KVCache):
             return None
         key = getattr(self.backend, "kernels", None)
         if self._plan is None or self._plan[0] != key:
-            self._plan = (key, DecodePlan.build(self))
+            self._plan = (key, FusedPlan.build(self))
         return self._plan[1]
 
     def new_cache(self) -> KVCache:
         c = self.cfg
         return KVCache(c.n_layers, c.n_kv_heads, self.n_ctx, c.head_dim, c.head_dim_v)
+
+    def new_caches(self, n: int) -> list[KVCache]:
+        """``n`` caches for :meth:`forward_batch`: slots of one pool (a family with its own cache
+        kind gets ``n`` of those, run one by one)."""
+        if type(self).new_cache is not LlamaModel.new_cache:
+            return [self.new_cache() for _ in range(n)]
+        c = self.cfg
+        return KVCache.pool(n, c.n_layers, c.n_kv_heads, self.n_ctx, c.head_dim, c.head_dim_v)
 
     def embed(self, tokens: np.ndarray) -> np.ndarray:
         return self.backend.embed(self.tok_embd, tokens)
@@ -186,28 +195,55 @@ class LlamaModel:
 
         ``logits``: "all" → [T, vocab], "last" → [1, vocab], "none" → None (cache fill only).
         """
-        cfg = self.cfg
-        ops = self.ops()
         t = len(tokens)
         start = cache.length
         if start + t > self.n_ctx:
             raise ValueError(f"context overflow: {start} + {t} tokens > n_ctx {self.n_ctx}")
         x = self.embed(tokens)
-        plan = self._decode_plan(cache) if t == 1 else None
-        if plan is not None:            # one token through every layer (and the output) in one numba call
-            out = plan.run(x, cache.k_all, cache.v_all, start, self.cos, self.sin, logits != "none")
+        plan = self.fused_plan(cache) if t <= self.backend.fused_rows() else None
+        if plan is None:
+            self._layers(x, cache, start, self.ops())
             cache.length = start + t
-            if out is not None or logits == "none":
-                return out
-        else:
-            self._layers(x, cache, start, ops)
-            cache.length = start + t
+            return self._logits(x, logits)
+        n = {"all": t, "last": 1, "none": 0}[logits]
+        out = plan.run(x, cache.pool_k, cache.pool_v, np.arange(start, start + t, dtype=np.int64),
+                       np.full(t, cache.slot, np.int64), self.cos, self.sin, n)
+        cache.length = start + t
+        return out if out is not None or logits == "none" else self._logits(x, logits)
+
+    def forward_batch(self, tokens, caches: list[KVCache]) -> np.ndarray:
+        """One token for each of several sequences (``tokens[i]`` at position ``caches[i].length``
+        of ``caches[i]``) in one call: logits [len(tokens), vocab], row i the same bits as
+        ``forward([tokens[i]], caches[i])`` gives. The weights are read once for all rows when the
+        caches are slots of one pool (:meth:`new_caches`); otherwise the sequences run one by one."""
+        if len(tokens) != len(caches) or not caches:
+            raise ValueError(f"{len(tokens)} tokens for {len(caches)} caches")
+        if len({id(c) for c in caches}) != len(caches):
+            raise ValueError("a cache appears twice in one batch")
+        for c in caches:
+            if c.length + 1 > self.n_ctx:
+                raise ValueError(f"context overflow: {c.length} + 1 tokens > n_ctx {self.n_ctx}")
+        plan = self.fused_plan(caches[0]) if len(caches) <= self.backend.fused_rows() else None
+        one_pool = all(type(c) is KVCache and c.pool_k is caches[0].pool_k for c in caches)
+        if plan is None or not one_pool:
+            return np.concatenate([self.forward(np.asarray([tok]), c, "last") for tok, c in zip(tokens, caches)])
+        b = len(caches)
+        x = self.embed(np.asarray(tokens))
+        pos = np.array([c.length for c in caches], np.int64)
+        slot = np.array([c.slot for c in caches], np.int64)
+        out = plan.run(x, caches[0].pool_k, caches[0].pool_v, pos, slot, self.cos, self.sin, b)
+        for c in caches:
+            c.length += 1
+        return out if out is not None else self._logits(x, "all")
+
+    def _logits(self, x: np.ndarray, logits: str) -> np.ndarray | None:
+        """The output norm and product of the final residual rows ``x`` ("all"/"last"/"none")."""
         if logits == "none":
             return None
         if logits == "last":
             x = x[-1:]
-        mm, _, _, rms_norm, _, _ = ops
-        return mm(np.ascontiguousarray(rms_norm(x, self.out_norm, cfg.rms_eps)), self.output)
+        mm, _, _, rms_norm, _, _ = self.ops()
+        return mm(np.ascontiguousarray(rms_norm(x, self.out_norm, self.cfg.rms_eps)), self.output)
 
     def _layers(self, x: np.ndarray, cache: KVCache, start: int, ops) -> None:
         """Every layer, operation by operation, on the residual ``x`` [T, d] (updated in place)."""

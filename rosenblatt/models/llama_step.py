@@ -1,21 +1,28 @@
-"""One decode step of the llama family (one token, every layer, the output) in a single numba
-call and a single parallel region.
+"""The llama family's layers over T rows in a single numba call and a single parallel region:
+a decode step (T = 1), a prompt chunk (T consecutive positions of one sequence) and a batched
+decode step (T sequences, each at its own position in its own cache slot) are the same code.
 
-Decode runs ~20 small operations per layer (norms, four groups of products, biases, RoPE, the
-cache write, attention, SiLU, residuals). As separate calls from Python each costs a few
-microseconds of dispatch and argument checking, ~2-5 % of a 1.5B step and ~20 % of a 135M one.
-Here the whole stack of layers is one call over arrays prepared once: the int8 kernels of
-:mod:`rosenblatt.simd` (addresses and weight pointers of each layer's q/k/v, o, gate/up and
-down groups), the norm weights and biases stacked per layer, the rope tables and the cache.
-Its threads share each product out in chunks claimed from atomic counters
-(:mod:`rosenblatt.parallel`) instead of starting a parallel region per product.
+A row is one token: its residual, its position and the cache slot it reads and writes. Per
+layer the rows go through the same operations :meth:`LlamaModel._layers` applies one by one
+(RMS norm, activation quantization, the q/k/v products, biases, RoPE, the cache write,
+attention, the o product, RMS norm, gate/up, SiLU gating, down), then the output norm and
+product for the rows that want logits. The products read each weight row once for all T rows
+(the int8 kernels of :mod:`rosenblatt.simd`, four activation rows per pass), so a batch of
+sequences costs little more weight traffic than one.
 
-It computes exactly what :meth:`LlamaModel.forward` computes for one token with the same
-kernels (same quantization, same per-row products, same float32 operations in the same order),
-so its logits are bit-identical to the per-operation path; tests/test_llama_step.py checks it.
-The plan exists only when every product can run on the int8 kernels (the CPU backend's default);
-otherwise, and while :attr:`LlamaModel.profile` collects a per-stage split, the per-operation
-path runs.
+Work sharing (:mod:`rosenblatt.parallel`): the products are cut into chunks of ~64 KiB of
+weights, attention into (row, kv head) pairs, the row operations into rows. With one row the
+row operations are cheaper than a wait: every thread then repeats them on its own copy of the
+residual (the same operations on the same values, so the copies stay identical) and the shared
+rows have one row per layer, so that a thread that falls behind never reads a row another has
+already overwritten for the next layer. With several rows every read of shared data happens
+inside a chunk, after the previous phase's wait, so the shared rows are reused by every layer.
+
+Every sum has one written order (:mod:`rosenblatt.ops`, :mod:`rosenblatt.simd`): a row's
+results are the same bits whether it runs alone, in a prompt chunk of any size, in a batch, or
+op by op through :meth:`LlamaModel._layers`; tests/test_llama_step.py checks it. The plan exists
+only when every product can run on the int8 kernels (the CPU backend's default); otherwise, and
+while :attr:`LlamaModel.profile` collects a per-stage split, the per-operation path runs.
 """
 
 from __future__ import annotations
@@ -27,70 +34,102 @@ from .. import ops, parallel, simd
 
 #: the products of one layer, in order: q/k/v, o, gate/up, down
 GROUPS = (("wq", "wk", "wv"), ("wo",), ("w_gate", "w_up"), ("w_down",))
+#: phases a layer: norm, q/k/v, bias+RoPE+cache, attention, quantize, o, norm, gate/up, SiLU, down
+LAYER_PHASES = 10
 
 
 @njit(nogil=True, cache=True)
-def _products(sync, ph, g, f1, fr, w, rb, col, nmat, nchunk, nblk, abuf, out):
-    """Phase ``ph``: group ``g``'s one-row products of the quantized activations in ``abuf`` into
-    ``out`` [1, columns], as ``nchunk[g]`` chunks of consecutive output rows (a chunk's rows may
-    span two matrices). Every row is the kernel's own per-row dot product, so the split does not
-    change a bit of the result. Returns the next phase."""
-    m, chunks = nmat[g], nchunk[g]
+def _products(sync, ph, g, f1, fr, w, rb, col, nmat, nchunk, mchunk, nblk, abuf, r0, r1, out):
+    """Phase ``ph``: group ``g``'s products of the quantized activation rows ``abuf[r0:r1]`` into
+    ``out`` [r1 - r0, columns], as ``nchunk[g]`` chunks of consecutive output rows (a chunk's rows
+    may span two matrices), each over the activation rows ``mchunk[g]`` at a time (kept in
+    L2 while the chunk's weight rows pass). Every output is the kernel's own per-row dot product,
+    so the split does not change a bit of it. Returns the next phase."""
+    m, chunks, step = nmat[g], nchunk[g], mchunk[g]
     total = col[g, m]
-    x, o = np.int64(abuf.ctypes.data), np.int64(out.ctypes.data)
+    sx = np.int64(abuf.strides[0])
+    x, o = np.int64(abuf.ctypes.data) + r0 * sx, np.int64(out.ctypes.data)
+    rows = r1 - r0
     while True:
         c = parallel.claim(sync, ph, chunks)
         if c < 0:
             break
         a, b = total * c // chunks, total * (c + 1) // chunks
-        for j in range(m):
-            lo, hi = max(a, col[g, j]), min(b, col[g, j + 1])
-            if lo < hi:
-                simd._rows_kernel(f1[g, j], fr[g, j], w[g, j], rb[g, j], lo - col[g, j], hi - col[g, j], nblk, 1,
-                                  x, 0, o + 4 * col[g, j], total)
+        for m0 in range(0, rows, step):
+            mc = min(step, rows - m0)
+            for j in range(m):
+                lo, hi = max(a, col[g, j]), min(b, col[g, j + 1])
+                if lo < hi:
+                    simd._rows_kernel(f1[g, j], fr[g, j], w[g, j], rb[g, j], lo - col[g, j], hi - col[g, j], nblk,
+                                      mc, x + m0 * sx, sx, o + 4 * (m0 * total + col[g, j]), total)
         parallel.done(sync, ph)
     parallel.wait(sync, ph, chunks)
     return ph + 1
 
 
-@njit(nogil=True, cache=True)
-def _run_step(tid, sync, x_in, pos, f1, fr, w, rb, col, nmat, nchunk, fmt, abuf, attn_norm, ffn_norm, eps,
-              bias, cos, sin, rope_dim, neox, n_heads, n_kv, hd, hd_v, k_cache, v_cache, scale, x, h, gated, qkv,
-              act, o, gu, down, out_norm, logits):
-    """Thread ``tid``'s walk through the phases of a step (see :mod:`rosenblatt.parallel`).
+@njit(nogil=True, cache=True, inline="always")
+def _norm_quantize(x, t, weight, eps, h, abuf, fmt):
+    """Row t: h = rms_norm(x) * weight, quantized into abuf[t]."""
+    ops.rms_norm(x[t:t + 1], weight, eps, h[t:t + 1])
+    simd.quantize_row_into(h[t:t + 1], abuf[t], fmt)
 
-    The products and attention are shared out in chunks; the small row operations between them
-    (residual adds, norms, SiLU, activation quantization) every thread computes for itself on its
-    own copy of the residual (``x[tid]``, ``h[tid]``, ``gated[tid]``, ``abuf[tid]``), the same
-    operations on the same values in the same order, so the copies stay identical and no thread
-    waits while another does them. The shared rows (``qkv`` .. ``down``) have one row per layer:
-    none is written twice in a step, so a thread that falls behind never reads a row another has
-    already overwritten. Whichever thread claims the last phase writes the residual back."""
-    last = attn_norm.shape[0] * 5 + 1            # phases: 5 a layer, the output product, the write-back
+
+@njit(nogil=True, cache=True, inline="always")
+def _rows(sync, ph, rep, n):
+    """The row chunk to do next in a row phase: with ``rep`` (one row, repeated by every thread)
+    row 0 once; else the next claimed row of ``n``, -1 when none is left."""
+    return 0 if rep else parallel.claim(sync, ph, n)
+
+
+@njit(nogil=True, cache=True)
+def _run(tid, sync, x_in, pos, slot, n_logits, f1, fr, w, rb, col, nmat, nchunk, mchunk, fmt, attn_norm, ffn_norm,
+         eps, bias, cos, sin, rope_dim, neox, n_heads, n_kv, hd, hd_v, k_cache, v_cache, scale, dots, xp, hp, gp, ap,
+         hs, gs, as_, qkv, act, o, gu, down, out_norm, logits):
+    """Thread ``tid``'s walk through the phases (see the module docstring and :func:`run_rows`)."""
+    n_layers = attn_norm.shape[0]
+    last = n_layers * LAYER_PHASES + 2           # phases: the layers, the output's two, the write-back
     if parallel.drained(sync, last, 1):
         return                                   # a runtime ran the region's threads one after another
+    T = x_in.shape[0]
+    rep = T == 1
+    if rep:                                      # one row: private copies, shared rows one per layer
+        x, h, gated, abuf = xp[tid], hp[tid], gp[tid], ap[tid]
+        x[:] = x_in
+    else:
+        x, h, gated, abuf = x_in, hs, gs, as_
     q_dim, k_dim = n_heads * hd, n_kv * hd
     group = n_heads // n_kv
-    d, d_ff = x.shape[2], gated.shape[2]
-    xt, ht, gt, at = x[tid], h[tid], gated[tid], abuf[tid]
-    xt[:] = x_in
+    d, d_ff = x.shape[1], gated.shape[1]
+    nb = qkv.shape[0]                             # shared-row sets: one a layer (rep) or one for all
     ph = 0
-    for layer in range(attn_norm.shape[0]):
-        g = 4 * layer
-        if layer:
-            xt += down[layer - 1]
-        ops.rms_norm(xt, attn_norm[layer], eps, ht)
-        simd.quantize_row_into(ht, at, fmt[g])
-        ph = _products(sync, ph, g, f1, fr, w, rb, col, nmat, nchunk, d // fmt[g], at, qkv[layer])
-        flat = qkv[layer, 0]
-        q = flat[:q_dim].reshape((1, n_heads, hd))
-        k = flat[q_dim:q_dim + k_dim].reshape((1, n_kv, hd))
-        v = flat[q_dim + k_dim:]
-        heads_out = act[layer].reshape((n_heads, hd_v))
-        while True:                                # per kv head: bias, RoPE, cache, attention
-            kh = parallel.claim(sync, ph, n_kv)
-            if kh < 0:
+    for layer in range(n_layers):
+        g, s = 4 * layer, layer % nb
+        # 1. residual + down of the previous layer, attention norm, quantization
+        while True:
+            t = _rows(sync, ph, rep, T)
+            if t < 0:
                 break
+            if layer:
+                x[t] += down[(layer - 1) % nb, t]
+            _norm_quantize(x, t, attn_norm[layer], eps, h, abuf, fmt[g])
+            if rep:
+                break
+            parallel.done(sync, ph)
+        if not rep:
+            parallel.wait(sync, ph, T)
+        ph = _products(sync, ph + 1, g, f1, fr, w, rb, col, nmat, nchunk, mchunk, d // fmt[g], abuf, 0, T, qkv[s])
+        # 3. per (row, kv head): biases, RoPE, the cache write (and, for one row, attention)
+        heads_out = act[s].reshape((T, n_heads, hd_v))
+        while True:
+            c = parallel.claim(sync, ph, T * n_kv)
+            if c < 0:
+                break
+            t, kh = c // n_kv, c % n_kv
+            p, sl = pos[t], slot[t]
+            flat = qkv[s, t]
+            q = flat[:q_dim].reshape((1, n_heads, hd))
+            k = flat[q_dim:q_dim + k_dim].reshape((1, n_kv, hd))
+            v = flat[q_dim + k_dim:]
             h0, h1 = kh * group, (kh + 1) * group
             if bias.shape[1]:
                 for i in range(h0 * hd, h1 * hd):
@@ -99,69 +138,134 @@ def _run_step(tid, sync, x_in, pos, f1, fr, w, rb, col, nmat, nchunk, fmt, abuf,
                     flat[i] += bias[layer, i]
                 for i in range(q_dim + k_dim + kh * hd_v, q_dim + k_dim + (kh + 1) * hd_v):
                     flat[i] += bias[layer, i]
-            ops.rope(q[:, h0:h1], cos[pos:pos + 1], sin[pos:pos + 1], rope_dim, neox)
-            ops.rope(k[:, kh:kh + 1], cos[pos:pos + 1], sin[pos:pos + 1], rope_dim, neox)
-            k_cache[layer, kh, pos, :] = k[0, kh]
-            v_cache[layer, kh, pos, :] = v[kh * hd_v:(kh + 1) * hd_v]
-            ops.attention_decode(q[0, h0:h1], k_cache[layer, kh:kh + 1], v_cache[layer, kh:kh + 1], 1, 0, pos + 1,
-                                 scale, heads_out[h0:h1])
+            ops.rope(q[:, h0:h1], cos[p:p + 1], sin[p:p + 1], rope_dim, neox)
+            ops.rope(k[:, kh:kh + 1], cos[p:p + 1], sin[p:p + 1], rope_dim, neox)
+            k_cache[sl, layer, kh, p, :] = k[0, kh]
+            v_cache[sl, layer, kh, p, :] = v[kh * hd_v:(kh + 1) * hd_v]
+            if rep:
+                ops.attention_decode(q[0, h0:h1], k_cache[sl, layer, kh:kh + 1], v_cache[sl, layer, kh:kh + 1], 1, 0,
+                                     p + 1, scale, heads_out[t, h0:h1], dots)
             parallel.done(sync, ph)
-        parallel.wait(sync, ph, n_kv)
-        simd.quantize_row_into(act[layer], at, fmt[g + 1])
-        ph = _products(sync, ph + 1, g + 1, f1, fr, w, rb, col, nmat, nchunk, act.shape[2] // fmt[g + 1], at,
-                       o[layer])
-        xt += o[layer]
-        ops.rms_norm(xt, ffn_norm[layer], eps, ht)
-        simd.quantize_row_into(ht, at, fmt[g + 2])
-        ph = _products(sync, ph, g + 2, f1, fr, w, rb, col, nmat, nchunk, d // fmt[g + 2], at, gu[layer])
-        ops.silu_mul(gu[layer, :, :d_ff], gu[layer, :, d_ff:], gt)
-        simd.quantize_row_into(gt, at, fmt[g + 3])
-        ph = _products(sync, ph, g + 3, f1, fr, w, rb, col, nmat, nchunk, d_ff // fmt[g + 3], at, down[layer])
-    xt += down[-1]
-    if logits.shape[1]:                          # the output norm and product
-        ops.rms_norm(xt, out_norm, eps, ht)
-        simd.quantize_row_into(ht, at, fmt[nmat.shape[0] - 1])
-        _products(sync, ph, nmat.shape[0] - 1, f1, fr, w, rb, col, nmat, nchunk, d // fmt[nmat.shape[0] - 1],
-                  at, logits)
+        parallel.wait(sync, ph, T * n_kv)
+        ph += 1
+        # 4. attention per (row, kv head), once every row's keys are in the cache
+        if not rep:
+            while True:
+                c = parallel.claim(sync, ph, T * n_kv)
+                if c < 0:
+                    break
+                t, kh = c // n_kv, c % n_kv
+                p, sl = pos[t], slot[t]
+                h0, h1 = kh * group, (kh + 1) * group
+                q = qkv[s, t, :q_dim].reshape((n_heads, hd))
+                ops.attention_decode(q[h0:h1], k_cache[sl, layer, kh:kh + 1], v_cache[sl, layer, kh:kh + 1], 1, 0,
+                                     p + 1, scale, heads_out[t, h0:h1], dots)
+                parallel.done(sync, ph)
+            parallel.wait(sync, ph, T * n_kv)
+        ph += 1
+        # 5. the attention output quantized, its product
+        while True:
+            t = _rows(sync, ph, rep, T)
+            if t < 0:
+                break
+            simd.quantize_row_into(act[s, t:t + 1], abuf[t], fmt[g + 1])
+            if rep:
+                break
+            parallel.done(sync, ph)
+        if not rep:
+            parallel.wait(sync, ph, T)
+        ph = _products(sync, ph + 1, g + 1, f1, fr, w, rb, col, nmat, nchunk, mchunk, act.shape[2] // fmt[g + 1],
+                       abuf, 0, T, o[s])
+        # 7. residual + o, FFN norm, quantization, gate/up
+        while True:
+            t = _rows(sync, ph, rep, T)
+            if t < 0:
+                break
+            x[t] += o[s, t]
+            _norm_quantize(x, t, ffn_norm[layer], eps, h, abuf, fmt[g + 2])
+            if rep:
+                break
+            parallel.done(sync, ph)
+        if not rep:
+            parallel.wait(sync, ph, T)
+        ph = _products(sync, ph + 1, g + 2, f1, fr, w, rb, col, nmat, nchunk, mchunk, d // fmt[g + 2], abuf, 0, T,
+                       gu[s])
+        # 9. SiLU gating, quantization, down
+        while True:
+            t = _rows(sync, ph, rep, T)
+            if t < 0:
+                break
+            ops.silu_mul(gu[s, t:t + 1, :d_ff], gu[s, t:t + 1, d_ff:], gated[t:t + 1])
+            simd.quantize_row_into(gated[t:t + 1], abuf[t], fmt[g + 3])
+            if rep:
+                break
+            parallel.done(sync, ph)
+        if not rep:
+            parallel.wait(sync, ph, T)
+        ph = _products(sync, ph + 1, g + 3, f1, fr, w, rb, col, nmat, nchunk, mchunk, d_ff // fmt[g + 3], abuf, 0, T,
+                       down[s])
+    # the last layer's residual, and the output norm + product of the last n_logits rows
+    s, first = (n_layers - 1) % nb, T - n_logits
+    og = nmat.shape[0] - 1
+    while True:
+        t = _rows(sync, ph, rep, T)
+        if t < 0:
+            break
+        x[t] += down[s, t]
+        if t >= first and n_logits:
+            _norm_quantize(x, t, out_norm, eps, h, abuf, fmt[og])
+        if rep:
+            break
+        parallel.done(sync, ph)
+    if not rep:
+        parallel.wait(sync, ph, T)
+    ph += 1
+    if n_logits:
+        _products(sync, ph, og, f1, fr, w, rb, col, nmat, nchunk, mchunk, d // fmt[og], abuf, first, T, logits)
     if parallel.claim(sync, last, 1) == 0:       # a thread that started late finds this claimed
-        x_in[:] = xt
+        if rep:
+            x_in[:] = x
         parallel.done(sync, last)
 
 
 @njit(parallel=True, nogil=True, cache=True)
-def decode_layers(threads, sync, x_in, pos, f1, fr, w, rb, col, nmat, nchunk, fmt, abuf, attn_norm, ffn_norm,
-                  eps, bias, cos, sin, rope_dim, neox, n_heads, n_kv, hd, hd_v, k_cache, v_cache, scale, x, h, gated,
-                  qkv, act, o, gu, down, out_norm, logits):
-    """Run the one-token residual ``x_in`` [1, d] at position ``pos`` through every layer, in
-    place, writing each layer's key and value into ``k_cache``/``v_cache`` [layers, n_kv, n_ctx,
-    hd]; then, if ``logits`` has columns, the output norm and product into it. One parallel
-    region of ``threads`` threads (none for one).
+def run_rows(threads, sync, x_in, pos, slot, n_logits, f1, fr, w, rb, col, nmat, nchunk, mchunk, fmt, attn_norm,
+             ffn_norm, eps, bias, cos, sin, rope_dim, neox, n_heads, n_kv, hd, hd_v, k_cache, v_cache, scale, dots, xp,
+             hp, gp, ap, hs, gs, as_, qkv, act, o, gu, down, out_norm, logits):
+    """Run the residual rows ``x_in`` [T, d] through every layer, in place: row t is at position
+    ``pos[t]`` of cache slot ``slot[t]`` (``k_cache``/``v_cache`` [slots, layers, n_kv, n_ctx,
+    hd]; a row sees the keys of its slot up to its own position, including those the earlier rows
+    of this call write). Then the output norm and product of the last ``n_logits`` rows into
+    ``logits`` [n_logits, vocab]. One parallel region of ``threads`` threads (none for one).
 
     Group ``4 * layer + i`` holds the layer's i-th product (:data:`GROUPS`), the last group the
-    output; ``bias`` is [layers, q+k+v] or has no columns when the model has none. ``x``, ``h``,
-    ``gated``, ``abuf`` are per-thread scratch rows [threads, ...], ``qkv`` .. ``down`` shared ones
-    [layers, 1, ...]; ``sync`` the phase counters (zeroed here)."""
+    output; ``bias`` is [layers, q+k+v] or has no columns when the model has none. ``xp``, ``hp``,
+    ``gp``, ``ap`` are per-thread rows [threads, 1, ...] (one row), ``hs``, ``gs``, ``as_`` shared
+    ones [T, ...] (several rows); ``qkv`` .. ``down`` are [layers, 1, ...] for one row, else
+    [1, T, ...]; ``sync`` the phase counters (zeroed here)."""
     sync[:] = 0
     if threads == 1:
-        _run_step(np.int64(0), sync, x_in, pos, f1, fr, w, rb, col, nmat, nchunk, fmt, abuf, attn_norm,
-                  ffn_norm, eps, bias, cos, sin, rope_dim, neox, n_heads, n_kv, hd, hd_v, k_cache, v_cache, scale,
-                  x, h, gated, qkv, act, o, gu, down, out_norm, logits)
+        _run(np.int64(0), sync, x_in, pos, slot, n_logits, f1, fr, w, rb, col, nmat, nchunk, mchunk, fmt,
+             attn_norm, ffn_norm, eps, bias, cos, sin, rope_dim, neox, n_heads, n_kv, hd, hd_v, k_cache, v_cache,
+             scale, dots, xp, hp, gp, ap, hs, gs, as_, qkv, act, o, gu, down, out_norm, logits)
         return
     for tid in prange(threads):
-        _run_step(np.int64(tid), sync, x_in, pos, f1, fr, w, rb, col, nmat, nchunk, fmt, abuf, attn_norm,
-                  ffn_norm, eps, bias, cos, sin, rope_dim, neox, n_heads, n_kv, hd, hd_v, k_cache, v_cache, scale,
-                  x, h, gated, qkv, act, o, gu, down, out_norm, logits)
+        _run(np.int64(tid), sync, x_in, pos, slot, n_logits, f1, fr, w, rb, col, nmat, nchunk, mchunk, fmt,
+             attn_norm, ffn_norm, eps, bias, cos, sin, rope_dim, neox, n_heads, n_kv, hd, hd_v, k_cache, v_cache,
+             scale, dots, xp, hp, gp, ap, hs, gs, as_, qkv, act, o, gu, down, out_norm, logits)
 
 
-#: weight bytes per chunk of a product phase (a few tens of microseconds of work: claiming a
-#: chunk costs well under one); at most MAX_CHUNKS chunks a product
+#: weight bytes per chunk of a product phase (a few tens of microseconds of work for one row:
+#: claiming a chunk costs well under one); at most MAX_CHUNKS chunks a product
 CHUNK_BYTES, MAX_CHUNKS = 1 << 16, 64
+#: int8 activation bytes a product keeps in L2 while a chunk's weight rows pass over them
+ACT_CHUNK_BYTES = 1 << 18
 
 
-class DecodePlan:
-    """The arrays :func:`decode_layers` runs on, built from a model's layers and backend; None
-    from :meth:`build` when some product has no int8 kernel group. The output product joins the
-    step when it has a group too (else the model computes the logits after the step)."""
+class FusedPlan:
+    """The arrays :func:`run_rows` runs on, built from a model's layers and backend; None from
+    :meth:`build` when some product has no int8 kernel group. The output product joins the call
+    when it has a group too (else the model computes the logits after the layers)."""
 
     def __init__(self, groups, model, threads: int, with_output: bool):
         layers, cfg = model.layers, model.cfg
@@ -169,8 +273,9 @@ class DecodePlan:
         i64 = lambda: np.zeros((size, 3), np.int64)
         self.f1, self.fr, self.w, self.rb = i64(), i64(), i64(), i64()
         self.col = np.zeros((size, 4), np.int64)
-        self.nmat, self.nchunk, self.fmt = (np.zeros(size, np.int64) for _ in range(3))
+        self.nmat, self.nchunk, self.mchunk, self.fmt = (np.zeros(size, np.int64) for _ in range(4))
         self._keep = groups              # the KernelGroups own the weight mappings' references
+        inputs = (cfg.d_model, cfg.n_heads * cfg.head_dim_v, cfg.d_model, cfg.d_ff)     # of GROUPS' products
         for i, kg in enumerate(groups):
             m = len(kg.n)
             self.f1[i, :m], self.fr[i, :m], self.w[i, :m] = kg.f1, kg.fr, kg.w
@@ -178,8 +283,10 @@ class DecodePlan:
             self.nmat[i], self.fmt[i] = m, kg.fmt
             weight_bytes = int((kg.n * kg.row_bytes).sum())
             self.nchunk[i] = 1 if threads == 1 else min(MAX_CHUNKS, max(threads, weight_bytes // CHUNK_BYTES))
+            k = inputs[i % 4] if i < 4 * len(layers) else cfg.d_model
+            act_bytes = k // kg.fmt * simd.ACT_BLOCK[kg.fmt]
+            self.mchunk[i] = max(simd.ROWS, ACT_CHUNK_BYTES // act_bytes // simd.ROWS * simd.ROWS)
         self.threads, self.with_output = threads, with_output
-        widest = max(cfg.d_model, cfg.d_ff, cfg.n_heads * cfg.head_dim_v)
         self.attn_norm = np.stack([L.attn_norm for L in layers])
         self.ffn_norm = np.stack([L.ffn_norm for L in layers])
         self.out_norm = model.out_norm
@@ -187,21 +294,38 @@ class DecodePlan:
                      else np.zeros((len(layers), 0), np.float32))
         self.cfg = cfg
         self.scale = np.float32(1.0 / np.sqrt(cfg.head_dim))
-        f32 = lambda *shape: np.empty(shape, np.float32)
-        q_dim, kv_dim = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * (cfg.head_dim + cfg.head_dim_v)
-        t = threads
-        self.abuf = np.empty((t, widest // 32 * simd.ACT_BLOCK[simd.Q8_32]), np.uint8)   # the larger format
-        self.private = (f32(t, 1, cfg.d_model), f32(t, 1, cfg.d_model), f32(t, 1, cfg.d_ff))      # x, h, gated
-        L = len(layers)
-        # qkv, act, o, gu, down: a row per layer, none written twice in a step
-        self.shared = (f32(L, 1, q_dim + kv_dim), f32(L, 1, cfg.n_heads * cfg.head_dim_v), f32(L, 1, cfg.d_model),
-                       f32(L, 1, 2 * cfg.d_ff), f32(L, 1, cfg.d_model))
-        self.sync = parallel.new_sync(L * 5 + 2)
-        self.no_logits = f32(1, 0)
+        self.dots = np.int64(ops.dots_kernel())
+        self.sync = parallel.new_sync(len(layers) * LAYER_PHASES + 3)
         self.vocab = int(groups[-1].col[-1]) if with_output else 0
+        self._buffers = {}
+        self._one = self._rows_buffers(1)
+
+    def _abytes(self) -> int:
+        c = self.cfg
+        widest = max(c.d_model, c.d_ff, c.n_heads * c.head_dim_v)
+        return widest // 32 * simd.ACT_BLOCK[simd.Q8_32]        # the larger of the two formats
+
+    def _rows_buffers(self, t: int):
+        """Scratch for calls of ``t`` rows: (private rows, shared rows, per-layer/all-layer rows)."""
+        c, n = self.cfg, self.threads
+        f32 = lambda *shape: np.empty(shape, np.float32)
+        q_dim, kv_dim = c.n_heads * c.head_dim, c.n_kv_heads * (c.head_dim + c.head_dim_v)
+        if t == 1:
+            private = (f32(n, 1, c.d_model), f32(n, 1, c.d_model), f32(n, 1, c.d_ff),
+                       np.empty((n, 1, self._abytes()), np.uint8))
+            shared = (f32(0, c.d_model), f32(0, c.d_ff), np.empty((0, self._abytes()), np.uint8))
+            sets = len(self.attn_norm)
+        else:
+            private = (f32(n, 0, c.d_model), f32(n, 0, c.d_model), f32(n, 0, c.d_ff),
+                       np.empty((n, 0, self._abytes()), np.uint8))
+            shared = (f32(t, c.d_model), f32(t, c.d_ff), np.empty((t, self._abytes()), np.uint8))
+            sets = 1
+        layer_rows = (f32(sets, t, q_dim + kv_dim), f32(sets, t, c.n_heads * c.head_dim_v), f32(sets, t, c.d_model),
+                      f32(sets, t, 2 * c.d_ff), f32(sets, t, c.d_model))
+        return private, shared, layer_rows
 
     @classmethod
-    def build(cls, model) -> "DecodePlan | None":
+    def build(cls, model) -> "FusedPlan | None":
         decode_group = getattr(model.backend, "decode_group", None)
         if decode_group is None:
             return None
@@ -217,14 +341,24 @@ class DecodePlan:
             groups.append(out)
         return cls(groups, model, max(1, int(getattr(model.backend, "threads", 1))), out is not None)
 
-    def run(self, x: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, pos: int,
-            cos: np.ndarray, sin: np.ndarray, logits: bool = False) -> np.ndarray | None:
-        """The step on ``x`` [1, d] in place; with ``logits`` (and the output in the plan) the
-        logits [1, vocab], else None (the caller computes them from ``x``)."""
-        c = self.cfg
-        out = np.empty((1, self.vocab), np.float32) if logits and self.with_output else self.no_logits
-        decode_layers(self.threads, self.sync, x, pos, self.f1, self.fr, self.w, self.rb, self.col,
-                      self.nmat, self.nchunk, self.fmt, self.abuf, self.attn_norm, self.ffn_norm, c.rms_eps,
-                      self.bias, cos, sin, c.rope_dim, c.rope_neox, c.n_heads, c.n_kv_heads, c.head_dim, c.head_dim_v,
-                      k_cache, v_cache, self.scale, *self.private, *self.shared, self.out_norm, out)
-        return out if out.shape[1] else None
+    def run(self, x: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, pos: np.ndarray, slot: np.ndarray,
+            cos: np.ndarray, sin: np.ndarray, n_logits: int = 0) -> np.ndarray | None:
+        """The layers on ``x`` [T, d] in place (row t at position ``pos[t]`` of cache slot
+        ``slot[t]``, caches [slots, layers, n_kv, n_ctx, hd]); with ``n_logits`` (and the output
+        in the plan) the logits of the last ``n_logits`` rows, else None (the caller computes
+        them from ``x``)."""
+        c, t = self.cfg, x.shape[0]
+        if t == 1:
+            bufs = self._one
+        else:
+            bufs = self._buffers.get(t)
+            if bufs is None:
+                self._buffers.clear()           # one size kept: a prompt's chunks share it
+                bufs = self._buffers[t] = self._rows_buffers(t)
+        n_logits = n_logits if self.with_output else 0
+        out = np.empty((n_logits, self.vocab), np.float32)
+        run_rows(self.threads, self.sync, x, pos, slot, n_logits, self.f1, self.fr, self.w, self.rb, self.col,
+                 self.nmat, self.nchunk, self.mchunk, self.fmt, self.attn_norm, self.ffn_norm, c.rms_eps, self.bias,
+                 cos, sin, c.rope_dim, c.rope_neox, c.n_heads, c.n_kv_heads, c.head_dim, c.head_dim_v, k_cache, v_cache,
+                 self.scale, self.dots, *bufs[0], *bufs[1], *bufs[2], self.out_norm, out)
+        return out if n_logits else None
