@@ -154,10 +154,12 @@ class Engine:
 
     def warm_up(self, progress=None) -> None:
         """Compile (or read back from numba's cache) what generation runs: one token through the
-        model, then an empty context again."""
+        model (then an empty context again) and the tokenizer's encoder on a word."""
         report = (lambda name: progress(0, 0, f"compiling {name}")) if progress else (lambda name: None)
         with jit.compiling(report):
             self.eval([0], logits="last")
+            if self.tokenizer is not None:
+                self.tokenizer.encode("Hello", add_special=False)
         self.reset()
 
     def _check_tokens(self, token_ids: Sequence[int]) -> np.ndarray:

@@ -310,12 +310,49 @@ def dequant_band(qtype, rows, start, out):
         dequant_row(qtype, rows[start + i], out[i])
 
 
+#: ggml type -> one row's decoder (src uint8, dst float32), each calling only its own type's
+#: numba function: a model's first run compiles the decoder of its embedding's type, not all
+_ROW_DECODERS = {
+    Q4_K: lambda s, d: _deq_q45_k(s, d, d.shape[0] // 256, False),
+    Q5_K: lambda s, d: _deq_q45_k(s, d, d.shape[0] // 256, True),
+    Q6_K: lambda s, d: _deq_q6_k(s, d, d.shape[0] // 256),
+    Q8_0: lambda s, d: _deq_q8_0(s, d, d.shape[0] // 32),
+    Q4_0: lambda s, d: _deq_q4(s, d, d.shape[0] // 32, False),
+    Q4_1: lambda s, d: _deq_q4(s, d, d.shape[0] // 32, True),
+    Q5_0: lambda s, d: _deq_q5(s, d, d.shape[0] // 32, False),
+    Q5_1: lambda s, d: _deq_q5(s, d, d.shape[0] // 32, True),
+    Q3_K: lambda s, d: _deq_q3_k(s, d, d.shape[0] // 256),
+    Q2_K: lambda s, d: _deq_q2_k(s, d, d.shape[0] // 256),
+    F16: lambda s, d: _deq_f16(s, d, d.shape[0]),
+    BF16: lambda s, d: _deq_bf16(s, d, d.shape[0]),
+    F32: lambda s, d: _deq_f32(s, d, d.shape[0]),
+}
+
+
+def decode_rows(qtype: int, rows: np.ndarray, row_ids: np.ndarray, out: np.ndarray) -> None:
+    """``out[i] = decode(rows[row_ids[i]])`` one row at a time (token embeddings: a few rows a
+    call, each a few microseconds; the same bits as :func:`dequant_rows`)."""
+    decode = _ROW_DECODERS[int(qtype)]
+    for i, r in enumerate(row_ids):
+        decode(rows[r], out[i])
+
+
 def dequantize(data: np.ndarray, qtype: int, row_len: int) -> np.ndarray:
-    """Decode a whole tensor given as raw bytes into float32 ``[n_rows, row_len]`` (tests, small tensors)."""
+    """Decode a whole tensor given as raw bytes into float32 ``[n_rows, row_len]`` (norm weights,
+    tests, small tensors). F32/F16/BF16 are converted by numpy (nothing to compile at load)."""
     qtype = int(qtype)
     bs, ts = block_size(qtype), type_size(qtype)
     row_bytes = row_len // bs * ts
-    rows = np.ascontiguousarray(data, dtype=np.uint8).reshape(-1, row_bytes)
+    raw = np.ascontiguousarray(data, dtype=np.uint8)
+    if qtype in (F32, F16, BF16):
+        if qtype == F32:
+            out = raw.view("<f4").astype(np.float32)
+        elif qtype == F16:
+            out = raw.view("<f2").astype(np.float32)
+        else:
+            out = (raw.view("<u2").astype(np.uint32) << 16).view(np.float32)
+        return out.reshape(-1, row_len)
+    rows = raw.reshape(-1, row_bytes)
     out = np.empty((rows.shape[0], row_len), dtype=np.float32)
     dequant_row_range(qtype, rows, 0, out)
     return out

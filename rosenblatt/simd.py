@@ -855,18 +855,62 @@ def quantize_activations(x: np.ndarray, fmt: int = Q8_32) -> Activations:
 _q32_serial, _q256_serial = _QUANTIZE[Q8_32, False], _QUANTIZE[Q8_256, False]
 
 
+@njit(nogil=True, cache=True, inline="always")
+def _q32_row(x, buf):
+    """:func:`_quantize_32` of the one row x [K] into ``buf`` (1-D, the layout of
+    :class:`Activations`), block by block at byte offsets (no reshape)."""
+    for b in range(x.shape[0] // 32):
+        o = 64 * b
+        q = buf[o:o + 32].view(np.int8)
+        amax = np.float32(0.0)
+        for i in range(32):
+            amax = max(amax, abs(x[32 * b + i]))
+        inv = np.float32(127.0) / amax if amax > 0 else np.float32(0.0)
+        total = 0
+        for i in range(32):
+            qi = np.int8(np.rint(x[32 * b + i] * inv))
+            q[i] = qi
+            total += qi
+        d = amax / np.float32(127.0)
+        buf[o + 32:o + 36].view(np.float32)[0] = d
+        buf[o + 36:o + 40].view(np.float32)[0] = d * np.float32(total)
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _q256_row(x, buf):
+    """:func:`_quantize_256` of the one row x [K] into ``buf``, as :func:`_q32_row`."""
+    for b in range(x.shape[0] // 256):
+        o = 320 * b
+        q = buf[o:o + 256].view(np.int8)
+        s = buf[o + 260:o + 292].view(np.int16)
+        amax = np.float32(0.0)
+        top = np.float32(0.0)
+        for i in range(256):
+            v = x[256 * b + i]
+            if abs(v) > amax:
+                amax = abs(v)
+                top = v
+        inv = np.float32(-127.0) / top if amax > 0 else np.float32(0.0)
+        for g in range(16):
+            total = 0
+            for i in range(16 * g, 16 * g + 16):
+                qi = np.int8(min(np.float32(127.0), np.rint(x[256 * b + i] * inv)))
+                q[i] = qi
+                total += qi
+            s[g] = total
+        buf[o + 256:o + 260].view(np.float32)[0] = np.float32(1.0) / inv if amax > 0 else np.float32(0.0)
+
+
 @njit(nogil=True, cache=True)
 def quantize_row_into(x, buf, fmt):
     """One activation row x [1, K] quantized into ``buf`` (uint8, 1-D, at least K/fmt *
-    ACT_BLOCK[fmt] bytes) in the layout of :class:`Activations`; for callers inside numba."""
-    k = x.shape[1]
+    ACT_BLOCK[fmt] bytes) in the layout of :class:`Activations`; for callers inside numba. The
+    same operations as :func:`quantize_activations` (tests compare the fused and per-operation
+    forwards bit for bit)."""
     if fmt == Q8_256:
-        b = buf[:k // 256 * 320].reshape((1, k // 256, 320))
-        _q256_serial(x, b[:, :, :256].view(np.int8), b[:, :, 256:260].view(np.float32),
-                     b[:, :, 260:292].view(np.int16))
+        _q256_row(x[0], buf)
     else:
-        b = buf[:k // 32 * 64].reshape((1, k // 32, 64))
-        _q32_serial(x, b[:, :, :32].view(np.int8), b[:, :, 32:36].view(np.float32), b[:, :, 36:40].view(np.float32))
+        _q32_row(x[0], buf)
 
 
 #: int8 activation bytes kept in L2 while a weight row is dotted with them (prefill chunks)

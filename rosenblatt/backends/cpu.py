@@ -26,7 +26,7 @@ from .. import simd
 
 from ..gguf_file import TensorInfo
 from ..qdot import FASTMATH, block_sums, dot_row
-from ..quants import F32, SUPPORTED_TYPES, dequant_band, dequant_rows
+from ..quants import F32, SUPPORTED_TYPES, decode_rows, dequant_band
 from . import MatmulBackend, PreparedWeight
 
 _ROWS_PER_CHUNK = 16
@@ -194,5 +194,5 @@ class CPUBackend(MatmulBackend):
     def embed(self, w: CPUWeight, ids: np.ndarray) -> np.ndarray:
         """Decode only the looked-up rows (token embedding)."""
         out = np.empty((len(ids), w.n_in), dtype=np.float32)
-        dequant_rows(w.qtype, w.rows, np.asarray(ids, dtype=np.int64), out)
+        decode_rows(w.qtype, w.rows, np.asarray(ids, dtype=np.int64), out)
         return out

@@ -28,7 +28,10 @@ while :attr:`LlamaModel.profile` collects a per-stage split, the per-operation p
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numpy.lib.stride_tricks import as_strided
+from numba import njit, prange, typeof, types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 from .. import ops, parallel, simd
 
@@ -75,6 +78,21 @@ def _norm_quantize(x, t, weight, eps, h, abuf, fmt):
 
 
 @njit(nogil=True, cache=True, inline="always")
+def _copy(src, dst):
+    """dst[:] = src for 1-D rows of one length (a loop: numba's broadcasting assignment compiles
+    an error path that costs seconds on a first run)."""
+    for i in range(dst.shape[0]):
+        dst[i] = src[i]
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _add(src, dst):
+    """dst += src for 1-D rows of one length (see :func:`_copy`)."""
+    for i in range(dst.shape[0]):
+        dst[i] += src[i]
+
+
+@njit(nogil=True, cache=True, inline="always")
 def _rows(sync, ph, rep, n):
     """The row chunk to do next in a row phase: with ``rep`` (one row, repeated by every thread)
     row 0 once; else the next claimed row of ``n``, -1 when none is left."""
@@ -84,7 +102,7 @@ def _rows(sync, ph, rep, n):
 @njit(nogil=True, cache=True)
 def _run(tid, sync, x_in, pos, slot, n_logits, f1, fr, w, rb, col, nmat, nchunk, mchunk, fmt, attn_norm, ffn_norm,
          eps, bias, cos, sin, rope_dim, neox, n_heads, n_kv, hd, hd_v, k_cache, v_cache, scale, dots, xp, hp, gp, ap,
-         hs, gs, as_, qkv, act, o, gu, down, out_norm, logits):
+         hs, gs, as_, qkv, act, o, gu, down, qv, kv, heads_out, out_norm, logits):
     """Thread ``tid``'s walk through the phases (see the module docstring and :func:`run_rows`)."""
     n_layers = attn_norm.shape[0]
     last = n_layers * LAYER_PHASES + 2           # phases: the layers, the output's two, the write-back
@@ -94,7 +112,7 @@ def _run(tid, sync, x_in, pos, slot, n_logits, f1, fr, w, rb, col, nmat, nchunk,
     rep = T == 1
     if rep:                                      # one row: private copies, shared rows one per layer
         x, h, gated, abuf = xp[tid], hp[tid], gp[tid], ap[tid]
-        x[:] = x_in
+        _copy(x_in[0], x[0])
     else:
         x, h, gated, abuf = x_in, hs, gs, as_
     q_dim, k_dim = n_heads * hd, n_kv * hd
@@ -110,7 +128,7 @@ def _run(tid, sync, x_in, pos, slot, n_logits, f1, fr, w, rb, col, nmat, nchunk,
             if t < 0:
                 break
             if layer:
-                x[t] += down[(layer - 1) % nb, t]
+                _add(down[(layer - 1) % nb, t], x[t])
             _norm_quantize(x, t, attn_norm[layer], eps, h, abuf, fmt[g])
             if rep:
                 break
@@ -119,7 +137,6 @@ def _run(tid, sync, x_in, pos, slot, n_logits, f1, fr, w, rb, col, nmat, nchunk,
             parallel.wait(sync, ph, T)
         ph = _products(sync, ph + 1, g, f1, fr, w, rb, col, nmat, nchunk, mchunk, d // fmt[g], abuf, 0, T, qkv[s])
         # 3. per (row, kv head): biases, RoPE, the cache write (and, for one row, attention)
-        heads_out = act[s].reshape((T, n_heads, hd_v))
         while True:
             c = parallel.claim(sync, ph, T * n_kv)
             if c < 0:
@@ -127,8 +144,6 @@ def _run(tid, sync, x_in, pos, slot, n_logits, f1, fr, w, rb, col, nmat, nchunk,
             t, kh = c // n_kv, c % n_kv
             p, sl = pos[t], slot[t]
             flat = qkv[s, t]
-            q = flat[:q_dim].reshape((1, n_heads, hd))
-            k = flat[q_dim:q_dim + k_dim].reshape((1, n_kv, hd))
             v = flat[q_dim + k_dim:]
             h0, h1 = kh * group, (kh + 1) * group
             if bias.shape[1]:
@@ -138,13 +153,13 @@ def _run(tid, sync, x_in, pos, slot, n_logits, f1, fr, w, rb, col, nmat, nchunk,
                     flat[i] += bias[layer, i]
                 for i in range(q_dim + k_dim + kh * hd_v, q_dim + k_dim + (kh + 1) * hd_v):
                     flat[i] += bias[layer, i]
-            ops.rope(q[:, h0:h1], cos[p:p + 1], sin[p:p + 1], rope_dim, neox)
-            ops.rope(k[:, kh:kh + 1], cos[p:p + 1], sin[p:p + 1], rope_dim, neox)
-            k_cache[sl, layer, kh, p, :] = k[0, kh]
-            v_cache[sl, layer, kh, p, :] = v[kh * hd_v:(kh + 1) * hd_v]
+            ops.rope(qv[s, t:t + 1, h0:h1], cos[p:p + 1], sin[p:p + 1], rope_dim, neox)
+            ops.rope(kv[s, t:t + 1, kh:kh + 1], cos[p:p + 1], sin[p:p + 1], rope_dim, neox)
+            _copy(kv[s, t, kh], k_cache[sl, layer, kh, p])
+            _copy(v[kh * hd_v:(kh + 1) * hd_v], v_cache[sl, layer, kh, p])
             if rep:
-                ops.attention_decode(q[0, h0:h1], k_cache[sl, layer, kh:kh + 1], v_cache[sl, layer, kh:kh + 1], 1, 0,
-                                     p + 1, scale, heads_out[t, h0:h1], dots)
+                ops.attention_decode(qv[s, t, h0:h1], k_cache[sl, layer, kh:kh + 1], v_cache[sl, layer, kh:kh + 1], 1,
+                                     0, p + 1, scale, heads_out[s, t, h0:h1], dots)
             parallel.done(sync, ph)
         parallel.wait(sync, ph, T * n_kv)
         ph += 1
@@ -157,9 +172,8 @@ def _run(tid, sync, x_in, pos, slot, n_logits, f1, fr, w, rb, col, nmat, nchunk,
                 t, kh = c // n_kv, c % n_kv
                 p, sl = pos[t], slot[t]
                 h0, h1 = kh * group, (kh + 1) * group
-                q = qkv[s, t, :q_dim].reshape((n_heads, hd))
-                ops.attention_decode(q[h0:h1], k_cache[sl, layer, kh:kh + 1], v_cache[sl, layer, kh:kh + 1], 1, 0,
-                                     p + 1, scale, heads_out[t, h0:h1], dots)
+                ops.attention_decode(qv[s, t, h0:h1], k_cache[sl, layer, kh:kh + 1], v_cache[sl, layer, kh:kh + 1],
+                                     1, 0, p + 1, scale, heads_out[s, t, h0:h1], dots)
                 parallel.done(sync, ph)
             parallel.wait(sync, ph, T * n_kv)
         ph += 1
@@ -181,7 +195,7 @@ def _run(tid, sync, x_in, pos, slot, n_logits, f1, fr, w, rb, col, nmat, nchunk,
             t = _rows(sync, ph, rep, T)
             if t < 0:
                 break
-            x[t] += o[s, t]
+            _add(o[s, t], x[t])
             _norm_quantize(x, t, ffn_norm[layer], eps, h, abuf, fmt[g + 2])
             if rep:
                 break
@@ -211,7 +225,7 @@ def _run(tid, sync, x_in, pos, slot, n_logits, f1, fr, w, rb, col, nmat, nchunk,
         t = _rows(sync, ph, rep, T)
         if t < 0:
             break
-        x[t] += down[s, t]
+        _add(down[s, t], x[t])
         if t >= first and n_logits:
             _norm_quantize(x, t, out_norm, eps, h, abuf, fmt[og])
         if rep:
@@ -224,35 +238,53 @@ def _run(tid, sync, x_in, pos, slot, n_logits, f1, fr, w, rb, col, nmat, nchunk,
         _products(sync, ph, og, f1, fr, w, rb, col, nmat, nchunk, mchunk, d // fmt[og], abuf, first, T, logits)
     if parallel.claim(sync, last, 1) == 0:       # a thread that started late finds this claimed
         if rep:
-            x_in[:] = x
+            _copy(x[0], x_in[0])
         parallel.done(sync, last)
 
 
-@njit(parallel=True, nogil=True, cache=True)
-def run_rows(threads, sync, x_in, pos, slot, n_logits, f1, fr, w, rb, col, nmat, nchunk, mchunk, fmt, attn_norm,
-             ffn_norm, eps, bias, cos, sin, rope_dim, neox, n_heads, n_kv, hd, hd_v, k_cache, v_cache, scale, dots, xp,
-             hp, gp, ap, hs, gs, as_, qkv, act, o, gu, down, out_norm, logits):
-    """Run the residual rows ``x_in`` [T, d] through every layer, in place: row t is at position
-    ``pos[t]`` of cache slot ``slot[t]`` (``k_cache``/``v_cache`` [slots, layers, n_kv, n_ctx,
-    hd]; a row sees the keys of its slot up to its own position, including those the earlier rows
-    of this call write). Then the output norm and product of the last ``n_logits`` rows into
-    ``logits`` [n_logits, vocab]. One parallel region of ``threads`` threads (none for one).
+@intrinsic
+def _call_native(typingctx, addr, args):
+    """Call the numba-compiled function at ``addr`` (:func:`_run`'s native entry for exactly the
+    types of the tuple ``args``) with those arguments, ignoring its status (it raises nothing).
 
-    Group ``4 * layer + i`` holds the layer's i-th product (:data:`GROUPS`), the last group the
-    output; ``bias`` is [layers, q+k+v] or has no columns when the model has none. ``xp``, ``hp``,
-    ``gp``, ``ap`` are per-thread rows [threads, 1, ...] (one row), ``hs``, ``gs``, ``as_`` shared
-    ones [T, ...] (several rows); ``qkv`` .. ``down`` are [layers, 1, ...] for one row, else
-    [1, T, ...]; ``sync`` the phase counters (zeroed here)."""
-    sync[:] = 0
-    if threads == 1:
-        _run(np.int64(0), sync, x_in, pos, slot, n_logits, f1, fr, w, rb, col, nmat, nchunk, mchunk, fmt,
-             attn_norm, ffn_norm, eps, bias, cos, sin, rope_dim, neox, n_heads, n_kv, hd, hd_v, k_cache, v_cache,
-             scale, dots, xp, hp, gp, ap, hs, gs, as_, qkv, act, o, gu, down, out_norm, logits)
-        return
+    Calling it by address keeps :func:`_run`'s code out of :func:`run_rows`'s module: linked in,
+    LLVM would optimize the whole step a second time there (~10 s of a first run)."""
+    if not isinstance(args, types.BaseTuple):
+        return None
+    sig = types.void(types.int64, args)
+
+    def codegen(context, builder, signature, llargs):
+        argtys = list(signature.args[1].types)
+        conv = context.call_conv
+        fnty = conv.get_function_type(types.void, argtys)
+        fn = builder.inttoptr(llargs[0], fnty.as_pointer())
+        values = cgutils.unpack_tuple(builder, llargs[1], len(argtys))
+        packed = list(conv._get_arg_packer(argtys).as_arguments(builder, values))
+        retty = conv.get_return_type(types.void).pointee
+        ret = cgutils.alloca_once(builder, retty)
+        builder.store(cgutils.get_null_value(retty), ret)
+        exc = cgutils.alloca_once(builder, fnty.args[1].pointee, name="excinfo")
+        builder.call(fn, [ret, exc] + packed)
+        return context.get_dummy_value()
+    return sig, codegen
+
+
+@njit(parallel=True, nogil=True, cache=True)
+def run_rows(threads, run, args):
+    """Threads 0 .. ``threads`` - 1 each walk :func:`_run` (``run``: its native address, from
+    :func:`run_address`) with ``args``: the arguments of :func:`_run` after ``tid``. One parallel
+    region; :meth:`FusedPlan.run` calls :func:`_run` directly for one thread."""
+    args[0][:] = 0                              # sync
     for tid in prange(threads):
-        _run(np.int64(tid), sync, x_in, pos, slot, n_logits, f1, fr, w, rb, col, nmat, nchunk, mchunk, fmt,
-             attn_norm, ffn_norm, eps, bias, cos, sin, rope_dim, neox, n_heads, n_kv, hd, hd_v, k_cache, v_cache,
-             scale, dots, xp, hp, gp, ap, hs, gs, as_, qkv, act, o, gu, down, out_norm, logits)
+        _call_native(run, (np.int64(tid),) + args)
+
+
+def run_address(args) -> int:
+    """The native entry of :func:`_run` compiled (or read from the cache) for ``(tid, *args)``."""
+    sig = tuple(typeof(a) for a in (np.int64(0), *args))
+    _run.compile(sig)
+    cres = _run.overloads[sig]
+    return cres.library.get_pointer_to_function(cres.fndesc.llvm_func_name)
 
 
 #: weight bytes per chunk of a product phase (a few tens of microseconds of work for one row:
@@ -298,6 +330,7 @@ class FusedPlan:
         self.sync = parallel.new_sync(len(layers) * LAYER_PHASES + 3)
         self.vocab = int(groups[-1].col[-1]) if with_output else 0
         self._buffers = {}
+        self._run_addr = None
         self._one = self._rows_buffers(1)
 
     def _abytes(self) -> int:
@@ -320,8 +353,15 @@ class FusedPlan:
                        np.empty((n, 0, self._abytes()), np.uint8))
             shared = (f32(t, c.d_model), f32(t, c.d_ff), np.empty((t, self._abytes()), np.uint8))
             sets = 1
-        layer_rows = (f32(sets, t, q_dim + kv_dim), f32(sets, t, c.n_heads * c.head_dim_v), f32(sets, t, c.d_model),
-                      f32(sets, t, 2 * c.d_ff), f32(sets, t, c.d_model))
+        qkv, act = f32(sets, t, q_dim + kv_dim), f32(sets, t, c.n_heads * c.head_dim_v)
+        # q and k of every row as [sets, T, heads, head_dim] views into qkv, the attention output
+        # as [sets, T, heads, head_dim_v] (numba code that reshapes compiles its error path: ~3 s)
+        f = qkv.itemsize
+        qv = as_strided(qkv, (sets, t, c.n_heads, c.head_dim), (qkv.strides[0], qkv.strides[1], c.head_dim * f, f))
+        kv = as_strided(qkv[:, :, q_dim:], (sets, t, c.n_kv_heads, c.head_dim),
+                        (qkv.strides[0], qkv.strides[1], c.head_dim * f, f))
+        layer_rows = (qkv, act, f32(sets, t, c.d_model), f32(sets, t, 2 * c.d_ff), f32(sets, t, c.d_model),
+                      qv, kv, act.reshape(sets, t, c.n_heads, c.head_dim_v))
         return private, shared, layer_rows
 
     @classmethod
@@ -357,8 +397,15 @@ class FusedPlan:
                 bufs = self._buffers[t] = self._rows_buffers(t)
         n_logits = n_logits if self.with_output else 0
         out = np.empty((n_logits, self.vocab), np.float32)
-        run_rows(self.threads, self.sync, x, pos, slot, n_logits, self.f1, self.fr, self.w, self.rb, self.col,
-                 self.nmat, self.nchunk, self.mchunk, self.fmt, self.attn_norm, self.ffn_norm, c.rms_eps, self.bias,
-                 cos, sin, c.rope_dim, c.rope_neox, c.n_heads, c.n_kv_heads, c.head_dim, c.head_dim_v, k_cache, v_cache,
-                 self.scale, self.dots, *bufs[0], *bufs[1], *bufs[2], self.out_norm, out)
+        args = (self.sync, x, pos, slot, n_logits, self.f1, self.fr, self.w, self.rb, self.col,
+                self.nmat, self.nchunk, self.mchunk, self.fmt, self.attn_norm, self.ffn_norm, c.rms_eps, self.bias,
+                cos, sin, c.rope_dim, c.rope_neox, c.n_heads, c.n_kv_heads, c.head_dim, c.head_dim_v, k_cache, v_cache,
+                self.scale, self.dots, *bufs[0], *bufs[1], *bufs[2], self.out_norm, out)
+        if self.threads == 1:
+            self.sync[:] = 0
+            _run(np.int64(0), *args)
+        else:
+            if self._run_addr is None:
+                self._run_addr = run_address(args)
+            run_rows(self.threads, self._run_addr, args)
         return out if n_logits else None
