@@ -27,7 +27,7 @@ from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic
 
-from .jit import njit_twin
+from .jit import call_address, njit_twin
 
 _LOG2E = np.float32(float.fromhex("0x1.715476p+0"))
 _LN2_HI = np.float32(float.fromhex("0x1.62e4p-1"))      # ln 2 = _LN2_HI + _LN2_LO; n * _LN2_HI is exact
@@ -161,19 +161,6 @@ def _sum8(a, n):
     return ((s0 + s4) + (s2 + s6)) + ((s1 + s5) + (s3 + s7))
 
 
-@intrinsic
-def _call_dots(typingctx, fn, q, k, ks, n, hd, out):
-    """Call the kernel at address ``fn`` with six int64 arguments (simd's dots_f32)."""
-    sig = types.void(*([types.int64] * 7))
-
-    def codegen(context, builder, signature, args):
-        i64 = ir.IntType(64)
-        fnty = ir.FunctionType(ir.VoidType(), [i64] * 6)
-        builder.call(builder.inttoptr(args[0], fnty.as_pointer()), args[1:])
-        return context.get_dummy_value()
-    return sig, codegen
-
-
 def dots_kernel() -> int:
     """The address to pass as ``dots`` to :func:`attention_decode`: the float dot-product kernel
     of :mod:`rosenblatt.simd` (the operations of :func:`_dot8` in one vector register), 0 if
@@ -204,7 +191,7 @@ def attention_decode(q, k_cache, v_cache, n_kv, lo, hi, scale, out, dots):
         for h in range(kh * group, (kh + 1) * group):
             ph, qh = p[h], q[h]
             if vector and n > 0:                                    # scores
-                _call_dots(dots, qh.ctypes.data, k.ctypes.data, k.strides[0], n, hd, ph.ctypes.data)
+                call_address(dots, (qh.ctypes.data, k.ctypes.data, k.strides[0], n, hd, ph.ctypes.data))
                 for j in range(n):
                     ph[j] *= scale
             else:

@@ -45,7 +45,7 @@ from numba import njit, prange, types
 from numba.extending import intrinsic
 
 from .isa import ISAS, IsaError, host_choice, target_features
-from .jit import njit_twin
+from .jit import call_address, njit_twin
 from .quants import Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0
 
 Q8_32, Q8_256 = 32, 256
@@ -457,167 +457,76 @@ ROWS = 4
 # out[j] = sum(q[i] * k[j, i]) for i < hd (a multiple of 8), as 8 running lane sums (lane i % 8,
 # a multiply then an add, never fused) combined as ((l0 + l4) + (l2 + l6)) + ((l1 + l5) + (l3 + l7)):
 # exactly the operations and order of ops._dot8, in one <8 x float> register (two on NEON) instead
-# of eight scalars, which LLVM does not vectorize by itself. All arguments are i64 (see _call_kernel).
-# Float dot products of one query row with n key rows (attention scores), for ops.attention_decode:
-# out[j] = sum(q[i] * k[j, i]) for i < hd (a multiple of 8), as 8 running lane sums (lane i % 8,
-# a multiply then an add, never fused) combined as ((l0 + l4) + (l2 + l6)) + ((l1 + l5) + (l3 + l7)):
-# exactly the operations and order of ops._dot8, in one <8 x float> register (two on NEON) instead
 # of eight scalars, which LLVM does not vectorize by itself; four keys per pass share the query's
-# loads and keep four independent add chains in flight. All arguments are i64 (see _call_kernel).
-_DOTS_IR = """
+# loads and keep four independent add chains in flight, the rest go one at a time. All arguments
+# are i64 (see jit.call_address).
+_DOTS_LOOP = """
+{L}loop:
+  %{L}j = phi i64 [{j0}, %{came}], [%{L}jn, %{L}end]
+{keys}
+  br label %{L}i
+{L}i:
+  %{L}ii = phi i64 [0, %{L}loop], [%{L}in, %{L}i]
+{accs}
+  %{L}qp = getelementptr float, float* %q, i64 %{L}ii
+  %{L}qvp = bitcast float* %{L}qp to <8 x float>*
+  %{L}qv = load <8 x float>, <8 x float>* %{L}qvp, align 4
+{products}
+  %{L}in = add i64 %{L}ii, 8
+  %{L}idone = icmp sge i64 %{L}in, %hd
+  br i1 %{L}idone, label %{L}end, label %{L}i
+{L}end:
+{stores}
+  %{L}jn = add i64 %{L}j, {step}
+  %{L}jdone = icmp eq i64 %{L}jn, {stop}
+  br i1 %{L}jdone, label %{after}, label %{L}loop
+"""
+_DOTS_KEY = """  %{L}o{c} = add i64 %{L}j, {c}
+  %{L}koff{c} = mul i64 %{L}o{c}, %ks
+  %{L}kaddr{c} = add i64 %k_, %{L}koff{c}
+  %{L}k{c} = inttoptr i64 %{L}kaddr{c} to float*"""
+_DOTS_ACC = "  %{L}acc{c} = phi <8 x float> [zeroinitializer, %{L}loop], [%{L}accn{c}, %{L}i]"
+_DOTS_PRODUCT = """  %{L}kp{c} = getelementptr float, float* %{L}k{c}, i64 %{L}ii
+  %{L}kvp{c} = bitcast float* %{L}kp{c} to <8 x float>*
+  %{L}kv{c} = load <8 x float>, <8 x float>* %{L}kvp{c}, align 4
+  %{L}p{c} = fmul <8 x float> %{L}qv, %{L}kv{c}
+  %{L}accn{c} = fadd <8 x float> %{L}acc{c}, %{L}p{c}"""
+_DOTS_STORE = """  %{L}lo{c} = shufflevector <8 x float> %{L}accn{c}, <8 x float> undef, <4 x i32> <i32 0, i32 1, i32 2, i32 3>
+  %{L}hi{c} = shufflevector <8 x float> %{L}accn{c}, <8 x float> undef, <4 x i32> <i32 4, i32 5, i32 6, i32 7>
+  %{L}s4{c} = fadd <4 x float> %{L}lo{c}, %{L}hi{c}
+  %{L}a2{c} = shufflevector <4 x float> %{L}s4{c}, <4 x float> undef, <2 x i32> <i32 0, i32 1>
+  %{L}b2{c} = shufflevector <4 x float> %{L}s4{c}, <4 x float> undef, <2 x i32> <i32 2, i32 3>
+  %{L}s2{c} = fadd <2 x float> %{L}a2{c}, %{L}b2{c}
+  %{L}e0{c} = extractelement <2 x float> %{L}s2{c}, i32 0
+  %{L}e1{c} = extractelement <2 x float> %{L}s2{c}, i32 1
+  %{L}t{c} = fadd float %{L}e0{c}, %{L}e1{c}
+  %{L}op{c} = getelementptr float, float* %out, i64 %{L}o{c}
+  store float %{L}t{c}, float* %{L}op{c}"""
+
+
+def _dots_loop(L: str, keys: int, j0: str, came: str, stop: str, after: str) -> str:
+    part = lambda t: "\n".join(t.format(L=L, c=c) for c in range(keys))
+    return _DOTS_LOOP.format(L=L, j0=j0, came=came, stop=stop, after=after, step=keys, keys=part(_DOTS_KEY),
+                             accs=part(_DOTS_ACC), products=part(_DOTS_PRODUCT), stores=part(_DOTS_STORE))
+
+
+_DOTS_IR = ("""
 define void @dots_f32(i64 %q_, i64 %k_, i64 %ks, i64 %n, i64 %hd, i64 %out_) {
 entry:
   %q = inttoptr i64 %q_ to float*
   %out = inttoptr i64 %out_ to float*
   %n4 = and i64 %n, -4
   %has4 = icmp sgt i64 %n4, 0
-  br i1 %has4, label %k4loop, label %rest
-k4loop:
-  %j4 = phi i64 [0, %entry], [%j4n, %k4end]
-  %jc0 = add i64 %j4, 0
-  %koff0 = mul i64 %jc0, %ks
-  %kaddr0 = add i64 %k_, %koff0
-  %kr0 = inttoptr i64 %kaddr0 to float*
-  %jc1 = add i64 %j4, 1
-  %koff1 = mul i64 %jc1, %ks
-  %kaddr1 = add i64 %k_, %koff1
-  %kr1 = inttoptr i64 %kaddr1 to float*
-  %jc2 = add i64 %j4, 2
-  %koff2 = mul i64 %jc2, %ks
-  %kaddr2 = add i64 %k_, %koff2
-  %kr2 = inttoptr i64 %kaddr2 to float*
-  %jc3 = add i64 %j4, 3
-  %koff3 = mul i64 %jc3, %ks
-  %kaddr3 = add i64 %k_, %koff3
-  %kr3 = inttoptr i64 %kaddr3 to float*
-  br label %i4loop
-i4loop:
-  %i4 = phi i64 [0, %k4loop], [%i4n, %i4loop]
-  %ka0 = phi <8 x float> [zeroinitializer, %k4loop], [%kan0, %i4loop]
-  %ka1 = phi <8 x float> [zeroinitializer, %k4loop], [%kan1, %i4loop]
-  %ka2 = phi <8 x float> [zeroinitializer, %k4loop], [%kan2, %i4loop]
-  %ka3 = phi <8 x float> [zeroinitializer, %k4loop], [%kan3, %i4loop]
-  %qp4 = getelementptr float, float* %q, i64 %i4
-  %qvp4 = bitcast float* %qp4 to <8 x float>*
-  %qv4 = load <8 x float>, <8 x float>* %qvp4, align 4
-  %kp0 = getelementptr float, float* %kr0, i64 %i4
-  %kvp0 = bitcast float* %kp0 to <8 x float>*
-  %kv0 = load <8 x float>, <8 x float>* %kvp0, align 4
-  %p0 = fmul <8 x float> %qv4, %kv0
-  %kan0 = fadd <8 x float> %ka0, %p0
-  %kp1 = getelementptr float, float* %kr1, i64 %i4
-  %kvp1 = bitcast float* %kp1 to <8 x float>*
-  %kv1 = load <8 x float>, <8 x float>* %kvp1, align 4
-  %p1 = fmul <8 x float> %qv4, %kv1
-  %kan1 = fadd <8 x float> %ka1, %p1
-  %kp2 = getelementptr float, float* %kr2, i64 %i4
-  %kvp2 = bitcast float* %kp2 to <8 x float>*
-  %kv2 = load <8 x float>, <8 x float>* %kvp2, align 4
-  %p2 = fmul <8 x float> %qv4, %kv2
-  %kan2 = fadd <8 x float> %ka2, %p2
-  %kp3 = getelementptr float, float* %kr3, i64 %i4
-  %kvp3 = bitcast float* %kp3 to <8 x float>*
-  %kv3 = load <8 x float>, <8 x float>* %kvp3, align 4
-  %p3 = fmul <8 x float> %qv4, %kv3
-  %kan3 = fadd <8 x float> %ka3, %p3
-  %i4n = add i64 %i4, 8
-  %i4done = icmp sge i64 %i4n, %hd
-  br i1 %i4done, label %k4end, label %i4loop
-k4end:
-  %lo0 = shufflevector <8 x float> %kan0, <8 x float> undef, <4 x i32> <i32 0, i32 1, i32 2, i32 3>
-  %hi0 = shufflevector <8 x float> %kan0, <8 x float> undef, <4 x i32> <i32 4, i32 5, i32 6, i32 7>
-  %s40 = fadd <4 x float> %lo0, %hi0
-  %a20 = shufflevector <4 x float> %s40, <4 x float> undef, <2 x i32> <i32 0, i32 1>
-  %b20 = shufflevector <4 x float> %s40, <4 x float> undef, <2 x i32> <i32 2, i32 3>
-  %s20 = fadd <2 x float> %a20, %b20
-  %e00 = extractelement <2 x float> %s20, i32 0
-  %e10 = extractelement <2 x float> %s20, i32 1
-  %t0 = fadd float %e00, %e10
-  %oj0 = add i64 %j4, 0
-  %op0 = getelementptr float, float* %out, i64 %oj0
-  store float %t0, float* %op0
-  %lo1 = shufflevector <8 x float> %kan1, <8 x float> undef, <4 x i32> <i32 0, i32 1, i32 2, i32 3>
-  %hi1 = shufflevector <8 x float> %kan1, <8 x float> undef, <4 x i32> <i32 4, i32 5, i32 6, i32 7>
-  %s41 = fadd <4 x float> %lo1, %hi1
-  %a21 = shufflevector <4 x float> %s41, <4 x float> undef, <2 x i32> <i32 0, i32 1>
-  %b21 = shufflevector <4 x float> %s41, <4 x float> undef, <2 x i32> <i32 2, i32 3>
-  %s21 = fadd <2 x float> %a21, %b21
-  %e01 = extractelement <2 x float> %s21, i32 0
-  %e11 = extractelement <2 x float> %s21, i32 1
-  %t1 = fadd float %e01, %e11
-  %oj1 = add i64 %j4, 1
-  %op1 = getelementptr float, float* %out, i64 %oj1
-  store float %t1, float* %op1
-  %lo2 = shufflevector <8 x float> %kan2, <8 x float> undef, <4 x i32> <i32 0, i32 1, i32 2, i32 3>
-  %hi2 = shufflevector <8 x float> %kan2, <8 x float> undef, <4 x i32> <i32 4, i32 5, i32 6, i32 7>
-  %s42 = fadd <4 x float> %lo2, %hi2
-  %a22 = shufflevector <4 x float> %s42, <4 x float> undef, <2 x i32> <i32 0, i32 1>
-  %b22 = shufflevector <4 x float> %s42, <4 x float> undef, <2 x i32> <i32 2, i32 3>
-  %s22 = fadd <2 x float> %a22, %b22
-  %e02 = extractelement <2 x float> %s22, i32 0
-  %e12 = extractelement <2 x float> %s22, i32 1
-  %t2 = fadd float %e02, %e12
-  %oj2 = add i64 %j4, 2
-  %op2 = getelementptr float, float* %out, i64 %oj2
-  store float %t2, float* %op2
-  %lo3 = shufflevector <8 x float> %kan3, <8 x float> undef, <4 x i32> <i32 0, i32 1, i32 2, i32 3>
-  %hi3 = shufflevector <8 x float> %kan3, <8 x float> undef, <4 x i32> <i32 4, i32 5, i32 6, i32 7>
-  %s43 = fadd <4 x float> %lo3, %hi3
-  %a23 = shufflevector <4 x float> %s43, <4 x float> undef, <2 x i32> <i32 0, i32 1>
-  %b23 = shufflevector <4 x float> %s43, <4 x float> undef, <2 x i32> <i32 2, i32 3>
-  %s23 = fadd <2 x float> %a23, %b23
-  %e03 = extractelement <2 x float> %s23, i32 0
-  %e13 = extractelement <2 x float> %s23, i32 1
-  %t3 = fadd float %e03, %e13
-  %oj3 = add i64 %j4, 3
-  %op3 = getelementptr float, float* %out, i64 %oj3
-  store float %t3, float* %op3
-  %j4n = add i64 %j4, 4
-  %j4done = icmp eq i64 %j4n, %n4
-  br i1 %j4done, label %rest, label %k4loop
+  br i1 %has4, label %fourloop, label %rest
+""" + _dots_loop("four", 4, "0", "entry", "%n4", "rest") + """
 rest:
   %more = icmp slt i64 %n4, %n
-  br i1 %more, label %kloop, label %exit
-kloop:
-  %j = phi i64 [%n4, %rest], [%jn, %kend]
-  %koff = mul i64 %j, %ks
-  %kaddr = add i64 %k_, %koff
-  %k = inttoptr i64 %kaddr to float*
-  br label %iloop
-iloop:
-  %i = phi i64 [0, %kloop], [%in, %iloop]
-  %acc = phi <8 x float> [zeroinitializer, %kloop], [%accr, %iloop]
-  %qp = getelementptr float, float* %q, i64 %i
-  %qvp = bitcast float* %qp to <8 x float>*
-  %qv = load <8 x float>, <8 x float>* %qvp, align 4
-  %kp = getelementptr float, float* %k, i64 %i
-  %kvp = bitcast float* %kp to <8 x float>*
-  %kv = load <8 x float>, <8 x float>* %kvp, align 4
-  %p = fmul <8 x float> %qv, %kv
-  %accr = fadd <8 x float> %acc, %p
-  %in = add i64 %i, 8
-  %idone = icmp sge i64 %in, %hd
-  br i1 %idone, label %kend, label %iloop
-kend:
-  %lor = shufflevector <8 x float> %accr, <8 x float> undef, <4 x i32> <i32 0, i32 1, i32 2, i32 3>
-  %hir = shufflevector <8 x float> %accr, <8 x float> undef, <4 x i32> <i32 4, i32 5, i32 6, i32 7>
-  %s4r = fadd <4 x float> %lor, %hir
-  %a2r = shufflevector <4 x float> %s4r, <4 x float> undef, <2 x i32> <i32 0, i32 1>
-  %b2r = shufflevector <4 x float> %s4r, <4 x float> undef, <2 x i32> <i32 2, i32 3>
-  %s2r = fadd <2 x float> %a2r, %b2r
-  %e0r = extractelement <2 x float> %s2r, i32 0
-  %e1r = extractelement <2 x float> %s2r, i32 1
-  %tr = fadd float %e0r, %e1r
-  %ojr = add i64 %j, 0
-  %opr = getelementptr float, float* %out, i64 %ojr
-  store float %tr, float* %opr
-  %jn = add i64 %j, 1
-  %jdone = icmp eq i64 %jn, %n
-  br i1 %jdone, label %exit, label %kloop
+  br i1 %more, label %oneloop, label %exit
+""" + _dots_loop("one", 1, "%n4", "rest", "%n", "exit") + """
 exit:
   ret void
 }
-"""
+""")
 
 
 def module_ir(isa: str) -> str:
@@ -763,53 +672,6 @@ def _compile(isa: str) -> tuple[dict, "_ObjectCache"]:
     return fns, cache
 
 
-def _quantize_32(x, q, d, s):
-    """x [M, K] -> q [M, K/32, 32] int8, d and s [M, K/32, 1] float32 (views into the blocks)."""
-    m_rows, k = x.shape
-    for m in prange(m_rows):
-        for b in range(k // 32):
-            amax = np.float32(0.0)
-            for i in range(32):
-                amax = max(amax, abs(x[m, 32 * b + i]))
-            inv = np.float32(127.0) / amax if amax > 0 else np.float32(0.0)
-            total = 0
-            for i in range(32):
-                qi = np.int8(np.rint(x[m, 32 * b + i] * inv))
-                q[m, b, i] = qi
-                total += qi
-            d[m, b, 0] = amax / np.float32(127.0)
-            s[m, b, 0] = d[m, b, 0] * np.float32(total)
-
-
-def _quantize_256(x, q, d, s):
-    """x [M, K] -> q [M, K/256, 256] int8, d [M, K/256, 1] float32, s [M, K/256, 16] int16."""
-    m_rows, k = x.shape
-    for m in prange(m_rows):
-        for b in range(k // 256):
-            amax = np.float32(0.0)
-            top = np.float32(0.0)           # the value of largest magnitude, with its sign
-            for i in range(256):
-                v = x[m, 256 * b + i]
-                if abs(v) > amax:
-                    amax = abs(v)
-                    top = v
-            inv = np.float32(-127.0) / top if amax > 0 else np.float32(0.0)
-            for g in range(16):
-                total = 0
-                for i in range(16 * g, 16 * g + 16):
-                    qi = np.int8(min(np.float32(127.0), np.rint(x[m, 256 * b + i] * inv)))
-                    q[m, b, i] = qi
-                    total += qi
-                s[m, b, g] = total
-            d[m, b, 0] = np.float32(1.0) / inv if amax > 0 else np.float32(0.0)
-
-
-# one activation row (decode) runs serially: a parallel region costs more than the work
-# (separate functions for numba's cache, see jit.njit_twin)
-_QUANTIZE = {(fmt, par): njit_twin(fn, "_parallel" if par else "_serial", cache=True, parallel=par)
-             for fmt, fn in ((Q8_32, _quantize_32), (Q8_256, _quantize_256)) for par in (False, True)}
-
-
 class Activations:
     """Quantized activation rows in the kernels' layout: per row, blocks of ACT_BLOCK[fmt] bytes
     holding the block's int8 quants, its float32 scale and its sums. ``q``, ``d``, ``s`` are
@@ -848,17 +710,14 @@ def quantize_activations(x: np.ndarray, fmt: int = Q8_32) -> Activations:
     m, k = x.shape
     buf = np.empty((m, k // fmt * ACT_BLOCK[fmt]), dtype=np.uint8)
     acts = Activations(buf, fmt, k)
-    _QUANTIZE[fmt, m >= 2 * ROWS](x, *acts._fields())
+    _QUANTIZE[m >= 2 * ROWS](x, buf, fmt)
     return acts
-
-
-_q32_serial, _q256_serial = _QUANTIZE[Q8_32, False], _QUANTIZE[Q8_256, False]
 
 
 @njit(nogil=True, cache=True, inline="always")
 def _q32_row(x, buf):
-    """:func:`_quantize_32` of the one row x [K] into ``buf`` (1-D, the layout of
-    :class:`Activations`), block by block at byte offsets (no reshape)."""
+    """One row x [K] in the ``Q8_32`` format into ``buf`` (1-D, the layout of :class:`Activations`;
+    see :func:`quantize_activations`), block by block at byte offsets (no reshape)."""
     for b in range(x.shape[0] // 32):
         o = 64 * b
         q = buf[o:o + 32].view(np.int8)
@@ -878,7 +737,7 @@ def _q32_row(x, buf):
 
 @njit(nogil=True, cache=True, inline="always")
 def _q256_row(x, buf):
-    """:func:`_quantize_256` of the one row x [K] into ``buf``, as :func:`_q32_row`."""
+    """One row x [K] in the ``Q8_256`` format into ``buf``, as :func:`_q32_row`."""
     for b in range(x.shape[0] // 256):
         o = 320 * b
         q = buf[o:o + 256].view(np.int8)
@@ -904,32 +763,30 @@ def _q256_row(x, buf):
 @njit(nogil=True, cache=True)
 def quantize_row_into(x, buf, fmt):
     """One activation row x [1, K] quantized into ``buf`` (uint8, 1-D, at least K/fmt *
-    ACT_BLOCK[fmt] bytes) in the layout of :class:`Activations`; for callers inside numba. The
-    same operations as :func:`quantize_activations` (tests compare the fused and per-operation
-    forwards bit for bit)."""
+    ACT_BLOCK[fmt] bytes) in the layout of :class:`Activations`; for callers inside numba."""
     if fmt == Q8_256:
         _q256_row(x[0], buf)
     else:
         _q32_row(x[0], buf)
 
 
+def _quantize_rows(x, buf, fmt):
+    """Every row of x [M, K] into the rows of ``buf`` [M, bytes]."""
+    for m in prange(x.shape[0]):
+        if fmt == Q8_256:
+            _q256_row(x[m], buf[m])
+        else:
+            _q32_row(x[m], buf[m])
+
+
+# a few activation rows run serially: a parallel region costs more than the work
+# (separate functions for numba's cache, see jit.njit_twin)
+_QUANTIZE = {par: njit_twin(_quantize_rows, "_parallel" if par else "_serial", cache=True, parallel=par)
+             for par in (False, True)}
+
+
 #: int8 activation bytes kept in L2 while a weight row is dotted with them (prefill chunks)
 _CHUNK_BYTES = 1 << 18
-
-
-@intrinsic
-def _call_kernel(typingctx, fn, w, row_bytes, r0, r1, nblk, m_rows, x, sx, out, so):
-    """Call the kernel at address ``fn`` (all arguments int64: the pointers are passed in
-    integer registers by the C calling conventions of x86-64 and AArch64 alike). Addresses type
-    much faster at numba's dispatch than ctypes function objects (~2 vs ~25 us a call)."""
-    sig = types.void(*([types.int64] * 11))
-
-    def codegen(context, builder, signature, args):
-        i64 = ir.IntType(64)
-        fnty = ir.FunctionType(ir.VoidType(), [i64] * 10)
-        builder.call(builder.inttoptr(args[0], fnty.as_pointer()), args[1:])
-        return context.get_dummy_value()
-    return sig, codegen
 
 
 @njit(nogil=True, cache=True)
@@ -937,9 +794,9 @@ def _rows_kernel(f1, fr, w, row_bytes, a, b, nblk, m_rows, x, sx, out, so):
     """Rows [a, b) of one matrix against every activation row: ROWS at a time, then the rest."""
     m4 = m_rows - m_rows % ROWS
     if m4 > 0:
-        _call_kernel(fr, w, row_bytes, a, b, nblk, m4, x, sx, out, so)
+        call_address(fr, (w, row_bytes, a, b, nblk, m4, x, sx, out, so))
     if m_rows > m4:
-        _call_kernel(f1, w, row_bytes, a, b, nblk, m_rows - m4, x + m4 * sx, sx, out + 4 * m4 * so, so)
+        call_address(f1, (w, row_bytes, a, b, nblk, m_rows - m4, x + m4 * sx, sx, out + 4 * m4 * so, so))
 
 
 @njit(nogil=True, cache=True)

@@ -36,7 +36,7 @@ def test_no_two_cached_functions_share_a_cache_file():
     then opened a parallel region per call, and a nested one inside the fused step."""
     files, seen = defaultdict(list), set()
     for name, d in _dispatchers():
-        if id(d) in seen:                                    # an alias (simd._q32_serial)
+        if id(d) in seen:                                    # an alias
             continue
         seen.add(id(d))
         if d._cache is not None and hasattr(d._cache, "_cache_file"):
