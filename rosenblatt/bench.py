@@ -115,8 +115,6 @@ def run_bench(model: str, prompt_tokens: int = 128, gen_tokens: int = 64, thread
             progress(r + 1, repeat)
     batched = []
     if batch > 1:
-        if not hasattr(engine.model, "forward_batch"):
-            raise ValueError(f"{engine.config.arch} models have no batched decode step yet")
         prompts = [prompt_ids(engine, prompt_tokens, seed=1 + i) for i in range(batch)]
         batched_decode(engine, [p[:8] for p in prompts], 2)          # warm-up
         for _ in range(repeat):

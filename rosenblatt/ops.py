@@ -22,6 +22,8 @@ x86 and the A76, and whether it was computed alone, in a prompt chunk or in the 
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
@@ -161,10 +163,11 @@ def _sum8(a, n):
     return ((s0 + s4) + (s2 + s6)) + ((s1 + s5) + (s3 + s7))
 
 
+@functools.cache
 def dots_kernel() -> int:
     """The address to pass as ``dots`` to :func:`attention_decode`: the float dot-product kernel
     of :mod:`rosenblatt.simd` (the operations of :func:`_dot8` in one vector register), 0 if
-    LLVM cannot build it here."""
+    LLVM cannot build it here. Looked up once (the op-by-op path asks every layer)."""
     from . import simd
     return simd.dots_address()
 

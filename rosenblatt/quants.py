@@ -290,13 +290,6 @@ def dequant_row(qtype, src, dst):
 
 
 @njit(parallel=True, cache=True)
-def dequant_rows(qtype, rows, row_ids, out):
-    """``out[i] = decode(rows[row_ids[i]])``: rows uint8 [N, row_bytes], out float32 [len(ids), K]."""
-    for i in prange(row_ids.shape[0]):
-        dequant_row(qtype, rows[row_ids[i]], out[i])
-
-
-@njit(parallel=True, cache=True)
 def dequant_row_range(qtype, rows, start, out):
     """``out[i] = decode(rows[start + i])`` for a contiguous band of rows."""
     for i in prange(out.shape[0]):
@@ -331,7 +324,7 @@ _ROW_DECODERS = {
 
 def decode_rows(qtype: int, rows: np.ndarray, row_ids: np.ndarray, out: np.ndarray) -> None:
     """``out[i] = decode(rows[row_ids[i]])`` one row at a time (token embeddings: a few rows a
-    call, each a few microseconds; the same bits as :func:`dequant_rows`)."""
+    call, each a few microseconds)."""
     decode = _ROW_DECODERS[int(qtype)]
     for i, r in enumerate(row_ids):
         decode(rows[r], out[i])

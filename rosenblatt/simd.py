@@ -40,9 +40,7 @@ import tempfile
 import threading
 
 import numpy as np
-from llvmlite import ir
-from numba import njit, prange, types
-from numba.extending import intrinsic
+from numba import njit, prange
 
 from .isa import ISAS, IsaError, host_choice, target_features
 from .jit import call_address, njit_twin

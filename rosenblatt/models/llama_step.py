@@ -29,11 +29,10 @@ from __future__ import annotations
 
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
-from numba import njit, prange, typeof, types
-from numba.core import cgutils
-from numba.extending import intrinsic
+from numba import njit, prange
 
 from .. import ops, parallel, simd
+from ..jit import call_native, native_address
 
 #: the products of one layer, in order: q/k/v, o, gate/up, down
 GROUPS = (("wq", "wk", "wv"), ("wo",), ("w_gate", "w_up"), ("w_down",))
@@ -92,11 +91,27 @@ def _add(src, dst):
         dst[i] += src[i]
 
 
+# A row phase: ``t = _row_first(..)``, ``while t >= 0: <row t>; t = _row_next(..)``, then
+# ``ph = _row_end(..)``. With ``rep`` (one row, repeated by every thread) row 0 once and no
+# counter is touched; else the rows of ``n`` are claimed one by one and waited for.
 @njit(nogil=True, cache=True, inline="always")
-def _rows(sync, ph, rep, n):
-    """The row chunk to do next in a row phase: with ``rep`` (one row, repeated by every thread)
-    row 0 once; else the next claimed row of ``n``, -1 when none is left."""
+def _row_first(sync, ph, rep, n):
     return 0 if rep else parallel.claim(sync, ph, n)
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _row_next(sync, ph, rep, n):
+    if rep:
+        return -1
+    parallel.done(sync, ph)
+    return parallel.claim(sync, ph, n)
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _row_end(sync, ph, rep, n):
+    if not rep:
+        parallel.wait(sync, ph, n)
+    return ph + 1
 
 
 @njit(nogil=True, cache=True)
@@ -123,19 +138,14 @@ def _run(tid, sync, x_in, pos, slot, n_logits, f1, fr, w, rb, col, nmat, nchunk,
     for layer in range(n_layers):
         g, s = 4 * layer, layer % nb
         # 1. residual + down of the previous layer, attention norm, quantization
-        while True:
-            t = _rows(sync, ph, rep, T)
-            if t < 0:
-                break
+        t = _row_first(sync, ph, rep, T)
+        while t >= 0:
             if layer:
                 _add(down[(layer - 1) % nb, t], x[t])
             _norm_quantize(x, t, attn_norm[layer], eps, h, abuf, fmt[g])
-            if rep:
-                break
-            parallel.done(sync, ph)
-        if not rep:
-            parallel.wait(sync, ph, T)
-        ph = _products(sync, ph + 1, g, f1, fr, w, rb, col, nmat, nchunk, mchunk, d // fmt[g], abuf, 0, T, qkv[s])
+            t = _row_next(sync, ph, rep, T)
+        ph = _row_end(sync, ph, rep, T)
+        ph = _products(sync, ph, g, f1, fr, w, rb, col, nmat, nchunk, mchunk, d // fmt[g], abuf, 0, T, qkv[s])
         # 3. per (row, kv head): biases, RoPE, the cache write (and, for one row, attention)
         while True:
             c = parallel.claim(sync, ph, T * n_kv)
@@ -178,62 +188,41 @@ def _run(tid, sync, x_in, pos, slot, n_logits, f1, fr, w, rb, col, nmat, nchunk,
             parallel.wait(sync, ph, T * n_kv)
         ph += 1
         # 5. the attention output quantized, its product
-        while True:
-            t = _rows(sync, ph, rep, T)
-            if t < 0:
-                break
+        t = _row_first(sync, ph, rep, T)
+        while t >= 0:
             simd.quantize_row_into(act[s, t:t + 1], abuf[t], fmt[g + 1])
-            if rep:
-                break
-            parallel.done(sync, ph)
-        if not rep:
-            parallel.wait(sync, ph, T)
-        ph = _products(sync, ph + 1, g + 1, f1, fr, w, rb, col, nmat, nchunk, mchunk, act.shape[2] // fmt[g + 1],
+            t = _row_next(sync, ph, rep, T)
+        ph = _row_end(sync, ph, rep, T)
+        ph = _products(sync, ph, g + 1, f1, fr, w, rb, col, nmat, nchunk, mchunk, act.shape[2] // fmt[g + 1],
                        abuf, 0, T, o[s])
         # 7. residual + o, FFN norm, quantization, gate/up
-        while True:
-            t = _rows(sync, ph, rep, T)
-            if t < 0:
-                break
+        t = _row_first(sync, ph, rep, T)
+        while t >= 0:
             _add(o[s, t], x[t])
             _norm_quantize(x, t, ffn_norm[layer], eps, h, abuf, fmt[g + 2])
-            if rep:
-                break
-            parallel.done(sync, ph)
-        if not rep:
-            parallel.wait(sync, ph, T)
-        ph = _products(sync, ph + 1, g + 2, f1, fr, w, rb, col, nmat, nchunk, mchunk, d // fmt[g + 2], abuf, 0, T,
+            t = _row_next(sync, ph, rep, T)
+        ph = _row_end(sync, ph, rep, T)
+        ph = _products(sync, ph, g + 2, f1, fr, w, rb, col, nmat, nchunk, mchunk, d // fmt[g + 2], abuf, 0, T,
                        gu[s])
         # 9. SiLU gating, quantization, down
-        while True:
-            t = _rows(sync, ph, rep, T)
-            if t < 0:
-                break
+        t = _row_first(sync, ph, rep, T)
+        while t >= 0:
             ops.silu_mul(gu[s, t:t + 1, :d_ff], gu[s, t:t + 1, d_ff:], gated[t:t + 1])
             simd.quantize_row_into(gated[t:t + 1], abuf[t], fmt[g + 3])
-            if rep:
-                break
-            parallel.done(sync, ph)
-        if not rep:
-            parallel.wait(sync, ph, T)
-        ph = _products(sync, ph + 1, g + 3, f1, fr, w, rb, col, nmat, nchunk, mchunk, d_ff // fmt[g + 3], abuf, 0, T,
+            t = _row_next(sync, ph, rep, T)
+        ph = _row_end(sync, ph, rep, T)
+        ph = _products(sync, ph, g + 3, f1, fr, w, rb, col, nmat, nchunk, mchunk, d_ff // fmt[g + 3], abuf, 0, T,
                        down[s])
     # the last layer's residual, and the output norm + product of the last n_logits rows
     s, first = (n_layers - 1) % nb, T - n_logits
     og = nmat.shape[0] - 1
-    while True:
-        t = _rows(sync, ph, rep, T)
-        if t < 0:
-            break
+    t = _row_first(sync, ph, rep, T)
+    while t >= 0:
         _add(down[s, t], x[t])
-        if t >= first and n_logits:
+        if t >= first:
             _norm_quantize(x, t, out_norm, eps, h, abuf, fmt[og])
-        if rep:
-            break
-        parallel.done(sync, ph)
-    if not rep:
-        parallel.wait(sync, ph, T)
-    ph += 1
+        t = _row_next(sync, ph, rep, T)
+    ph = _row_end(sync, ph, rep, T)
     if n_logits:
         _products(sync, ph, og, f1, fr, w, rb, col, nmat, nchunk, mchunk, d // fmt[og], abuf, first, T, logits)
     if parallel.claim(sync, last, 1) == 0:       # a thread that started late finds this claimed
@@ -242,49 +231,15 @@ def _run(tid, sync, x_in, pos, slot, n_logits, f1, fr, w, rb, col, nmat, nchunk,
         parallel.done(sync, last)
 
 
-@intrinsic
-def _call_native(typingctx, addr, args):
-    """Call the numba-compiled function at ``addr`` (:func:`_run`'s native entry for exactly the
-    types of the tuple ``args``) with those arguments, ignoring its status (it raises nothing).
-
-    Calling it by address keeps :func:`_run`'s code out of :func:`run_rows`'s module: linked in,
-    LLVM would optimize the whole step a second time there (~10 s of a first run)."""
-    if not isinstance(args, types.BaseTuple):
-        return None
-    sig = types.void(types.int64, args)
-
-    def codegen(context, builder, signature, llargs):
-        argtys = list(signature.args[1].types)
-        conv = context.call_conv
-        fnty = conv.get_function_type(types.void, argtys)
-        fn = builder.inttoptr(llargs[0], fnty.as_pointer())
-        values = cgutils.unpack_tuple(builder, llargs[1], len(argtys))
-        packed = list(conv._get_arg_packer(argtys).as_arguments(builder, values))
-        retty = conv.get_return_type(types.void).pointee
-        ret = cgutils.alloca_once(builder, retty)
-        builder.store(cgutils.get_null_value(retty), ret)
-        exc = cgutils.alloca_once(builder, fnty.args[1].pointee, name="excinfo")
-        builder.call(fn, [ret, exc] + packed)
-        return context.get_dummy_value()
-    return sig, codegen
-
-
 @njit(parallel=True, nogil=True, cache=True)
 def run_rows(threads, run, args):
-    """Threads 0 .. ``threads`` - 1 each walk :func:`_run` (``run``: its native address, from
-    :func:`run_address`) with ``args``: the arguments of :func:`_run` after ``tid``. One parallel
-    region; :meth:`FusedPlan.run` calls :func:`_run` directly for one thread."""
+    """Threads 0 .. ``threads`` - 1 each walk :func:`_run` (``run``: its native address, see
+    :func:`jit.call_native`, which keeps the step's code out of this function's module) with
+    ``args``: the arguments of :func:`_run` after ``tid``. One parallel region;
+    :meth:`FusedPlan.run` calls :func:`_run` directly for one thread."""
     args[0][:] = 0                              # sync
     for tid in prange(threads):
-        _call_native(run, (np.int64(tid),) + args)
-
-
-def run_address(args) -> int:
-    """The native entry of :func:`_run` compiled (or read from the cache) for ``(tid, *args)``."""
-    sig = tuple(typeof(a) for a in (np.int64(0), *args))
-    _run.compile(sig)
-    cres = _run.overloads[sig]
-    return cres.library.get_pointer_to_function(cres.fndesc.llvm_func_name)
+        call_native(run, (np.int64(tid),) + args)
 
 
 #: weight bytes per chunk of a product phase (a few tens of microseconds of work for one row:
@@ -405,7 +360,7 @@ class FusedPlan:
             self.sync[:] = 0
             _run(np.int64(0), *args)
         else:
-            if self._run_addr is None:
-                self._run_addr = run_address(args)
+            if self._run_addr is None:          # the argument types are the same on every call
+                self._run_addr = native_address(_run, (np.int64(0),) + args)
             run_rows(self.threads, self._run_addr, args)
         return out if n_logits else None
