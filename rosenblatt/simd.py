@@ -29,6 +29,11 @@ structure with the dot product in plain IR bit for bit, and lower the sdot modul
 
 Each kernel computes ``out[m, r] = dot(row r, x[m])`` for rows ``[r0, r1)`` and ``m_rows``
 activation rows; the weight row is read once per ``m`` loop, so it stays in L1 for prefill.
+
+Q4_K also has packed kernels (x86, and plain IR for the tests): the CPU backend repacks its
+matrices at load, eight rows interleaved (:func:`pack`), which roughly doubles the products per
+instruction (see the layout's comment below). For that Q4_K sums each row's super-block into one
+exact integer, in every layout and ISA, so packed and row-major kernels give the same floats.
 """
 
 from __future__ import annotations
@@ -59,6 +64,7 @@ declare <16 x i16> @llvm.x86.avx2.pmadd.ub.sw(<32 x i8>, <32 x i8>)
 declare <8 x i32> @llvm.x86.avx2.pmadd.wd(<16 x i16>, <16 x i16>)
 declare <32 x i8> @llvm.x86.avx2.psign.b(<32 x i8>, <32 x i8>)
 declare <32 x i8> @llvm.abs.v32i8(<32 x i8>, i1)
+declare void @llvm.masked.store.v8f32.p0(<8 x float>, <8 x float>*, i32, <8 x i1>)
 declare <4 x i32> @llvm.aarch64.neon.sdot.v4i32.v16i8(<4 x i32>, <16 x i8>, <16 x i8>)
 """
 
@@ -135,6 +141,14 @@ _STORES = """  %vlo{i} = shufflevector <8 x float> {accv1}, <8 x float> undef, <
 
 def _vec(ty: str, values) -> str:
     return "<" + ", ".join(f"{ty} {v}" for v in values) + ">"
+
+
+# the K-quants' rows: a float accumulated once per super-block (see _body_q45_k), stored as it is
+_PHIS_SCALAR = """  %accs{i} = phi float [0.0, %mloop], [{accs1}, %bloop]"""
+_STORES_SCALAR = """  %oo{i} = mul i64 %m{i}, %so
+  %orow{i} = getelementptr float, float* %out_, i64 %oo{i}
+  %op{i} = getelementptr float, float* %orow{i}, i64 %r
+  store float {accs1}, float* %op{i}"""
 
 
 def _mask(indices) -> str:
@@ -289,16 +303,29 @@ class _IR:
         return self._fma(ivec, self.splat('float', 8, scale), acc)
 
     def fma_acc_folded(self, a: str, scale_a: str, b: str, scale_b: str, acc: str) -> str:
-        """The K-quants' once-per-super-block step: lanes k and k+4 of the integer vectors ``a``
-        and ``b`` added (exact), which puts any ISA's lanes into the sdot kernels' compact form
-        (:meth:`dot32s`); then float lanes 0-3 take ``a`` x ``scale_a`` and lanes 4-7 ``b`` x
-        ``scale_b``. One cross-lane shuffle pair on x86, none on NEON."""
+        """Q5_K's and Q6_K's once-per-super-block step: lanes k and k+4 of the integer vectors
+        ``a`` and ``b`` added (exact), which puts any ISA's lanes into the sdot kernels' compact
+        form (:meth:`dot32s`); then float lanes 0-3 take ``a`` x ``scale_a`` and lanes 4-7 ``b``
+        x ``scale_b`` (llama.cpp's row-major AVX2 dot keeps float lanes the same way). One
+        cross-lane shuffle pair on x86, none on NEON."""
         b = b or "zeroinitializer"
         lo = self(f"shufflevector <8 x i32> {a}, <8 x i32> {b}, {_mask([0, 1, 2, 3, 8, 9, 10, 11])}")
         hi = self(f"shufflevector <8 x i32> {a}, <8 x i32> {b}, {_mask([4, 5, 6, 7, 12, 13, 14, 15])}")
         scales = self(f"insertelement <8 x float> {self.splat('float', 8, scale_a)}, float {scale_b}, i32 4")
         scales = self(f"shufflevector <8 x float> {scales}, <8 x float> undef, {_mask([0] * 4 + [4] * 4)}")
         return self._fma(self(f"add <8 x i32> {lo}, {hi}"), scales, acc)
+
+    def reduce(self, v: str) -> str:
+        """the exact int32 sum of the lanes of an <8 x i32>"""
+        return self(f"call i32 @llvm.vector.reduce.add.v8i32(<8 x i32> {v})")
+
+    def fma_int(self, total: str, scale: str, acc: str) -> str:
+        """acc + float(total) * scale, fused: the K-quants' one step per super-block and row"""
+        return self(f"call float @llvm.fma.f32(float {self(f'sitofp i32 {total} to float')}, float {scale}, float {acc})")
+
+    def fma8(self, total: str, scale: str, acc: str) -> str:
+        """:meth:`fma_int` for 8 rows at once: <8 x i32>, <8 x float>, <8 x float>"""
+        return self._fma(total, scale, acc)
 
     def _fma(self, ivec: str, scales: str, acc: str) -> str:
         f = self(f"sitofp <8 x i32> {ivec} to <8 x float>")
@@ -383,9 +410,16 @@ def _body_q45_k(isa: str, rows: int, five: bool):
     for i in range(rows):
         mins = e.madd(e.act(i, Q8_256, "s", ty="<16 x i16>"), mn16)
         dx = e.act(i, Q8_256, "d")
-        accv = e.fma_acc_folded(sumi[i], e(f"fmul float {d}, {dx}"),
-                                mins, e(f"fneg float {e(f'fmul float {dmin}, {dx}')}"), f"%accv{i}")
-        accs.append((accv, f"%accs{i}"))
+        if five:        # float lanes, as llama.cpp's row-major dot
+            accv = e.fma_acc_folded(sumi[i], e(f"fmul float {d}, {dx}"),
+                                    mins, e(f"fneg float {e(f'fmul float {dmin}, {dx}')}"), f"%accv{i}")
+            accs.append((accv, f"%accs{i}"))
+            continue
+        # Q4_K: one exact integer a row and super-block, as the packed kernels (and llama.cpp's
+        # repacked ones) compute it: the same floats from either layout
+        acc = e.fma_int(e.reduce(sumi[i]), e(f"fmul float {d}, {dx}"), f"%accs{i}")
+        acc = e.fma_int(e.reduce(mins), e(f"fneg float {e(f'fmul float {dmin}, {dx}')}"), acc)
+        accs.append((None, acc))
     return e.finish(accs)
 
 
@@ -416,6 +450,150 @@ def _body_q6_k(isa: str, rows: int):
         accv = e.fma_acc_folded(total, e(f"fmul float {d}, {e.act(i, Q8_256, 'd')}"), None, "0.0", f"%accv{i}")
         accs.append((accv, f"%accs{i}"))
     return e.finish(accs)
+
+
+# Weights repacked at load (x86): eight rows interleaved, so that one 256-bit register holds
+# 8 quants of each of 4 rows and the products' lanes are rows. The four 8-quant slices of a
+# 32-quant sub-block then share each lane's scale, so their pair sums add in int16 (4 x 2 x 15 x
+# 127 < 32767) before one vpmaddwd applies the scales: 5 multiplying instructions per 128
+# products instead of 8 (llama.cpp's repacked layout does the same). The integers of a row and
+# super-block are the same as the row-major kernels' (exact sums); so are the floats.
+#
+# Q4_K, per group of 8 rows and super-block, PACKED_BLOCK bytes: d[8], dmin[8] (f16), the 6-bit
+# scales [sub-block j][row] and mins [j][row] as bytes, then the quants as 32-byte slices
+# [32-byte chunk cc][8-byte slice c][row half h]: rows 4h..4h+3, bytes 8c..8c+7 of chunk cc
+# (low nibbles: sub-block 2cc, high: 2cc + 1).
+PACKED_BLOCK = {Q4_K: 1184}
+#: ISAs whose matrices the CPU backend packs (elsewhere it keeps the row-major blocks; the A76's
+#: sdot kernels have no packed form yet)
+PACKED_ISAS = ("avx2",)
+#: ISAs whose module has the packed kernels: those, and the plain-IR ones (tests, any CPU)
+_PACKED_MODULES = PACKED_ISAS + ("portable",)
+
+_PACKED_SKELETON = """
+define void @px{R}_{name}(i8* %w, i64 %gbytes, i64 %r0, i64 %r1, i64 %nblk, i64 %m_rows,
+                       i8* %x_, i64 %sx, float* %out_, i64 %so) {{
+entry:
+  %empty_r = icmp sge i64 %r0, %r1
+  %empty_m = icmp sle i64 %m_rows, 0
+  %empty = or i1 %empty_r, %empty_m
+  %g0 = lshr i64 %r0, 3
+  %r1up = add i64 %r1, 7
+  %g1 = lshr i64 %r1up, 3
+  %r0v = insertelement <8 x i64> undef, i64 %r0, i32 0
+  %r0s = shufflevector <8 x i64> %r0v, <8 x i64> undef, <8 x i32> zeroinitializer
+  %r1v = insertelement <8 x i64> undef, i64 %r1, i32 0
+  %r1s = shufflevector <8 x i64> %r1v, <8 x i64> undef, <8 x i32> zeroinitializer
+  br i1 %empty, label %exit, label %rowloop
+rowloop:
+  %g = phi i64 [%g0, %entry], [%gnext, %rowend]
+  %goff = mul i64 %g, %gbytes
+  %row = getelementptr i8, i8* %w, i64 %goff
+  %r = mul i64 %g, 8
+  %rv = insertelement <8 x i64> undef, i64 %r, i32 0
+  %rs = shufflevector <8 x i64> %rv, <8 x i64> undef, <8 x i32> zeroinitializer
+  %idx = add <8 x i64> %rs, <i64 0, i64 1, i64 2, i64 3, i64 4, i64 5, i64 6, i64 7>
+  %inlo = icmp sge <8 x i64> %idx, %r0s
+  %inhi = icmp slt <8 x i64> %idx, %r1s
+  %inside = and <8 x i1> %inlo, %inhi
+  br label %mloop
+mloop:
+  %m = phi i64 [0, %rowloop], [%mnext, %mend]
+{pointers}
+  br label %bloop
+bloop:
+  %b = phi i64 [0, %mloop], [%bnext, %bloop]
+{phis}
+{body}
+  %bnext = add i64 %b, 1
+  %bdone = icmp eq i64 %bnext, %nblk
+  br i1 %bdone, label %mend, label %bloop
+mend:
+{stores}
+  %mnext = add i64 %m, {R}
+  %mdone = icmp sge i64 %mnext, %m_rows
+  br i1 %mdone, label %rowend, label %mloop
+rowend:
+  %gnext = add i64 %g, 1
+  %gdone = icmp eq i64 %gnext, %g1
+  br i1 %gdone, label %exit, label %rowloop
+exit:
+  ret void
+}}
+"""
+
+_PACKED_PHIS = """  %acc{i} = phi <8 x float> [zeroinitializer, %mloop], [{a}, %bloop]"""
+# the 8 rows' results go to out[m, 8g .. 8g + 7], the lanes of rows outside [r0, r1) masked off
+_PACKED_STORES = """  %oo{i} = mul i64 %m{i}, %so
+  %orow{i} = getelementptr float, float* %out_, i64 %oo{i}
+  %op{i} = getelementptr float, float* %orow{i}, i64 %r
+  %opv{i} = bitcast float* %op{i} to <8 x float>*
+  call void @llvm.masked.store.v8f32.p0(<8 x float> {a}, <8 x float>* %opv{i}, i32 4, <8 x i1> %inside)"""
+
+
+def _body_q4_k_packed(isa: str, rows: int):
+    """Q4_K, 8 packed weight rows against ``rows`` Q8_256 activation rows: per activation row, an
+    <8 x float> accumulator whose lane r is weight row 8g + r, updated once per super-block as
+    the row-major kernels update their float (:meth:`_IR.fma_int`)."""
+    e = _IR(isa)
+    blk = e(f"mul i64 %b, {PACKED_BLOCK[Q4_K]}")
+    at = lambda off: e(f"add i64 {blk}, {off}")
+    d = e(f"fpext <8 x half> {e.load('%row', blk, '<8 x half>')} to <8 x float>")
+    dmin = e(f"fpext <8 x half> {e.load('%row', at(16), '<8 x half>')} to <8 x float>")
+    bytes8 = lambda off: e(f"zext <8 x i8> {e.load('%row', at(off), '<8 x i8>')} to <8 x i16>")
+    scales = {}
+
+    def scale(j, h):        # <16 x i16>: lanes 4k..4k+3 the scale of row 4h + k in sub-block j
+        if j not in scales:
+            s8 = bytes8(32 + 8 * j)
+            scales[j] = [e(f"shufflevector <8 x i16> {s8}, <8 x i16> undef, {_mask([4 * hh + l // 4 for l in range(16)])}")
+                         for hh in range(2)]
+        return scales[j][h]
+
+    ab = e(f"mul i64 %b, {ACT_BLOCK[Q8_256]}")
+    isum = [["zeroinitializer"] * 2 for _ in range(rows)]    # per activation row and row half
+    for cc in range(4):                     # unpack a chunk's 16 slices, use them for every row
+        w = {}
+        for c in range(4):
+            for h in range(2):
+                q = e.load("%row", at(160 + ((cc * 4 + c) * 2 + h) * 32), "<32 x i8>")
+                w[c, h, 0], w[c, h, 1] = e.and_bytes(q, 15), e.lshr_bytes(q, 4)
+        for i in range(rows):
+            for j in (2 * cc, 2 * cc + 1):
+                xs = [e(f"bitcast <4 x i64> {e.splat('i64', 4, e.load(f'%x{i}', e(f'add i64 {ab}, {32 * j + 8 * c}'), 'i64'))} to <32 x i8>")
+                      for c in range(4)]
+                for h in range(2):
+                    s16 = e.maddubs(w[0, h, j % 2], xs[0])
+                    for c in range(1, 4):
+                        s16 = e(f"add <16 x i16> {s16}, {e.maddubs(w[c, h, j % 2], xs[c])}")
+                    isum[i][h] = e(f"add <8 x i32> {isum[i][h]}, {e.madd(s16, scale(j, h))}")
+    accs = []
+    for i in range(rows):
+        # lanes 2k, 2k + 1 of half h are row 4h + k's: one exact sum per row
+        ev = e(f"shufflevector <8 x i32> {isum[i][0]}, <8 x i32> {isum[i][1]}, {_mask(range(0, 16, 2))}")
+        od = e(f"shufflevector <8 x i32> {isum[i][0]}, <8 x i32> {isum[i][1]}, {_mask(range(1, 16, 2))}")
+        total = e(f"add <8 x i32> {ev}, {od}")
+        msum = "zeroinitializer"           # sum_j min_j * (16-sums 2j + 2j + 1), rows in lanes
+        for j in range(8):
+            mins = e(f"shufflevector <8 x i16> {bytes8(96 + 8 * j)}, <8 x i16> undef, {_mask([l // 2 for l in range(16)])}")
+            pair = e.splat("i32", 8, e.load(f"%x{i}", e(f"add i64 {ab}, {Q8_256 + 4 + 4 * j}"), "i32"))
+            msum = e(f"add <8 x i32> {msum}, {e.madd(mins, e(f'bitcast <8 x i32> {pair} to <16 x i16>'))}")
+        dx = e.splat("float", 8, e.act(i, Q8_256, "d"))
+        acc = e.fma8(total, e(f"fmul <8 x float> {d}, {dx}"), f"%acc{i}")
+        acc = e.fma8(msum, e(f"fneg <8 x float> {e(f'fmul <8 x float> {dmin}, {dx}')}"), acc)
+        accs.append(acc)
+    return "\n".join(e.lines), accs
+
+
+#: ggml type -> (kernel name, IR body) of the packed kernels
+_PACKED_KERNELS = {Q4_K: ("q4_k", _body_q4_k_packed)}
+
+
+def _packed_ir(name: str, body, isa: str, rows: int) -> str:
+    lines, accs = body(isa, rows)
+    fill = lambda template: "\n".join(template.format(i=i, a=a) for i, a in enumerate(accs))
+    return _PACKED_SKELETON.format(name=name, R=rows, body=lines, pointers=fill(_POINTERS),
+                                   phis=fill(_PACKED_PHIS), stores=fill(_PACKED_STORES))
 
 
 #: ggml type -> (kernel name, activation format, IR body, factor of the scalar accumulator)
@@ -449,6 +627,26 @@ def host_isa() -> str:
 
 #: activation rows per pass of the multi-row kernels (prefill); the rest run one by one
 ROWS = 4
+#: ISAs whose multi-row entry point takes 8 rows per pass, then 4 (x86: 8 rows' accumulators fit
+#: the vector registers; in cache, Q4_K 8960 x 1536 x 64 rows: ~+6 % on one thread, ~+5-20 % on
+#: two, docs/performance.md). The results do not depend on it: each row's sums are its own.
+WIDE = {"avx2": 8}
+
+_WIDE_ENTRY = """
+define void @{P}w_{name}(i8* %w, i64 %row_bytes, i64 %r0, i64 %r1, i64 %nblk, i64 %m_rows,
+                      i8* %x_, i64 %sx, float* %out_, i64 %so) {{
+entry:
+  %mw = and i64 %m_rows, -{W}
+  call void @{P}{W}_{name}(i8* %w, i64 %row_bytes, i64 %r0, i64 %r1, i64 %nblk, i64 %mw, i8* %x_, i64 %sx, float* %out_, i64 %so)
+  %rest = sub i64 %m_rows, %mw
+  %xoff = mul i64 %mw, %sx
+  %xr = getelementptr i8, i8* %x_, i64 %xoff
+  %ooff = mul i64 %mw, %so
+  %outr = getelementptr float, float* %out_, i64 %ooff
+  call void @{P}{R}_{name}(i8* %w, i64 %row_bytes, i64 %r0, i64 %r1, i64 %nblk, i64 %rest, i8* %xr, i64 %sx, float* %outr, i64 %so)
+  ret void
+}}
+"""
 
 
 # Float dot products of one query row with n key rows (attention scores), for ops.attention_decode:
@@ -530,15 +728,23 @@ exit:
 def module_ir(isa: str) -> str:
     if isa not in ISAS:
         raise ValueError(f"isa must be one of {ISAS}, got {isa!r}")
-    return (_HEADER + "".join(_kernel_ir(n, cs, body, isa, r) for n, _, body, cs in _KERNELS.values() for r in (1, ROWS))
+    wide = WIDE.get(isa)
+    counts = (1, ROWS) + ((wide,) if wide else ())
+    packed = _PACKED_KERNELS.values() if isa in _PACKED_MODULES else ()
+    return (_HEADER + "".join(_kernel_ir(n, cs, body, isa, r) for n, _, body, cs in _KERNELS.values() for r in counts)
+            + "".join(_WIDE_ENTRY.format(P="mm", name=n, W=wide, R=ROWS) for n, _, _, _ in _KERNELS.values() if wide)
+            + "".join(_packed_ir(n, body, isa, r) for n, body in packed for r in (1, ROWS, 8))
+            + "".join(_WIDE_ENTRY.format(P="px", name=n, W=8, R=ROWS) for n, _ in packed)
             + _DOTS_IR)
 
 
 def _kernel_ir(name: str, cs: str, body, isa: str, rows: int) -> str:
     lines, accs = body(isa, rows)
+    scalar = accs[0][0] is None         # the K-quants: one float per row, no vector accumulator
+    phis, stores = (_PHIS_SCALAR, _STORES_SCALAR) if scalar else (_PHIS, _STORES)
     fill = lambda template: "\n".join(template.format(i=i, accv1=v, accs1=a, cs=cs) for i, (v, a) in enumerate(accs))
-    return _SKELETON.format(name=name, R=rows, body=lines, pointers=fill(_POINTERS), phis=fill(_PHIS),
-                            stores=fill(_STORES))
+    return _SKELETON.format(name=name, R=rows, body=lines, pointers=fill(_POINTERS), phis=fill(phis),
+                            stores=fill(stores))
 
 
 _misched_off = False
@@ -615,7 +821,7 @@ class _ObjectCache:
 
 
 def kernels(isa: str | None = None) -> dict:
-    """ggml type -> (one-row kernel, ROWS-row kernel) as ctypes functions, compiled on first
+    """ggml type -> (one-row kernel, multi-row kernel: any multiple of ROWS rows) as ctypes functions, compiled on first
     use (or read from the object cache); {} if LLVM cannot build them here.
 
     ``isa`` None: :func:`host_isa`; or one of :data:`ISAS` that this CPU can run (tests compile
@@ -664,8 +870,12 @@ def _compile(isa: str) -> tuple[dict, "_ObjectCache"]:
     engine.set_object_cache(cache.store, cache.load)
     engine.finalize_object()
     _engines.append(engine)
-    fns = {qt: (_FN(engine.get_function_address(f"mm1_{n}")), _FN(engine.get_function_address(f"mm{ROWS}_{n}")))
+    multi = "mmw" if isa in WIDE else f"mm{ROWS}"
+    fns = {qt: (_FN(engine.get_function_address(f"mm1_{n}")), _FN(engine.get_function_address(f"{multi}_{n}")))
            for qt, (n, _, _, _) in _KERNELS.items()}
+    if isa in _PACKED_MODULES:    # ("packed", type): the kernels of rows in :func:`pack`'s layout
+        fns.update({("packed", qt): (_FN(engine.get_function_address(f"px1_{n}")), _FN(engine.get_function_address(f"pxw_{n}")))
+                    for qt, (n, _) in _PACKED_KERNELS.items()})
     _dots[isa] = engine.get_function_address("dots_f32")
     return fns, cache
 
@@ -787,6 +997,63 @@ _QUANTIZE = {par: njit_twin(_quantize_rows, "_parallel" if par else "_serial", c
 _CHUNK_BYTES = 1 << 18
 
 
+def chunk_rows(row_bytes: int, budget: int = _CHUNK_BYTES) -> int:
+    """Activation rows of ``row_bytes`` each per prefill chunk: what fits ``budget``, in whole
+    passes of the widest kernel (8 rows, or ROWS)"""
+    group = max([ROWS, *WIDE.values()])
+    return max(ROWS, budget // row_bytes // group * group)
+
+
+@njit(parallel=True, nogil=True, cache=True)
+def _pack_q4_k(rows, out):
+    """Q4_K rows [8G, nblk * 144] -> out [G, nblk * PACKED_BLOCK] (the layout above)."""
+    nblk = rows.shape[1] // 144
+    for g in prange(out.shape[0]):
+        for b in range(nblk):
+            o, s = b * 1184, b * 144
+            for r in range(8):
+                src = rows[8 * g + r]
+                for t in range(2):
+                    out[g, o + 2 * r + t] = src[s + t]                  # d
+                    out[g, o + 16 + 2 * r + t] = src[s + 2 + t]         # dmin
+                for j in range(4):
+                    a, m, c = src[s + 4 + j], src[s + 8 + j], src[s + 12 + j]
+                    out[g, o + 32 + 8 * j + r] = a & 63
+                    out[g, o + 32 + 8 * (j + 4) + r] = (c & 15) | ((a >> 6) << 4)
+                    out[g, o + 96 + 8 * j + r] = m & 63
+                    out[g, o + 96 + 8 * (j + 4) + r] = (c >> 4) | ((m >> 6) << 4)
+                for cc in range(4):
+                    for c in range(4):
+                        dst = o + 160 + ((cc * 4 + c) * 2 + r // 4) * 32 + (r % 4) * 8
+                        out[g, dst:dst + 8] = src[s + 16 + 32 * cc + 8 * c:s + 24 + 32 * cc + 8 * c]
+
+
+class Packed:
+    """A matrix's rows in a packed kernel's layout (:data:`PACKED_BLOCK`): ``data`` [N / 8,
+    blocks * PACKED_BLOCK] uint8, ``n`` rows of type ``qtype``."""
+
+    def __init__(self, qtype: int, data: np.ndarray, n: int):
+        self.qtype, self.data, self.n = qtype, data, n
+
+
+def pack(qtype: int, rows: np.ndarray) -> Packed | None:
+    """``rows`` (a matrix's blocks, row-major) in the packed layout, or None where there is no
+    packed kernel for the type or the row count is not a multiple of 8."""
+    if qtype not in PACKED_BLOCK or rows.shape[0] % 8 or rows.shape[0] == 0:
+        return None
+    nblk = rows.shape[1] // 144
+    out = np.empty((rows.shape[0] // 8, nblk * PACKED_BLOCK[qtype]), np.uint8)
+    _pack_q4_k(rows, out)
+    return Packed(qtype, out, rows.shape[0])
+
+
+@njit(nogil=True, cache=True, inline="always")
+def cut(n, p, parts):
+    """Start of share ``p`` of ``n`` rows split in ``parts``: a multiple of 8 (the packed
+    kernels' row groups) but for the end, ``n``."""
+    return n if p >= parts else n * p // parts // 8 * 8
+
+
 @njit(nogil=True, cache=True)
 def _rows_kernel(f1, fr, w, row_bytes, a, b, nblk, m_rows, x, sx, out, so):
     """Rows [a, b) of one matrix against every activation row: ROWS at a time, then the rest."""
@@ -822,7 +1089,7 @@ def _group_parallel(f1, fr, w, row_bytes, n, col, nblk, buf, chunk, parts):
         mc = min(chunk, m_rows - m0)
         for p in prange(parts):
             for j in range(len(w)):
-                _rows_kernel(f1[j], fr[j], w[j], row_bytes[j], n[j] * p // parts, n[j] * (p + 1) // parts, nblk, mc,
+                _rows_kernel(f1[j], fr[j], w[j], row_bytes[j], cut(n[j], p, parts), cut(n[j], p + 1, parts), nblk, mc,
                              x + m0 * sx, sx, base + 4 * (m0 * so + col[j]), so)
     return out
 
@@ -840,17 +1107,25 @@ class KernelGroup:
             raise ValueError("a kernel group is 1-3 matrices whose types share an activation format")
         addr = lambda f: ctypes.cast(f, ctypes.c_void_p).value
         i64 = lambda vals: np.array(vals, dtype=np.int64)
+        # a Packed matrix runs on its packed kernels, which take the bytes of a group of 8 rows
+        rows = list(rows)
+        if any(isinstance(r, Packed) and ("packed", r.qtype) not in fns for r in rows):
+            raise ValueError("packed rows need the packed kernels of this ISA")
+        keys = [("packed", qt) if isinstance(r, Packed) else qt for qt, r in zip(qtypes, rows)]
+        data = [r.data if isinstance(r, Packed) else r for r in rows]
         self.rows = list(rows)          # keeps the mappings the addresses point into alive
-        self.f1, self.fr = i64([addr(fns[qt][0]) for qt in qtypes]), i64([addr(fns[qt][1]) for qt in qtypes])
-        self.w, self.row_bytes = i64([r.ctypes.data for r in rows]), i64([r.strides[0] for r in rows])
-        self.n = i64([r.shape[0] for r in rows])
+        self.f1, self.fr = i64([addr(fns[key][0]) for key in keys]), i64([addr(fns[key][1]) for key in keys])
+        self.w, self.row_bytes = i64([r.ctypes.data for r in data]), i64([r.strides[0] for r in data])
+        self.n = i64([r.n if isinstance(r, Packed) else r.shape[0] for r in rows])
+        #: bytes of each matrix
+        self.nbytes = i64([r.nbytes for r in data])
         self.col = i64([0] + list(np.cumsum(self.n)))
         #: (start, stop) of each matrix's columns in the output
         self.columns = [(int(a), int(b)) for a, b in zip(self.col[:-1], self.col[1:])]
 
     def __call__(self, acts: Activations, parts: int = 1) -> np.ndarray:
         assert acts.fmt == self.fmt
-        chunk = max(ROWS, _CHUNK_BYTES // acts.k // ROWS * ROWS)
+        chunk = chunk_rows(acts.k)
         args = (self.f1, self.fr, self.w, self.row_bytes, self.n, self.col, acts.k // acts.fmt, acts.buf, chunk)
         return _group_parallel(*args, parts) if parts > 1 else _group_serial(*args)
 

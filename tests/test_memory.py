@@ -7,7 +7,12 @@ import subprocess
 import sys
 import textwrap
 
-from conftest import micro_path, smollm2_path
+import numpy as np
+import pytest
+
+from rosenblatt.backends.cpu import _drop_pages
+
+from conftest import gemma3_path, micro_path, smollm2_path
 
 SCRIPT = textwrap.dedent("""
     import json, resource, sys
@@ -22,8 +27,11 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_peak_rss_close_to_file_size_plus_kv_cache():
-    model = smollm2_path()
+@pytest.mark.parametrize("which", ["smollm2", "gemma3"])
+def test_peak_rss_close_to_file_size_plus_kv_cache(which):
+    """SmolLM2 (Q4_1: read in place from the mapping) and gemma3 (Q4_K_M: on x86 its Q4_K
+    matrices are repacked at load, and the file's pages of them let go)."""
+    model = smollm2_path() if which == "smollm2" else gemma3_path()
     out = subprocess.run([sys.executable, "-c", SCRIPT, str(model), str(micro_path("llama-micro-q4_0"))],
                          capture_output=True, text=True, timeout=300, check=True)
     res = json.loads(out.stdout.strip().splitlines()[-1])
@@ -59,3 +67,20 @@ def test_kv_cache_commits_memory_only_for_written_positions():
         # the first arrays maps the shared zero page. Eager zeroing would be >= 128 MiB.
         assert grown < 16, (make, grown)
         del cache, kc, vc
+
+
+def test_dropping_pages_keeps_the_data(tmp_path):
+    """Pages of the model file's mapping leave the resident set and read back the same; an
+    anonymous array (whose pages would be lost) is left alone."""
+    data = np.random.default_rng(0).integers(0, 256, 1 << 22, dtype=np.uint8)
+    path = tmp_path / "blob"
+    data.tofile(path)
+    mapped = np.memmap(path, mode="r")
+    part = slice(12345, 12345 + 7 * 500_000)
+    view = mapped[part].reshape(-1, 7)[:, :5]      # a strided view well inside the mapping
+    assert np.array_equal(view, data[part].reshape(-1, 7)[:, :5])
+    _drop_pages(mapped[part])
+    assert np.array_equal(np.asarray(view), data[part].reshape(-1, 7)[:, :5])
+    anon = data.copy()
+    _drop_pages(anon)
+    assert np.array_equal(anon, data)

@@ -74,6 +74,34 @@ class CPUWeight(PreparedWeight):
     n_in: int
     rows: np.ndarray            # uint8 [n_out, row_bytes], a view into the file mapping
     dense: np.ndarray | None    # float32 [n_out, n_in] view when the file stores F32
+    packed: simd.Packed | None = None   # the rows in a packed kernel's layout (x86, Q4_K)
+
+
+def _file_backed(a: np.ndarray) -> bool:
+    while a is not None:
+        if isinstance(a, np.memmap):
+            return True
+        a = a.base if isinstance(a, np.ndarray) else None
+    return False
+
+
+def _drop_pages(a: np.ndarray) -> None:
+    """Take the whole pages of ``a`` (a view into the model file's mapping, read-only) out of
+    this process's resident set: the kernel reads them back from the file if they are touched
+    again (an embedding row). Only for file mappings (anonymous pages would be lost)."""
+    if not _file_backed(a) or not hasattr(os, "sysconf"):
+        return
+    page = os.sysconf("SC_PAGE_SIZE")
+    start = -(-a.ctypes.data // page) * page
+    end = (a.ctypes.data + a.nbytes) // page * page
+    if end <= start:
+        return
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), 4)     # MADV_DONTNEED
+    except (OSError, AttributeError):
+        pass
 
 
 class CPUBackend(MatmulBackend):
@@ -116,7 +144,12 @@ class CPUBackend(MatmulBackend):
             raise ValueError(f"tensor {tensor.name!r}: type {tensor.qtype.name} is not supported")
         rows = tensor.rows()
         dense = rows.view(np.float32) if int(tensor.qtype) == F32 else None
-        return CPUWeight(tensor.name, int(tensor.qtype), tensor.n_rows, tensor.row_len, rows, dense)
+        packed = None
+        if ("packed", int(tensor.qtype)) in self._simd:     # repacked once, the file's pages let go
+            packed = simd.pack(int(tensor.qtype), rows)
+            if packed is not None:
+                _drop_pages(rows)
+        return CPUWeight(tensor.name, int(tensor.qtype), tensor.n_rows, tensor.row_len, rows, dense, packed)
 
     def matmul(self, x: np.ndarray, w: CPUWeight, out: np.ndarray | None = None) -> np.ndarray:
         m = x.shape[0]
@@ -166,7 +199,8 @@ class CPUBackend(MatmulBackend):
         key = tuple(id(w) for w in ws)
         entry = self._groups.get(key)
         if entry is None:     # the weights are kept in the entry, so their ids stay theirs
-            entry = self._groups[key] = (simd.KernelGroup([w.qtype for w in ws], [w.rows for w in ws], self._simd), ws)
+            rows = [w.packed if w.packed is not None else w.rows for w in ws]
+            entry = self._groups[key] = (simd.KernelGroup([w.qtype for w in ws], rows, self._simd), ws)
         return entry[0]
 
     def _parts(self, g, ws, m: int) -> int:

@@ -56,7 +56,7 @@ def _products(sync, ph, g, f1, fr, w, rb, col, nmat, nchunk, mchunk, nblk, abuf,
         c = parallel.claim(sync, ph, chunks)
         if c < 0:
             break
-        a, b = total * c // chunks, total * (c + 1) // chunks
+        a, b = simd.cut(total, c, chunks), simd.cut(total, c + 1, chunks)
         for m0 in range(0, rows, step):
             mc = min(step, rows - m0)
             for j in range(m):
@@ -268,11 +268,11 @@ class FusedPlan:
             self.f1[i, :m], self.fr[i, :m], self.w[i, :m] = kg.f1, kg.fr, kg.w
             self.rb[i, :m], self.col[i, :m + 1] = kg.row_bytes, kg.col
             self.nmat[i], self.fmt[i] = m, kg.fmt
-            weight_bytes = int((kg.n * kg.row_bytes).sum())
+            weight_bytes = int(kg.nbytes.sum())
             self.nchunk[i] = 1 if threads == 1 else min(MAX_CHUNKS, max(threads, weight_bytes // CHUNK_BYTES))
             k = inputs[i % 4] if i < 4 * len(layers) else cfg.d_model
             act_bytes = k // kg.fmt * simd.ACT_BLOCK[kg.fmt]
-            self.mchunk[i] = max(simd.ROWS, ACT_CHUNK_BYTES // act_bytes // simd.ROWS * simd.ROWS)
+            self.mchunk[i] = simd.chunk_rows(act_bytes, ACT_CHUNK_BYTES)
         self.threads, self.with_output = threads, with_output
         self.attn_norm = np.stack([L.attn_norm for L in layers])
         self.ffn_norm = np.stack([L.ffn_norm for L in layers])
