@@ -1042,7 +1042,10 @@ def pack(qtype: int, rows: np.ndarray) -> Packed | None:
     if qtype not in PACKED_BLOCK or rows.shape[0] % 8 or rows.shape[0] == 0:
         return None
     nblk = rows.shape[1] // 144
-    out = np.empty((rows.shape[0] // 8, nblk * PACKED_BLOCK[qtype]), np.uint8)
+    shape = (rows.shape[0] // 8, nblk * PACKED_BLOCK[qtype])
+    raw = np.empty(shape[0] * shape[1] + 64, np.uint8)      # on a cache line: no load straddles two
+    start = -raw.ctypes.data % 64
+    out = raw[start:start + shape[0] * shape[1]].reshape(shape)
     _pack_q4_k(rows, out)
     return Packed(qtype, out, rows.shape[0])
 
