@@ -1058,7 +1058,7 @@ def cut(n, p, parts):
 
 
 @njit(nogil=True, cache=True)
-def _rows_kernel(f1, fr, w, row_bytes, a, b, nblk, m_rows, x, sx, out, so):
+def rows_kernel(f1, fr, w, row_bytes, a, b, nblk, m_rows, x, sx, out, so):
     """Rows [a, b) of one matrix against every activation row: ROWS at a time, then the rest."""
     m4 = m_rows - m_rows % ROWS
     if m4 > 0:
@@ -1076,7 +1076,7 @@ def _group_serial(f1, fr, w, row_bytes, n, col, nblk, buf, chunk):
     for m0 in range(0, m_rows, chunk):
         mc = min(chunk, m_rows - m0)
         for j in range(len(w)):
-            _rows_kernel(f1[j], fr[j], w[j], row_bytes[j], 0, n[j], nblk, mc, x + m0 * sx, sx,
+            rows_kernel(f1[j], fr[j], w[j], row_bytes[j], 0, n[j], nblk, mc, x + m0 * sx, sx,
                          base + 4 * (m0 * so + col[j]), so)
     return out
 
@@ -1092,7 +1092,7 @@ def _group_parallel(f1, fr, w, row_bytes, n, col, nblk, buf, chunk, parts):
         mc = min(chunk, m_rows - m0)
         for p in prange(parts):
             for j in range(len(w)):
-                _rows_kernel(f1[j], fr[j], w[j], row_bytes[j], cut(n[j], p, parts), cut(n[j], p + 1, parts), nblk, mc,
+                rows_kernel(f1[j], fr[j], w[j], row_bytes[j], cut(n[j], p, parts), cut(n[j], p + 1, parts), nblk, mc,
                              x + m0 * sx, sx, base + 4 * (m0 * so + col[j]), so)
     return out
 

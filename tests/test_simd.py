@@ -226,7 +226,7 @@ def test_packed_kernels_give_the_row_major_floats(isa):
     g = simd.KernelGroup([int(T.Q4_K)], [packed], host)
     out = np.full((5, n), np.nan, np.float32)
     for lo, hi in ((3, 13), (13, 14), (14, 40), (40, 95)):
-        simd._rows_kernel(g.f1[0], g.fr[0], g.w[0], g.row_bytes[0], lo, hi, k // 256, 5, acts.buf.ctypes.data,
+        simd.rows_kernel(g.f1[0], g.fr[0], g.w[0], g.row_bytes[0], lo, hi, k // 256, 5, acts.buf.ctypes.data,
                           acts.buf.strides[0], out.ctypes.data, n)
     assert np.array_equal(out[:, 3:95].view(np.int32), want[:, 3:95].view(np.int32))
     assert np.isnan(out[:, :3]).all() and np.isnan(out[:, 95:]).all()

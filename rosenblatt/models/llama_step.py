@@ -7,7 +7,8 @@ layer the rows go through the same operations :meth:`LlamaModel._layers` applies
 (RMS norm, activation quantization, the q/k/v products, biases, RoPE, the cache write,
 attention, the o product, RMS norm, gate/up, SiLU gating, down), then the output norm and
 product for the rows that want logits. The products read each weight row once for all T rows
-(the int8 kernels of :mod:`rosenblatt.simd`, four activation rows per pass), so a batch of
+(the CPU backend's int8 kernels, :mod:`rosenblatt.backends.fused`, several activation rows
+per pass), so a batch of
 sequences costs little more weight traffic than one.
 
 Work sharing (:mod:`rosenblatt.parallel`): the products are cut into chunks of ~64 KiB of
@@ -18,7 +19,7 @@ rows have one row per layer, so that a thread that falls behind never reads a ro
 already overwritten for the next layer. With several rows every read of shared data happens
 inside a chunk, after the previous phase's wait, so the shared rows are reused by every layer.
 
-Every sum has one written order (:mod:`rosenblatt.ops`, :mod:`rosenblatt.simd`): a row's
+Every sum has one written order (:mod:`rosenblatt.ops`, the backend's kernels): a row's
 results are the same bits whether it runs alone, in a prompt chunk of any size, in a batch, or
 op by op through :meth:`LlamaModel._layers`; tests/test_llama_step.py checks it. The plan exists
 only when every product can run on the int8 kernels (the CPU backend's default); otherwise, and
@@ -31,7 +32,8 @@ import numpy as np
 from numpy.lib.stride_tricks import as_strided
 from numba import njit, prange
 
-from .. import ops, parallel, simd
+from .. import ops, parallel
+from ..backends import fused
 from ..jit import call_native, native_address
 
 #: the products of one layer, in order: q/k/v, o, gate/up, down
@@ -56,13 +58,13 @@ def _products(sync, ph, g, f1, fr, w, rb, col, nmat, nchunk, mchunk, nblk, abuf,
         c = parallel.claim(sync, ph, chunks)
         if c < 0:
             break
-        a, b = simd.cut(total, c, chunks), simd.cut(total, c + 1, chunks)
+        a, b = fused.split_point(total, c, chunks), fused.split_point(total, c + 1, chunks)
         for m0 in range(0, rows, step):
             mc = min(step, rows - m0)
             for j in range(m):
                 lo, hi = max(a, col[g, j]), min(b, col[g, j + 1])
                 if lo < hi:
-                    simd._rows_kernel(f1[g, j], fr[g, j], w[g, j], rb[g, j], lo - col[g, j], hi - col[g, j], nblk,
+                    fused.rows_product(f1[g, j], fr[g, j], w[g, j], rb[g, j], lo - col[g, j], hi - col[g, j], nblk,
                                       mc, x + m0 * sx, sx, o + 4 * (m0 * total + col[g, j]), total)
         parallel.done(sync, ph)
     parallel.wait(sync, ph, chunks)
@@ -73,7 +75,7 @@ def _products(sync, ph, g, f1, fr, w, rb, col, nmat, nchunk, mchunk, nblk, abuf,
 def _norm_quantize(x, t, weight, eps, h, abuf, fmt):
     """Row t: h = rms_norm(x) * weight, quantized into abuf[t]."""
     ops.rms_norm(x[t:t + 1], weight, eps, h[t:t + 1])
-    simd.quantize_row_into(h[t:t + 1], abuf[t], fmt)
+    fused.quantize_row(h[t:t + 1], abuf[t], fmt)
 
 
 @njit(nogil=True, cache=True, inline="always")
@@ -190,7 +192,7 @@ def _run(tid, sync, x_in, pos, slot, n_logits, f1, fr, w, rb, col, nmat, nchunk,
         # 5. the attention output quantized, its product
         t = _row_first(sync, ph, rep, T)
         while t >= 0:
-            simd.quantize_row_into(act[s, t:t + 1], abuf[t], fmt[g + 1])
+            fused.quantize_row(act[s, t:t + 1], abuf[t], fmt[g + 1])
             t = _row_next(sync, ph, rep, T)
         ph = _row_end(sync, ph, rep, T)
         ph = _products(sync, ph, g + 1, f1, fr, w, rb, col, nmat, nchunk, mchunk, act.shape[2] // fmt[g + 1],
@@ -208,7 +210,7 @@ def _run(tid, sync, x_in, pos, slot, n_logits, f1, fr, w, rb, col, nmat, nchunk,
         t = _row_first(sync, ph, rep, T)
         while t >= 0:
             ops.silu_mul(gu[s, t:t + 1, :d_ff], gu[s, t:t + 1, d_ff:], gated[t:t + 1])
-            simd.quantize_row_into(gated[t:t + 1], abuf[t], fmt[g + 3])
+            fused.quantize_row(gated[t:t + 1], abuf[t], fmt[g + 3])
             t = _row_next(sync, ph, rep, T)
         ph = _row_end(sync, ph, rep, T)
         ph = _products(sync, ph, g + 3, f1, fr, w, rb, col, nmat, nchunk, mchunk, d_ff // fmt[g + 3], abuf, 0, T,
@@ -271,8 +273,7 @@ class FusedPlan:
             weight_bytes = int(kg.nbytes.sum())
             self.nchunk[i] = 1 if threads == 1 else min(MAX_CHUNKS, max(threads, weight_bytes // CHUNK_BYTES))
             k = inputs[i % 4] if i < 4 * len(layers) else cfg.d_model
-            act_bytes = k // kg.fmt * simd.ACT_BLOCK[kg.fmt]
-            self.mchunk[i] = simd.chunk_rows(act_bytes, ACT_CHUNK_BYTES)
+            self.mchunk[i] = fused.chunk_rows(fused.act_row_bytes(k, kg.fmt), ACT_CHUNK_BYTES)
         self.threads, self.with_output = threads, with_output
         self.attn_norm = np.stack([L.attn_norm for L in layers])
         self.ffn_norm = np.stack([L.ffn_norm for L in layers])
@@ -291,7 +292,7 @@ class FusedPlan:
     def _abytes(self) -> int:
         c = self.cfg
         widest = max(c.d_model, c.d_ff, c.n_heads * c.head_dim_v)
-        return widest // 32 * simd.ACT_BLOCK[simd.Q8_32]        # the larger of the two formats
+        return fused.widest_act_row_bytes(widest)
 
     def _rows_buffers(self, t: int):
         """Scratch for calls of ``t`` rows: (private rows, shared rows, per-layer/all-layer rows)."""
