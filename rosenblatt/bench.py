@@ -2,9 +2,9 @@
 
 The benchmark drives the same path as chat and ``Engine.generate`` (``Engine.stream`` with
 greedy sampling and end-of-generation ignored, like llama-bench), on a prompt of random token
-ids, ``repeat`` times; timings are medians with min/max. One extra decode step runs with the
-model's per-stage profiler on to split a token's time into matmuls, attention, norms/RoPE and
-activations, sampling, and the Python that glues them.
+ids, ``repeat`` times; timings are medians with min/max. One extra decode step runs op by op
+with timed wrappers of the model's stage functions (:func:`timed_ops`), to split a token's time
+into matmuls, attention, norms/RoPE and activations, sampling, and the Python that glues them.
 """
 
 from __future__ import annotations
@@ -52,25 +52,40 @@ def decode_step_time(engine, context: list[int], steps: int = 4) -> float:
     return statistics.median(times)
 
 
+#: the stage each of a model's stage functions (``stage_ops()``, in order) counts towards
+STAGES = ("matmul", "matmul", "attention", "norms/rope/act", "norms/rope/act", "norms/rope/act")
+
+
+def timed_ops(ops, seconds: dict):
+    """Wrappers of a model's stage functions that add the seconds each call takes to
+    ``seconds[stage]`` (the profiler: the model itself has no timing in it)."""
+    def timed(fn, stage):
+        def run(*args):
+            t0 = time.perf_counter()
+            out = fn(*args)
+            seconds[stage] = seconds.get(stage, 0.0) + time.perf_counter() - t0
+            return out
+        return run
+    return tuple(timed(f, s) for f, s in zip(ops, STAGES))
+
+
 def decode_step_profile(engine, context: list[int]) -> dict:
-    """Seconds per stage of one decode step after ``context``, run op by op (the stages need
-    their boundaries, so a fused step is not used here). The cache must hold ``context[:-1]``."""
-    engine.truncate(len(context) - 1)
+    """Seconds per stage of one decode step after ``context``, run op by op with timed stage
+    functions (the stages need their boundaries, so a fused step is not used here). The cache
+    must hold ``context[:-1]``."""
     model = engine.model
+    token = np.asarray(context[-1:], dtype=np.int64)
     sampler = Sampler(SamplingParams(temperature=0))
-    try:
-        model.profile = {}          # a first op-by-op step loads the kernels that path uses
-        engine.eval(context[-1:], logits="last")
-        engine.truncate(len(context) - 1)
-        model.profile = prof = {}
-        t0 = time.perf_counter()
-        logits = engine.eval(context[-1:], logits="last")[0]
-        t1 = time.perf_counter()
-        sampler(logits, context)
-        t2 = time.perf_counter()
-    finally:
-        model.profile = None
-    split = {k: v for k, v in prof.items()}
+    engine.truncate(len(context) - 1)
+    model.forward(token, engine.cache, "last", ops=timed_ops(model.stage_ops(), {}))   # loads that path's kernels
+    engine.truncate(len(context) - 1)
+    prof = {}
+    t0 = time.perf_counter()
+    logits = model.forward(token, engine.cache, "last", ops=timed_ops(model.stage_ops(), prof))[0]
+    t1 = time.perf_counter()
+    sampler(logits, context)
+    t2 = time.perf_counter()
+    split = dict(prof)
     split["sampling"] = t2 - t1
     split["python/other"] = max(0.0, (t1 - t0) - sum(prof.values()))
     split["total"] = t2 - t0

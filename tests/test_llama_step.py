@@ -15,14 +15,14 @@ PROMPT, STEPS = [1, 5, 9, 20, 33], [7, 41, 2, 60, 11, 3]
 
 
 def _decode(engine, fused: bool) -> list[np.ndarray]:
-    """Logits of each step token after the prompt, fused or (while profiling) op by op."""
-    engine.model.profile = None if fused else {}
+    """Logits of each step token after the prompt, fused or op by op."""
+    engine.model.fused = fused
     try:
         engine.reset()
         engine.eval(PROMPT, logits="none")
         return [engine.eval([t])[0].copy() for t in STEPS]
     finally:
-        engine.model.profile = None
+        engine.model.fused = True
 
 
 FUSED = [n for n in MICRO_MODELS if not n.endswith(("q2_k", "q3_k_m", "f16", "bf16", "f32"))]
@@ -42,6 +42,21 @@ def test_fused_step_is_bit_identical_to_the_per_operation_forward(name):
     fused_cache = [k.copy() for k in engine.cache.k]
     _decode(engine, fused=True)
     assert all(np.array_equal(a, b) for a, b in zip(fused_cache, engine.cache.k))
+
+
+def test_the_profiler_wraps_the_stages_without_changing_a_bit():
+    """bench's profiler passes timed wrappers of the stage functions to forward(): the op-by-op
+    path, the same logits as the fused step, and every stage timed."""
+    from rosenblatt.bench import timed_ops
+    engine = Engine.load(micro_path("qwen2-micro-q4_k_m"), n_ctx=64, threads=2)
+    fused = _decode(engine, fused=True)
+    engine.reset()
+    engine.eval(PROMPT, logits="none")
+    seconds, model = {}, engine.model
+    timed = [model.forward(np.array([t]), engine.cache, "last", ops=timed_ops(model.stage_ops(), seconds))[0]
+             for t in STEPS]
+    assert all(np.array_equal(a, b) for a, b in zip(fused, timed))
+    assert set(seconds) == {"matmul", "attention", "norms/rope/act"} and min(seconds.values()) > 0
 
 
 def test_fused_step_on_smollm2_with_threads_split():
@@ -121,13 +136,13 @@ def test_fused_step_when_the_runtime_has_fewer_threads_than_the_plan():
 
 
 def _prompt_logits(engine, fused: bool, chunk: int) -> np.ndarray:
-    engine.model.profile = None if fused else {}
+    engine.model.fused = fused
     engine.prefill_chunk = chunk
     try:
         engine.reset()
         return engine.eval(PROMPT + STEPS, logits="all")
     finally:
-        engine.model.profile = None
+        engine.model.fused = True
 
 
 @pytest.mark.parametrize("name", ["qwen2-micro-q4_k_m", "qwen2-micro-q8_0", "llama-micro-q4_0", "llama-micro-q6_k"])

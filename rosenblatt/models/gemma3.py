@@ -87,10 +87,12 @@ class Gemma3Model(LlamaModel):
         return SlidingWindowKVCache(c.n_layers, c.n_kv_heads, self.n_ctx, c.head_dim, c.head_dim_v,
                                     [L.window for L in self.layers])
 
-    def forward(self, tokens: np.ndarray, cache: KVCache, logits: str = "last") -> np.ndarray | None:
-        """As :meth:`LlamaModel.forward`: ``tokens`` at positions ``cache.length`` onward."""
+    def forward(self, tokens: np.ndarray, cache: KVCache, logits: str = "last", ops=None) -> np.ndarray | None:
+        """As :meth:`LlamaModel.forward`: ``tokens`` at positions ``cache.length`` onward (always
+        operation by operation: gemma3 has no fused layers yet)."""
         cfg = self.cfg
-        mm, mm_many, attention, rms_norm, apply_rope, _ = self.ops()
+        ops = ops or self.stage_ops()
+        mm, mm_many, attention, rms_norm, apply_rope, _ = ops
         eps = cfg.rms_eps
         t = len(tokens)
         start = cache.length

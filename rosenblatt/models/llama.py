@@ -142,33 +142,23 @@ class LlamaModel:
             _matrix(g, "output.weight", cfg.d_model, cfg.vocab_size, backend)
         self.cos, self.sin = rope_tables(cfg, n_ctx)
 
-    #: when a dict, forward() adds the seconds spent per stage to it (see rosenblatt.bench)
-    profile: dict | None = None
+    #: False: every call runs operation by operation (:meth:`_layers`), never the fused layers
+    #: (tests compare the two bit for bit)
+    fused: bool = True
 
-    def ops(self):
-        """The stage functions forward() calls; timed wrappers when profiling."""
-        ops = (self.backend.matmul, self.backend.matmul_many, attention, rms_norm, apply_rope, silu_mul)
-        if self.profile is None:
-            return ops
-        prof = self.profile
-
-        def timed(fn, stage):
-            def run(*args):
-                t0 = time.perf_counter()
-                out = fn(*args)
-                prof[stage] = prof.get(stage, 0.0) + time.perf_counter() - t0
-                return out
-            return run
-        return tuple(timed(f, s) for f, s in zip(ops, ("matmul", "matmul", "attention", "norms/rope/act",
-                                                       "norms/rope/act", "norms/rope/act")))
+    def stage_ops(self):
+        """The stage functions the per-operation path calls, in the order :meth:`_layers` takes
+        them: (matmul, matmul_many, attention, rms_norm, apply_rope, silu_mul). A profiler passes
+        timed wrappers of them to :meth:`forward` (see rosenblatt.bench)."""
+        return (self.backend.matmul, self.backend.matmul_many, attention, rms_norm, apply_rope, silu_mul)
 
     _plan: tuple | None = None
 
     def fused_plan(self, cache: KVCache | None = None) -> FusedPlan | None:
         """The fused layers (:mod:`.llama_step`) when they apply: built on first use, again when the
-        backend's kernel choice changes; None while profiling, without int8 kernels for every
-        product, or for a cache of another kind (sliding windows)."""
-        if self.profile is not None or (cache is not None and type(cache) is not KVCache):
+        backend's kernel choice changes; None when :attr:`fused` is off, without int8 kernels for
+        every product, or for a cache of another kind (sliding windows)."""
+        if not self.fused or (cache is not None and type(cache) is not KVCache):
             return None
         key = getattr(self.backend, "kernels", None)
         if self._plan is None or self._plan[0] != key:
@@ -190,21 +180,24 @@ class LlamaModel:
     def embed(self, tokens: np.ndarray) -> np.ndarray:
         return self.backend.embed(self.tok_embd, tokens)
 
-    def forward(self, tokens: np.ndarray, cache: KVCache, logits: str = "last") -> np.ndarray | None:
+    def forward(self, tokens: np.ndarray, cache: KVCache, logits: str = "last", ops=None) -> np.ndarray | None:
         """Run ``tokens`` (positions ``cache.length`` onward) through the model.
 
         ``logits``: "all" → [T, vocab], "last" → [1, vocab], "none" → None (cache fill only).
+        ``ops``: run operation by operation with these stage functions (:meth:`stage_ops`, or a
+        profiler's wrappers of them) instead of the fused layers.
         """
         t = len(tokens)
         start = cache.length
         if start + t > self.n_ctx:
             raise ValueError(f"context overflow: {start} + {t} tokens > n_ctx {self.n_ctx}")
         x = self.embed(tokens)
-        plan = self.fused_plan(cache) if t <= self.backend.fused_rows() else None
+        plan = self.fused_plan(cache) if t <= self.backend.fused_rows() and ops is None else None
         if plan is None:
-            self._layers(x, cache, start, self.ops())
+            ops = ops or self.stage_ops()
+            self._layers(x, cache, start, ops)
             cache.length = start + t
-            return self._logits(x, logits)
+            return self._logits(x, logits, ops)
         n = {"all": t, "last": 1, "none": 0}[logits]
         out = plan.run(x, cache.pool_k, cache.pool_v, np.arange(start, start + t, dtype=np.int64),
                        np.full(t, cache.slot, np.int64), self.cos, self.sin, n)
@@ -236,13 +229,13 @@ class LlamaModel:
             c.length += 1
         return out if out is not None else self._logits(x, "all")
 
-    def _logits(self, x: np.ndarray, logits: str) -> np.ndarray | None:
+    def _logits(self, x: np.ndarray, logits: str, ops=None) -> np.ndarray | None:
         """The output norm and product of the final residual rows ``x`` ("all"/"last"/"none")."""
         if logits == "none":
             return None
         if logits == "last":
             x = x[-1:]
-        mm, _, _, rms_norm, _, _ = self.ops()
+        mm, _, _, rms_norm, _, _ = ops or self.stage_ops()
         return mm(np.ascontiguousarray(rms_norm(x, self.out_norm, self.cfg.rms_eps)), self.output)
 
     def _layers(self, x: np.ndarray, cache: KVCache, start: int, ops) -> None:

@@ -23,7 +23,8 @@ Every sum has one written order (:mod:`rosenblatt.ops`, the backend's kernels): 
 results are the same bits whether it runs alone, in a prompt chunk of any size, in a batch, or
 op by op through :meth:`LlamaModel._layers`; tests/test_llama_step.py checks it. The plan exists
 only when every product can run on the int8 kernels (the CPU backend's default); otherwise, and
-while :attr:`LlamaModel.profile` collects a per-stage split, the per-operation path runs.
+when :attr:`LlamaModel.fused` is off or the caller passes its own stage functions (a
+profiler's), the per-operation path runs.
 """
 
 from __future__ import annotations
