@@ -73,3 +73,34 @@ def test_engine_reads_token_texts_after_evicting_the_header():
     text = "Hello world"
     assert e.detokenize(e.tokenize(text, add_special=False)) == text
     assert e.gguf.metadata == md            # the full dict can still be built after loading
+
+
+def test_the_private_reader_hooks_we_override_are_still_there(monkeypatch):
+    """gguf_file.py overrides three private methods of gguf's GGUFReader (_get, _get_field_parts,
+    _build_tensors) and pyproject pins gguf to the range tested. A gguf release that renames
+    them or changes their parameters, or stops calling them, fails here, not in a user's load."""
+    import inspect
+    import tomllib
+    from importlib.metadata import version
+    from pathlib import Path
+
+    from packaging.requirements import Requirement
+
+    from rosenblatt import gguf_file
+
+    spec = next(Requirement(r) for r in tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())
+                ["project"]["dependencies"] if Requirement(r).name == "gguf")
+    assert spec.specifier and version("gguf") in spec.specifier, (version("gguf"), str(spec.specifier))
+    expected = {"_get": ["self", "offset", "dtype", "count", "override_order"],
+                "_get_field_parts": ["self", "orig_offs", "raw_type"],
+                "_build_tensors": ["self", "start_offs", "fields"]}
+    for name, params in expected.items():
+        assert list(inspect.signature(getattr(GGUFReader, name)).parameters) == params, name
+        assert name in vars(gguf_file._CheckedReader), name
+    calls = []
+    for name in expected:
+        ours = getattr(gguf_file._CheckedReader, name)
+        monkeypatch.setattr(gguf_file._CheckedReader, name,
+                            lambda self, *a, _f=ours, _n=name, **k: (calls.append(_n), _f(self, *a, **k))[1])
+    GGUFFile(micro_path("qwen2-micro-q4_k_m"))
+    assert set(calls) == set(expected), sorted(set(calls))
