@@ -13,12 +13,13 @@ _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from . import jit as _jit  # noqa: E402,F401
 
 from .chat_template import ChatTemplate  # noqa: E402
-from .engine import Engine, GenerationStats  # noqa: E402
+from .engine import Engine  # noqa: E402
+from .generate import GenerationResponse, GenerationStats  # noqa: E402
 from .errors import ModelFileError, RosenblattError  # noqa: E402
 from .sampling import Sampler, SamplingParams  # noqa: E402
 from .tokenizer import Tokenizer  # noqa: E402
 
 __version__ = "0.1.0"
 
-__all__ = ["ChatTemplate", "Engine", "GenerationStats", "ModelFileError", "RosenblattError", "Sampler",
+__all__ = ["ChatTemplate", "Engine", "GenerationResponse", "GenerationStats", "ModelFileError", "RosenblattError", "Sampler",
            "SamplingParams", "Tokenizer", "__version__"]

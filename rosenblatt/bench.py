@@ -121,8 +121,8 @@ def run_bench(model: str, prompt_tokens: int = 128, gen_tokens: int = 64, thread
     prefill, decode, ttft = [], [], []
     for r in range(repeat):
         engine.reset()
-        engine.generate(ids, max_new_tokens=gen_tokens, temperature=0, ignore_eos=True)
-        st = engine.stats
+        for r in engine.responses(ids, max_new_tokens=gen_tokens, temperature=0, ignore_eos=True):
+            st = r.stats
         prefill.append(st.prefill_tok_s)
         decode.append(st.decode_tok_s)
         ttft.append(st.ttft_s)

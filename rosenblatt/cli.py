@@ -197,17 +197,20 @@ def chat(system, **kw):
             click.echo("(conversation cleared)", err=True)
             continue
         history.append({"role": "user", "content": line})
-        answer = []
+        answer, stats = [], None
         try:
-            for piece in engine.stream_chat(history, **_sampling(kw)):
-                answer.append(piece)
-                sys.stdout.write(piece)
-                sys.stdout.flush()
+            for r in engine.chat_responses(history, **_sampling(kw)):
+                stats = r.stats
+                if r.text:
+                    answer.append(r.text)
+                    sys.stdout.write(r.text)
+                    sys.stdout.flush()
         except KeyboardInterrupt:
             click.echo("\n(interrupted)", err=True)
         sys.stdout.write("\n")
         history.append({"role": "assistant", "content": "".join(answer)})
-        _dim(engine.stats.summary())
+        if stats is not None:
+            _dim(stats.summary())
 
 
 @main.command()
@@ -227,18 +230,21 @@ def generate(prompt, as_chat, stats, **kw):
             _fail("give --prompt TEXT or pipe the text on stdin")
         prompt = sys.stdin.read()
     engine = load_engine(kw["model"], kw["n_ctx"], kw["threads"], quiet=True)
-    pieces = engine.stream_chat([{"role": "user", "content": prompt}], **_sampling(kw)) if as_chat \
-        else engine.stream(prompt, **_sampling(kw))
+    responses = engine.chat_responses([{"role": "user", "content": prompt}], **_sampling(kw)) if as_chat \
+        else engine.responses(prompt, **_sampling(kw))
+    last = None
     try:
-        for piece in pieces:
-            sys.stdout.write(piece)
-            sys.stdout.flush()
+        for r in responses:
+            last = r.stats
+            if r.text:
+                sys.stdout.write(r.text)
+                sys.stdout.flush()
     except KeyboardInterrupt:
         click.echo("\n(interrupted)", err=True)
         sys.exit(130)
     sys.stdout.write("\n")
-    if stats:
-        _dim(engine.stats.summary())
+    if stats and last is not None:
+        _dim(last.summary())
 
 
 def _rows(rows) -> None:

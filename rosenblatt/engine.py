@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -14,6 +12,7 @@ from .chat_template import ChatTemplate, ChatTemplateError
 from .config import ModelConfig
 from . import jit
 from .errors import ModelFileError
+from .generate import GenerationResponse, GenerationStats, stream_generate
 from .gguf_file import GGUFFile
 from .models import build_model
 from .sampling import Sampler, SamplingParams
@@ -29,67 +28,6 @@ PREFILL_CHUNK = 64
 PREFILL_CHUNK_NPU = 256
 
 
-@dataclass
-class GenerationStats:
-    """Counts and timings of one generate/stream/chat call."""
-
-    prompt_tokens: int = 0          # tokens of the prompt
-    cached_tokens: int = 0          # of those, reused from the KV cache (not evaluated again)
-    generated_tokens: int = 0
-    prefill_s: float = 0.0          # evaluating the new prompt tokens (= time to first token)
-    decode_s: float = 0.0
-    finish_reason: str = ""         # "stop" (end-of-generation token or stop string) or "length"
-    tokens: list[int] = field(default_factory=list)   # generated ids (an end-of-generation id included)
-
-    @property
-    def prefill_tok_s(self) -> float:
-        n = self.prompt_tokens - self.cached_tokens
-        return n / self.prefill_s if self.prefill_s > 0 else 0.0
-
-    @property
-    def decode_tok_s(self) -> float:
-        # the first generated token comes out of the prefill; each later one costs one decode step
-        return (self.generated_tokens - 1) / self.decode_s if self.decode_s > 0 and self.generated_tokens > 1 else 0.0
-
-    @property
-    def ttft_s(self) -> float:
-        return self.prefill_s
-
-    def summary(self) -> str:
-        new = self.prompt_tokens - self.cached_tokens
-        return (f"prompt {self.prompt_tokens} tok ({new} new) {self.prefill_tok_s:.1f} tok/s | "
-                f"generated {self.generated_tokens} tok {self.decode_tok_s:.1f} tok/s")
-
-
-@dataclass
-class _StopScanner:
-    """Holds back streamed text that might be the start of a stop string."""
-
-    stops: tuple[str, ...]
-    buffer: str = ""
-    hit: bool = field(default=False)
-
-    def feed(self, text: str) -> str:
-        self.buffer += text
-        cut = min((i for i in (self.buffer.find(s) for s in self.stops) if i >= 0), default=-1)
-        if cut >= 0:
-            out, self.buffer, self.hit = self.buffer[:cut], "", True
-            return out
-        keep = 0
-        for s in self.stops:
-            for n in range(min(len(s) - 1, len(self.buffer)), 0, -1):
-                if self.buffer.endswith(s[:n]):
-                    keep = max(keep, n)
-                    break
-        out = self.buffer[:len(self.buffer) - keep]
-        self.buffer = self.buffer[len(out):]
-        return out
-
-    def flush(self) -> str:
-        out, self.buffer = self.buffer, ""
-        return out
-
-
 class Engine:
     """A loaded model: weights, KV cache, tokenizer, chat template.
 
@@ -97,6 +35,8 @@ class Engine:
     >>> engine.generate("The capital of France is", max_new_tokens=16, temperature=0)
     >>> for piece in engine.stream_chat([{"role": "user", "content": "Hi!"}]):
     ...     print(piece, end="", flush=True)
+    >>> for r in engine.responses("Once upon a time", max_new_tokens=8, logprobs=True):
+    ...     print(r.token, r.logprob, repr(r.text), r.finish_reason)
     >>> engine.stats            # counts and tok/s of the last call
     """
 
@@ -223,8 +163,10 @@ class Engine:
             raise self.template
         return self.template.render(messages, add_generation_prompt=add_generation_prompt)
 
-    def _prefill(self, ids: list[int]) -> np.ndarray:
-        """Bring the cache to exactly ``ids`` reusing the longest common prefix; logits of the last."""
+    def prefill(self, ids: Sequence[int], stats: GenerationStats | None = None) -> np.ndarray:
+        """Bring the cache to exactly ``ids`` reusing the longest common prefix; logits of the
+        last token. ``stats.cached_tokens`` gets the reused length."""
+        ids = [int(t) for t in ids]
         n = 0
         limit = min(len(ids) - 1, len(self._context))   # re-evaluate at least the last token
         while n < limit and self._context[n] == ids[n]:
@@ -238,18 +180,28 @@ class Engine:
             self.eval(ids[n:-1], logits="none")
         logits = self.eval(ids[-1:], logits="last")[0]
         self._context = list(ids)
-        self.stats.cached_tokens = n
+        if stats is not None:
+            stats.cached_tokens = n
         return logits
 
-    def stream(self, prompt: str | Sequence[int], max_new_tokens: int = 256, temperature: float = 0.8,
-               top_k: int = 40, top_p: float = 0.95, min_p: float = 0.05, repeat_penalty: float = 1.0,
-               repeat_last_n: int = 64, seed: int | None = None, stop: str | Sequence[str] | None = None,
-               add_special: bool = True, ignore_eos: bool = False) -> Iterator[str]:
-        """Continue ``prompt`` (text, or token ids), yielding text pieces as they are decoded.
+    def decode(self, token: int) -> np.ndarray:
+        """One generated token into the context: its logits (one decode step)."""
+        logits = self.eval([token], logits="last")[0]
+        self._context.append(int(token))
+        return logits
+
+    def responses(self, prompt: str | Sequence[int], max_new_tokens: int = 256, temperature: float = 0.8,
+                  top_k: int = 40, top_p: float = 0.95, min_p: float = 0.05, repeat_penalty: float = 1.0,
+                  repeat_last_n: int = 64, seed: int | None = None, stop: str | Sequence[str] | None = None,
+                  add_special: bool = True, ignore_eos: bool = False,
+                  logprobs: bool = False) -> Iterator[GenerationResponse]:
+        """Continue ``prompt`` (text, or token ids): one :class:`GenerationResponse` per generated
+        token (its text piece, id, log-probability with ``logprobs``, running stats), then a last
+        one with the finish reason (see :func:`rosenblatt.generate.stream_generate`).
 
         Stops at an end-of-generation token, at any of the ``stop`` strings (not included in
-        the output) or after ``max_new_tokens``. ``engine.stats`` holds the counts and timings.
-        ``ignore_eos`` keeps going past end-of-generation tokens (benchmarks, like llama-bench).
+        the output) or after ``max_new_tokens``. ``ignore_eos`` keeps going past
+        end-of-generation tokens (benchmarks, like llama-bench).
         """
         tok = self._tok()
         ids = tok.encode(prompt, add_special=add_special, parse_special=True) if isinstance(prompt, str) \
@@ -265,56 +217,28 @@ class Engine:
         sampler = Sampler(SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                                          repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n, seed=seed))
         stops = (stop,) if isinstance(stop, str) else tuple(s for s in (stop or ()) if s)
-        return self._generate(ids, max_new_tokens, sampler, stops, ignore_eos)
+        return stream_generate(self, ids, sampler, max_new_tokens, stops, ignore_eos, logprobs)
 
-    def _generate(self, ids, max_new_tokens, sampler, stops, ignore_eos=False) -> Iterator[str]:
-        tok = self._tok()
-        self.stats = st = GenerationStats(prompt_tokens=len(ids))
-        detok = tok.streaming()
-        scanner = _StopScanner(stops)
-        history = list(ids)
-        t0 = time.perf_counter()
-        logits = self._prefill(ids)
-        st.prefill_s = time.perf_counter() - t0
-        st.finish_reason = "length"
-        t1 = time.perf_counter()
-        try:
-            for i in range(max_new_tokens):
-                token = sampler(logits, history)
-                st.generated_tokens += 1
-                st.tokens.append(token)
-                if tok.is_eog(token) and not ignore_eos:
-                    st.finish_reason = "stop"
-                    break
-                history.append(token)
-                piece = detok.add(token)
-                if stops:
-                    piece = scanner.feed(piece)
-                if piece:
-                    yield piece
-                if scanner.hit:
-                    st.finish_reason = "stop"
-                    break
-                if i + 1 < max_new_tokens:
-                    logits = self.eval([token], logits="last")[0]
-                    self._context.append(token)
-            tail = detok.flush()
-            tail = scanner.feed(tail) + scanner.flush() if stops and not scanner.hit else ("" if scanner.hit else tail)
-            if tail:
-                yield tail
-        finally:
-            st.decode_s = time.perf_counter() - t1
+    def stream(self, prompt: str | Sequence[int], **kwargs) -> Iterator[str]:
+        """Continue ``prompt``, yielding only the text pieces (options: :meth:`responses`);
+        ``engine.stats`` holds the counts and timings."""
+        return (r.text for r in self.responses(prompt, **kwargs) if r.text)
 
     def generate(self, prompt: str | Sequence[int], **kwargs) -> str:
         """The whole continuation of ``prompt`` as one string (see :meth:`stream` for the options)."""
         return "".join(self.stream(prompt, **kwargs))
 
-    def stream_chat(self, messages: Sequence[Mapping], **kwargs) -> Iterator[str]:
-        """Render ``messages`` with the model's chat template and stream the assistant's answer."""
+    def chat_responses(self, messages: Sequence[Mapping], **kwargs) -> Iterator[GenerationResponse]:
+        """Render ``messages`` with the model's chat template and generate the assistant's answer
+        (responses as :meth:`responses`; the template's own stop strings added)."""
         text = self.apply_chat_template(messages, add_generation_prompt=True)
         stop = kwargs.pop("stop", None)
         stops = ((stop,) if isinstance(stop, str) else tuple(stop or ())) + tuple(self.template.stop_strings)
-        return self.stream(text, stop=stops, add_special=False, **kwargs)
+        return self.responses(text, stop=stops, add_special=False, **kwargs)
+
+    def stream_chat(self, messages: Sequence[Mapping], **kwargs) -> Iterator[str]:
+        """Render ``messages`` with the model's chat template and stream the assistant's answer."""
+        return (r.text for r in self.chat_responses(messages, **kwargs) if r.text)
 
     def chat(self, messages: Sequence[Mapping], **kwargs) -> str:
         return "".join(self.stream_chat(messages, **kwargs))
@@ -324,4 +248,4 @@ class Engine:
         return f"Engine({os.path.basename(self.path)!r}, arch={c.arch}, layers={c.n_layers}, device={self.device})"
 
 
-__all__ = ["Engine", "ModelFileError"]
+__all__ = ["Engine", "GenerationResponse", "GenerationStats", "ModelFileError"]

@@ -53,6 +53,7 @@ from starlette.routing import Route
 
 from .chat_template import ChatTemplateError
 from .errors import ModelFileError
+from .generate import GenerationResponse
 
 log = logging.getLogger("rosenblatt.server")
 
@@ -135,7 +136,7 @@ class Usage:
 class Job:
     """One generation: ``start(engine)`` returns the engine's piece iterator (validating eagerly)."""
 
-    def __init__(self, start: Callable[[Any], Iterator[str]], loop: asyncio.AbstractEventLoop):
+    def __init__(self, start: Callable[[Any], Iterator[GenerationResponse]], loop: asyncio.AbstractEventLoop):
         self.start = start
         self.loop = loop
         self.events: asyncio.Queue = asyncio.Queue()
@@ -241,15 +242,16 @@ class EngineWorker:
             job.post("error", e)
             return
         job.post("started")
-        began = False
+        st = None
         try:
             while not job.cancelled.is_set():
-                began = True
                 try:
-                    piece = next(pieces)
+                    r = next(pieces)
                 except StopIteration:
                     break
-                job.post("piece", piece)
+                st = r.stats
+                if r.text:
+                    job.post("piece", r.text)
         except Exception as e:               # a failure while decoding: a bug, never the client's fault
             log.exception("generation failed")
             with contextlib.suppress(Exception):
@@ -260,10 +262,9 @@ class EngineWorker:
             return
         finally:
             pieces.close()                    # stops the engine's generator (no-op when it ended)
-        st = engine.stats
         if job.cancelled.is_set():
             self.cancelled += 1
-            usage = Usage(st.prompt_tokens if began else 0, st.generated_tokens if began else 0, "cancelled")
+            usage = Usage(st.prompt_tokens if st else 0, st.generated_tokens if st else 0, "cancelled")
         else:
             self.served += 1
             usage = Usage(st.prompt_tokens, st.generated_tokens, st.finish_reason)
@@ -576,7 +577,7 @@ class Server:
         _unsupported(body, "functions", lambda v: not v)
         _unsupported(body, "response_format",
                      lambda v: v is None or (isinstance(v, dict) and v.get("type") == "text"))
-        return await self._run(request, lambda e: e.stream_chat(messages, **kw), chat=True,
+        return await self._run(request, lambda e: e.chat_responses(messages, **kw), chat=True,
                                stream=stream, include_usage=include_usage)
 
     async def completions(self, request: Request) -> Response:
@@ -589,7 +590,7 @@ class Server:
         _unsupported(body, "logprobs", lambda v: v is None)
         _unsupported(body, "suffix", lambda v: not v)
         _unsupported(body, "best_of", lambda v: v in (None, 1))
-        return await self._run(request, lambda e: e.stream(prompt, **kw), chat=False,
+        return await self._run(request, lambda e: e.responses(prompt, **kw), chat=False,
                                stream=stream, include_usage=include_usage)
 
     async def _run(self, request: Request, start, chat: bool, stream: bool, include_usage: bool) -> Response:

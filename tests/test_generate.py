@@ -158,3 +158,30 @@ def test_public_names():
     for name in ("Engine", "Tokenizer", "ChatTemplate", "SamplingParams", "Sampler", "GenerationStats",
                  "ModelFileError", "RosenblattError"):
         assert hasattr(rosenblatt, name), name
+
+
+def test_responses_carry_tokens_logprobs_and_a_last_finish_reason(smollm2_engine):
+    """engine.responses (rosenblatt.generate.stream_generate): one response per generated token
+    with its id and log-probability, then a last one with the finish reason; the texts are
+    generate()'s, and each logprob is log softmax of the teacher-forced logits at that position."""
+    prompt = REFS["chat_system_user"]["rendered"]
+    rs = list(smollm2_engine.responses(prompt, max_new_tokens=12, temperature=0, logprobs=True))
+    *steps, last = rs
+    assert last.token is None and last.finish_reason in ("stop", "length")
+    assert all(r.finish_reason is None and r.token is not None for r in steps)
+    st = last.stats
+    assert st is smollm2_engine.stats and all(r.stats is st for r in rs)
+    assert "".join(r.text for r in rs) == smollm2_engine.generate(prompt, max_new_tokens=12, temperature=0)
+    assert [r.token for r in steps] == st.tokens[:len(steps)] and st.generated_tokens >= len(steps)
+    ids = smollm2_engine.tokenize(prompt)
+    rows = smollm2_engine.logits(ids + [r.token for r in steps])[len(ids) - 1:].astype(np.float64)
+    for r, row in zip(steps, rows):
+        ref = row[r.token] - row.max() - np.log(np.exp(row - row.max()).sum())
+        assert r.logprob <= 0 and abs(r.logprob - ref) < 1e-3, (r.logprob, ref)
+    assert all(r.logprob is None for r in smollm2_engine.responses(prompt, max_new_tokens=3, temperature=0))
+
+
+def test_no_new_tokens_still_reads_the_prompt(smollm2_engine):
+    rs = list(smollm2_engine.responses("Hello there", max_new_tokens=0, temperature=0))
+    assert len(rs) == 1 and rs[0].text == "" and rs[0].finish_reason == "length"
+    assert rs[0].stats.prompt_tokens == len(smollm2_engine.tokenize("Hello there")) and rs[0].stats.prefill_s > 0
