@@ -173,6 +173,7 @@ def bytelevel_vocab(draw):
 @given(vocab=bytelevel_vocab(), words=st.lists(st.lists(st.sampled_from(list(b"abc \xc3\xa9\x04")), max_size=12)
                                               .map(bytes), max_size=6),     # 0x04 never has a token
        ignore=st.booleans())
+@pytest.mark.slow
 def test_prop_bytelevel_equals_merge_loop(vocab, words, ignore):
     tokens, merges = vocab
     bpe = ByteLevelBPE.from_strings(ByteVocab.from_strings(tokens), merges, ignore_merges=ignore)
@@ -250,6 +251,7 @@ def spm_vocab(draw):
 @PROPS
 @given(vocab=spm_vocab(), texts=st.lists(st.text(alphabet=SPM_CHARS + ["x", "\x00", "\U0001F600"], max_size=16),
                                           max_size=5), unk=st.sampled_from([None, 0]))
+@pytest.mark.slow
 def test_prop_spm_equals_merge_loop(vocab, texts, unk):
     tokens, scores = vocab
     spm = SentencePieceBPE(ByteVocab.from_strings(tokens), np.array(scores))

@@ -23,6 +23,7 @@ def run(*args, input=None, env=ENV):
 
 
 @pytest.mark.parametrize("name", list(REFS))
+@pytest.mark.slow
 def test_generate_cli_equals_the_api(smollm2_engine, name):
     """`generate --temp 0` prints exactly the engine's own greedy decoding."""
     prompt = REFS[name]["rendered"]
@@ -33,6 +34,7 @@ def test_generate_cli_equals_the_api(smollm2_engine, name):
     assert out.stdout == api + "\n"
 
 
+@pytest.mark.slow
 def test_generate_reads_stdin_and_wraps_chat(smollm2_engine):
     out = run("generate", "--chat", "--temp", "0", "--max-tokens", "12", input="What is the capital of France?")
     assert out.returncode == 0, out.stderr
@@ -42,6 +44,7 @@ def test_generate_reads_stdin_and_wraps_chat(smollm2_engine):
     assert out.stdout == api + "\n"
 
 
+@pytest.mark.slow
 def test_chat_repl_through_a_pty():
     child = pexpect.spawn(sys.executable, ["-m", "rosenblatt", "chat", "--temp", "0", "--max-tokens", "16"],
                           env=ENV, encoding="utf-8", timeout=180)
@@ -64,6 +67,7 @@ def test_chat_repl_through_a_pty():
     assert child.exitstatus == 0
 
 
+@pytest.mark.slow
 def test_chat_exits_on_eof_and_ctrl_c_stops_an_answer():
     child = pexpect.spawn(sys.executable, ["-m", "rosenblatt", "chat", "--temp", "0.8", "--max-tokens", "4000",
                                            "--seed", "1"], env=ENV, encoding="utf-8", timeout=180)

@@ -163,6 +163,7 @@ def check_long(rows, gen, positions):
                    [a["margin"][p] for p in positions] + LONG["gen_margin"][1:])
 
 
+@pytest.mark.slow
 def test_long_context_past_the_window(engine):
     rows, gen = long_rows(engine)
     assert len(rows) == LONG["n_tokens"] == 906
@@ -173,6 +174,7 @@ def test_long_context_past_the_window(engine):
         assert ids == LONG["all_rows"]["top5_ids"][p]
 
 
+@pytest.mark.slow
 def test_without_the_window_the_long_context_check_fails(engine):
     """The long-context check can fail: every layer global (no sliding window) breaks it after 512."""
     positions = [100, 511, 512, 700, 905]
@@ -184,6 +186,7 @@ def test_without_the_window_the_long_context_check_fails(engine):
     assert worst > TOP5_BOUND and problems, (worst, problems)
 
 
+@pytest.mark.slow
 def test_decode_across_the_window_equals_batched(engine):
     """One-token decode steps around position 512 (BOS leaves the window) give the batched rows."""
     ids = LONG["ids"][:516]
@@ -232,6 +235,7 @@ def test_local_layers_keep_a_bounded_cache(engine):
         assert cache.k[i].shape[1] == (2048 if i in (5, 11, 17) else 3 * 512)
 
 
+@pytest.mark.slow
 def test_bounded_cache_equals_full_cache_across_many_drops(engine):
     """With a 32-token window the bounded cache (96 positions) drops keys again and again; prefill
     chunks, decode steps, a short truncation and an oversized chunk give the full-size cache's logits."""
@@ -267,6 +271,7 @@ def test_bounded_cache_equals_full_cache_across_many_drops(engine):
         assert bounded.k[0].shape[1] > 96
 
 
+@pytest.mark.slow
 def test_engine_recomputes_when_the_prefix_window_is_gone(engine):
     """Prefix reuse across calls: a prefix whose window the bounded cache dropped is evaluated again."""
     ids = LONG["ids"]

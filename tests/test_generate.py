@@ -83,6 +83,7 @@ def test_chat_reuses_the_kv_cache_across_turns(smollm2_engine):
     assert st.cached_tokens >= n1 - 1 and st.prompt_tokens - st.cached_tokens < 20
 
 
+@pytest.mark.slow
 def test_cache_reuse_gives_the_same_output_as_a_fresh_context(smollm2_engine):
     """Reusing a cached prefix computes the same thing as a fresh context. Checked with the exact
     float kernels: with int8 activations a 1e-6 difference between a batched and a single-row

@@ -207,6 +207,7 @@ MUTATION_SCRIPT = textwrap.dedent("""
 
 @pytest.mark.slow
 @pytest.mark.parametrize("src", ["qwen2-micro-q4_k_m", "llama-micro-q4_0"])
+@pytest.mark.slow
 def test_mutated_files_load_or_refuse_cleanly(tmp_path, src):
     """>= 200 truncated/bit-flipped copies: each loads and runs, or raises ModelFileError;
     no crash, no hang (subprocess with a time limit), and loading allocates less than the file size."""

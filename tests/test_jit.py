@@ -10,6 +10,7 @@ import subprocess
 import sys
 from collections import defaultdict
 
+import pytest
 from numba.core.registry import CPUDispatcher
 
 import rosenblatt
@@ -78,6 +79,7 @@ def twice():
 """
 
 
+@pytest.mark.slow
 def test_a_change_in_an_inlined_callee_recompiles_its_caller(tmp_path):
     """numba keys a function's cache on its own file only: the fused step kept an old ops.rms_norm
     inlined after ops.py changed (an upgrade or a checkout would run stale code). A copy of the

@@ -28,6 +28,7 @@ SCRIPT = textwrap.dedent("""
 
 
 @pytest.mark.parametrize("which", ["smollm2", "gemma3"])
+@pytest.mark.slow
 def test_peak_rss_close_to_file_size_plus_kv_cache(which):
     """SmolLM2 (Q4_1: read in place from the mapping) and gemma3 (Q4_K_M: on x86 its Q4_K
     matrices are repacked at load, and the file's pages of them let go)."""

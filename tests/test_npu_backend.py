@@ -161,6 +161,7 @@ def _log_softmax(z: np.ndarray) -> np.ndarray:
     return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
 
 
+@pytest.mark.slow
 def test_smollm2_quality_against_cpu(smollm2_engine):
     """Teacher-forced on llama.cpp's greedy continuations: top-1 agreement with the CPU path and
     KL(CPU || NPU) over every position (numbers in docs/npu.md)."""

@@ -68,12 +68,14 @@ def test_matmul_bit_exact(dev, M, K, N):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("M,K,N", SLOW, ids=lambda v: str(v))
+@pytest.mark.slow
 def test_matmul_bit_exact_large(dev, M, K, N):
     _check(dev, M, K, N)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("M,K,N", SAMPLED, ids=lambda v: str(v))
+@pytest.mark.slow
 def test_matmul_bit_exact_largest_row_sampled(dev, M, K, N):
     """The largest Qwen shapes: the NPU result is complete, the int32 reference is computed for
     every M-tile boundary row and a random sample of the others (all columns)."""

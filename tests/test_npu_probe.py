@@ -91,6 +91,7 @@ def test_probe_reports_a_hung_job_as_device_error(monkeypatch):
     assert "no-op-enable" in report["self_test"]["cases"][0]["error"]
 
 
+@pytest.mark.slow
 def test_explore_variants_run_and_restore_assumptions():
     from rosenblatt.npu import hw_assumptions as hw
 

@@ -152,6 +152,7 @@ def test_plans_of_interesting_shapes(M, K, N):
 
 @settings(max_examples=60, deadline=None)
 @given(M=st.integers(1, 600), K=st.integers(1, 20000), N=st.integers(1, 10000))
+@pytest.mark.slow
 def test_plans_fit_the_hardware(M, K, N):
     _check_plan(P.plan_gemm(M, K, N))
 

@@ -168,6 +168,7 @@ def test_concurrent_streams_are_served_one_after_another(server):
     assert after["served"] - before["served"] == 12 and after["failed"] == before["failed"]
 
 
+@pytest.mark.slow
 def test_disconnect_stops_generation(server, client):
     """A client that hangs up stops its generation: non-streamed, streamed, or still queued."""
     long = {"prompt": COUNT, "max_tokens": 480, "temperature": 0}       # counting goes on and on
@@ -258,6 +259,7 @@ def test_unknown_paths_and_methods_and_client_errors(server, client):
     assert health(server)["status"] == "ok"
 
 
+@pytest.mark.slow
 def test_serve_command_with_api_key():
     """`python -m rosenblatt serve` prints its URL, checks the key, stops on Ctrl-C (SIGINT)."""
     import pexpect

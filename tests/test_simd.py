@@ -68,6 +68,7 @@ def test_activation_quantization_is_llamacpps():
     assert np.array_equal(s, q.reshape(4, -1, 16).sum(-1))
 
 
+@pytest.mark.slow
 def test_compiled_kernels_are_cached_and_a_damaged_cache_is_ignored(tmp_path, monkeypatch):
     """The second compile of a module reads its machine code back (no code generation), gives
     the same products, and a damaged file is recompiled and rewritten, never executed."""
