@@ -65,6 +65,7 @@ declare <8 x i32> @llvm.x86.avx2.pmadd.wd(<16 x i16>, <16 x i16>)
 declare <32 x i8> @llvm.x86.avx2.psign.b(<32 x i8>, <32 x i8>)
 declare <32 x i8> @llvm.abs.v32i8(<32 x i8>, i1)
 declare void @llvm.masked.store.v8f32.p0(<8 x float>, <8 x float>*, i32, <8 x i1>)
+declare <8 x i32> @llvm.x86.avx512.vpdpbusd.256(<8 x i32>, <8 x i32>, <8 x i32>)
 declare <4 x i32> @llvm.aarch64.neon.sdot.v4i32.v16i8(<4 x i32>, <16 x i8>, <16 x i8>)
 """
 
@@ -167,6 +168,8 @@ class _IR:
     def __init__(self, isa: str):
         self.lines: list[str] = []
         self.n = 0
+        isa, _, extra = isa.partition("+")
+        self.vnni = extra == "vnni"          # "avx2+vnni": vpdpbusd may be used (AVX-512 VNNI or AVX-VNNI)
         self.isa = isa
         self.x86 = isa == "avx2"
         self.sdot = isa in ("sdot", "sdot-emulated")
@@ -250,6 +253,18 @@ class _IR:
         total = acc
         for q in quarters:
             total = self(f"add <4 x i32> {total}, {q}")
+        return total
+
+    def udot4(self, u: str, s: str, acc: str = "zeroinitializer") -> str:
+        """<8 x i32> ``acc`` + sums of 4 adjacent products of unsigned bytes ``u`` and signed
+        bytes ``s`` (<32 x i8>; vpdpbusd's arithmetic, exact), in plain IR"""
+        if self.vnni:
+            args = [self(f"bitcast <32 x i8> {v} to <8 x i32>") for v in (u, s)]
+            return self(f"call <8 x i32> @llvm.x86.avx512.vpdpbusd.256(<8 x i32> {acc}, <8 x i32> {args[0]}, <8 x i32> {args[1]})")
+        p = self(f"mul <32 x i32> {self(f'zext <32 x i8> {u} to <32 x i32>')}, {self(f'sext <32 x i8> {s} to <32 x i32>')}")
+        total = acc
+        for k in range(4):
+            total = self(f"add <8 x i32> {total}, {self(f'shufflevector <32 x i32> {p}, <32 x i32> undef, {_mask(range(k, 32, 4))}')}")
         return total
 
     def _halves16(self, v: str) -> tuple[str, str]:
@@ -463,7 +478,7 @@ def _body_q6_k(isa: str, rows: int):
 # scales [sub-block j][row] and mins [j][row] as bytes, then the quants as 32-byte slices
 # [32-byte chunk cc][8-byte slice c][row half h]: rows 4h..4h+3, bytes 8c..8c+7 of chunk cc
 # (low nibbles: sub-block 2cc, high: 2cc + 1).
-PACKED_BLOCK = {Q4_K: 1184}
+PACKED_BLOCK = {Q4_K: 1184, Q8_0: 272}
 #: ISAs whose matrices the CPU backend packs (elsewhere it keeps the row-major blocks; the A76's
 #: sdot kernels have no packed form yet)
 PACKED_ISAS = ("avx2",)
@@ -585,15 +600,63 @@ def _body_q4_k_packed(isa: str, rows: int):
     return "\n".join(e.lines), accs
 
 
+def _body_q8_0_packed(isa: str, rows: int):
+    """Q8_0, 8 packed weight rows (stored + 128, unsigned) against ``rows`` Q8_32 activation rows.
+    The 4-product sums of a slice are the row-major kernels' int32 lanes (lane j: products
+    4j..4j+3 of the block), one register of them per 4 rows, so each activation row keeps the
+    row-major float lanes: 8 accumulators (slice c, row half h) whose lanes are (row, j), summed
+    in the row-major kernels' order at the end (:data:`_Q8_0_PACKED_STORES`). The + 128 is
+    taken back exactly: the lanes start at -128 x (4-sums of the activations)."""
+    e = _IR(isa)
+    blk = e("mul i64 %b, 272")
+    d = e(f"fpext <8 x half> {e.load('%row', e(f'add i64 {blk}, 256'), '<8 x half>')} to <8 x float>")
+    ab = e(f"mul i64 %b, {ACT_BLOCK[Q8_32]}")
+    w = {(c, h): e.load("%row", e(f"add i64 {blk}, {(c * 2 + h) * 32}"), "<32 x i8>") for c in range(4) for h in range(2)}
+    accs = []
+    for i in range(rows):
+        scale = e(f"fmul <8 x float> {d}, {e.splat('float', 8, e.act(i, Q8_32, 'd'))}")
+        acc = []
+        for c in range(4):
+            x = e(f"bitcast <4 x i64> {e.splat('i64', 4, e.load(f'%x{i}', e(f'add i64 {ab}, {8 * c}'), 'i64'))} to <32 x i8>")
+            start = e(f"sub <8 x i32> zeroinitializer, {e.udot4(e.bytes_(128), x)}")
+            for h in range(2):
+                sh = e(f"shufflevector <8 x float> {scale}, <8 x float> undef, {_mask([4 * h + l // 2 for l in range(8)])}")
+                acc.append(e._fma(e.udot4(w[c, h], x, start), sh, f"%acc{i}_{c}_{h}"))
+        accs.append(acc)
+    return "\n".join(e.lines), accs
+
+
+_Q8_0_PACKED_PHIS = "\n".join(f"  %acc{{i}}_{c}_{h} = phi <8 x float> [zeroinitializer, %mloop], [{{a{c * 2 + h}}}, %bloop]"
+                               for c in range(4) for h in range(2))
+# per row r (lanes (r, j) of accumulators (c = j // 2, h = r // 4)): ((l0 + l4) + (l2 + l6)) +
+# ((l1 + l5) + (l3 + l7)) + 0.0, the row-major kernels' sum (_STORES, Q8_0's scalar part 0 x 0)
+_Q8_0_PACKED_SUM = """  %e02_{i}_{h} = fadd <8 x float> {c0}, {c2}
+  %e13_{i}_{h} = fadd <8 x float> {c1}, {c3}
+  %half{i}_{h} = fadd <8 x float> %e02_{i}_{h}, %e13_{i}_{h}"""
+_Q8_0_PACKED_STORES = """  %ev{i} = shufflevector <8 x float> %half{i}_0, <8 x float> %half{i}_1, <8 x i32> <i32 0, i32 2, i32 4, i32 6, i32 8, i32 10, i32 12, i32 14>
+  %od{i} = shufflevector <8 x float> %half{i}_0, <8 x float> %half{i}_1, <8 x i32> <i32 1, i32 3, i32 5, i32 7, i32 9, i32 11, i32 13, i32 15>
+  %rowsum{i} = fadd <8 x float> %ev{i}, %od{i}
+  %rowtot{i} = fadd <8 x float> %rowsum{i}, zeroinitializer
+""" + _PACKED_STORES.replace("{a}", "%rowtot{i}")
+
+
 #: ggml type -> (kernel name, IR body) of the packed kernels
-_PACKED_KERNELS = {Q4_K: ("q4_k", _body_q4_k_packed)}
+_PACKED_KERNELS = {Q4_K: ("q4_k", _body_q4_k_packed), Q8_0: ("q8_0", _body_q8_0_packed)}
 
 
 def _packed_ir(name: str, body, isa: str, rows: int) -> str:
     lines, accs = body(isa, rows)
-    fill = lambda template: "\n".join(template.format(i=i, a=a) for i, a in enumerate(accs))
-    return _PACKED_SKELETON.format(name=name, R=rows, body=lines, pointers=fill(_POINTERS),
-                                   phis=fill(_PACKED_PHIS), stores=fill(_PACKED_STORES))
+    if isinstance(accs[0], list):       # Q8_0: 8 float accumulators an activation row
+        phis = "\n".join(_Q8_0_PACKED_PHIS.format(i=i, **{f"a{k}": a for k, a in enumerate(acc)})
+                         for i, acc in enumerate(accs))
+        stores = "\n".join(_Q8_0_PACKED_SUM.format(i=i, h=h, **{f"c{c}": acc[c * 2 + h] for c in range(4)})
+                           for i, acc in enumerate(accs) for h in range(2)) + "\n" \
+            + "\n".join(_Q8_0_PACKED_STORES.format(i=i) for i in range(len(accs)))
+    else:
+        phis = "\n".join(_PACKED_PHIS.format(i=i, a=a) for i, a in enumerate(accs))
+        stores = "\n".join(_PACKED_STORES.format(i=i, a=a) for i, a in enumerate(accs))
+    pointers = "\n".join(_POINTERS.format(i=i) for i in range(len(accs)))
+    return _PACKED_SKELETON.format(name=name, R=rows, body=lines, pointers=pointers, phis=phis, stores=stores)
 
 
 #: ggml type -> (kernel name, activation format, IR body, factor of the scalar accumulator)
@@ -725,15 +788,25 @@ exit:
 """)
 
 
-def module_ir(isa: str) -> str:
+def packed_types(isa: str, vnni: bool = False) -> tuple[int, ...]:
+    """The types with packed kernels in ``isa``'s module: Q4_K; Q8_0 where its 4-product
+    dot is one instruction (x86 with VNNI) or plain IR (portable)."""
+    if isa not in _PACKED_MODULES:
+        return ()
+    return tuple(qt for qt in _PACKED_KERNELS if qt != Q8_0 or vnni or isa == "portable")
+
+
+def module_ir(isa: str, vnni: bool = False) -> str:
+    """The kernel module of ``isa``; ``vnni``: the CPU has vpdpbusd (x86 only)."""
     if isa not in ISAS:
         raise ValueError(f"isa must be one of {ISAS}, got {isa!r}")
     wide = WIDE.get(isa)
     counts = (1, ROWS) + ((wide,) if wide else ())
-    packed = _PACKED_KERNELS.values() if isa in _PACKED_MODULES else ()
+    packed = [_PACKED_KERNELS[qt] for qt in packed_types(isa, vnni)]
+    flavour = isa + ("+vnni" if vnni and isa == "avx2" else "")
     return (_HEADER + "".join(_kernel_ir(n, cs, body, isa, r) for n, _, body, cs in _KERNELS.values() for r in counts)
             + "".join(_WIDE_ENTRY.format(P="mm", name=n, W=wide, R=ROWS) for n, _, _, _ in _KERNELS.values() if wide)
-            + "".join(_packed_ir(n, body, isa, r) for n, body in packed for r in (1, ROWS, 8))
+            + "".join(_packed_ir(n, body, flavour, r) for n, body in packed for r in (1, ROWS, 8))
             + "".join(_WIDE_ENTRY.format(P="px", name=n, W=8, R=ROWS) for n, _ in packed)
             + _DOTS_IR)
 
@@ -854,8 +927,10 @@ def _compile(isa: str) -> tuple[dict, "_ObjectCache"]:
     llvm.initialize_native_target()
     llvm.initialize_native_asmprinter()
     _disable_machine_scheduler(llvm)
-    ir_text = module_ir(isa)
     cpu, features = llvm.get_host_cpu_name(), target_features(isa, llvm.get_host_cpu_features().flatten())
+    flags = set(features.split(","))
+    vnni = isa == "avx2" and ("+avxvnni" in flags or {"+avx512vnni", "+avx512vl"} <= flags)
+    ir_text = module_ir(isa, vnni)
     if not llvm.get_default_triple().startswith(("aarch64", "arm64")) and "+fma" not in features.split(","):
         # no fused multiply-add here (pre-Haswell x86): an fma would be a libm call per block;
         # these results then round differently from every other machine's
@@ -874,8 +949,9 @@ def _compile(isa: str) -> tuple[dict, "_ObjectCache"]:
     fns = {qt: (_FN(engine.get_function_address(f"mm1_{n}")), _FN(engine.get_function_address(f"{multi}_{n}")))
            for qt, (n, _, _, _) in _KERNELS.items()}
     if isa in _PACKED_MODULES:    # ("packed", type): the kernels of rows in :func:`pack`'s layout
-        fns.update({("packed", qt): (_FN(engine.get_function_address(f"px1_{n}")), _FN(engine.get_function_address(f"pxw_{n}")))
-                    for qt, (n, _) in _PACKED_KERNELS.items()})
+        fns.update({("packed", qt): (_FN(engine.get_function_address(f"px1_{_PACKED_KERNELS[qt][0]}")),
+                                     _FN(engine.get_function_address(f"pxw_{_PACKED_KERNELS[qt][0]}")))
+                    for qt in packed_types(isa, vnni)})
     _dots[isa] = engine.get_function_address("dots_f32")
     return fns, cache
 
@@ -1028,6 +1104,24 @@ def _pack_q4_k(rows, out):
                         out[g, dst:dst + 8] = src[s + 16 + 32 * cc + 8 * c:s + 24 + 32 * cc + 8 * c]
 
 
+@njit(parallel=True, nogil=True, cache=True)
+def _pack_q8_0(rows, out):
+    """Q8_0 rows [8G, nblk * 34] -> out [G, nblk * 272]: per block the slices [c][h] (rows
+    4h..4h+3, quants 8c..8c+7, each + 128 as an unsigned byte), then d[8]."""
+    nblk = rows.shape[1] // 34
+    for g in prange(out.shape[0]):
+        for b in range(nblk):
+            o, s = b * 272, b * 34
+            for r in range(8):
+                src = rows[8 * g + r]
+                out[g, o + 256 + 2 * r] = src[s]
+                out[g, o + 257 + 2 * r] = src[s + 1]
+                for c in range(4):
+                    dst = o + (c * 2 + r // 4) * 32 + (r % 4) * 8
+                    for t in range(8):
+                        out[g, dst + t] = src[s + 2 + 8 * c + t] ^ 128
+
+
 class Packed:
     """A matrix's rows in a packed kernel's layout (:data:`PACKED_BLOCK`): ``data`` [N / 8,
     blocks * PACKED_BLOCK] uint8, ``n`` rows of type ``qtype``."""
@@ -1041,12 +1135,12 @@ def pack(qtype: int, rows: np.ndarray) -> Packed | None:
     packed kernel for the type or the row count is not a multiple of 8."""
     if qtype not in PACKED_BLOCK or rows.shape[0] % 8 or rows.shape[0] == 0:
         return None
-    nblk = rows.shape[1] // 144
+    nblk = rows.shape[1] // {Q4_K: 144, Q8_0: 34}[qtype]
     shape = (rows.shape[0] // 8, nblk * PACKED_BLOCK[qtype])
     raw = np.empty(shape[0] * shape[1] + 64, np.uint8)      # on a cache line: no load straddles two
     start = -raw.ctypes.data % 64
     out = raw[start:start + shape[0] * shape[1]].reshape(shape)
-    _pack_q4_k(rows, out)
+    {Q4_K: _pack_q4_k, Q8_0: _pack_q8_0}[qtype](rows, out)
     return Packed(qtype, out, rows.shape[0])
 
 

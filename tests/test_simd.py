@@ -17,7 +17,11 @@ SIMD = [T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q4_K, T.Q5_K, T.Q6_K]
 
 def test_kernels_compile_for_this_cpu():
     packed = {("packed", qt) for qt in simd.PACKED_BLOCK}
-    assert set(simd.kernels()) == {int(t) for t in SIMD} | (packed if simd.host_isa() in simd.PACKED_ISAS else set())
+    host = set(simd.kernels())
+    assert {k for k in host if not isinstance(k, tuple)} == {int(t) for t in SIMD}
+    assert host - {int(t) for t in SIMD} <= packed
+    if simd.host_isa() in simd.PACKED_ISAS:     # Q4_K always; Q8_0 with VNNI (this x86 has AVX-512 VNNI?)
+        assert ("packed", int(T.Q4_K)) in host
     assert set(simd.kernels("portable")) == {int(t) for t in SIMD} | packed
     assert set(simd.kernels("sdot-emulated")) == {int(t) for t in SIMD}
 
@@ -188,53 +192,64 @@ def test_int8_decode_matches_llamacpp_generation_rows(name):
 PACKED_HOST = simd.host_isa() in simd.PACKED_ISAS
 
 
+def _matrix(rng, qtype, n, k):
+    bs, ts = GGML_QUANT_SIZES[qtype]
+    return random_blocks(rng, qtype, n * k // bs, small=True).reshape(n, k // bs * ts)
+
+
 def _q4_k_matrix(rng, n, k):
-    return random_blocks(rng, T.Q4_K, n * k // 256, small=True).reshape(n, k // 256 * 144)
+    return _matrix(rng, T.Q4_K, n, k)
+
+
+PACKED = [T.Q4_K, T.Q8_0]
 
 
 def test_pack_takes_whole_groups_of_eight_rows_of_its_types():
     rng = np.random.default_rng(11)
     assert simd.pack(int(T.Q4_K), _q4_k_matrix(rng, 12, 512)) is None            # 12 % 8
-    assert simd.pack(int(T.Q8_0), random_blocks(rng, T.Q8_0, 16 * 8, small=True).reshape(16, -1)) is None
+    assert simd.pack(int(T.Q6_K), _matrix(rng, T.Q6_K, 16, 512)) is None         # no packed kernel
     p = simd.pack(int(T.Q4_K), _q4_k_matrix(rng, 16, 512))
     assert p.n == 16 and p.data.shape == (2, 2 * simd.PACKED_BLOCK[int(T.Q4_K)])
     # shares of a split start on a group of 8 rows, the last ends at n
     assert [simd.cut(100, p, 3) for p in range(4)] == [0, 32, 64, 100]
 
 
+@pytest.mark.parametrize("qtype", PACKED, ids=lambda t: t.name)
 @pytest.mark.parametrize("isa", [None, "portable"], ids=["host", "portable"])
-def test_packed_kernels_give_the_row_major_floats(isa):
+def test_packed_kernels_give_the_row_major_floats(isa, qtype):
     """Eight rows interleaved (the backend's layout on x86; the plain-IR form runs anywhere):
     the same floats as the portable row-major kernel, bit for bit: 1, 3, 4, 8, 13 activation
     rows (the 8- and 4-row passes and the rest), split over 1-3 threads, a row range that
     starts and ends inside a group of 8, and a packed matrix beside a row-major one in a group."""
-    isa = isa or (simd.host_isa() if PACKED_HOST else "portable")
+    isa = isa or (simd.host_isa() if PACKED_HOST and ("packed", int(qtype)) in simd.kernels() else "portable")
     rng = np.random.default_rng(12)
     n, k = 96, 1536
-    rows = _q4_k_matrix(rng, n, k)
-    packed = simd.pack(int(T.Q4_K), rows)
+    qt, fmt = int(qtype), simd.ACT_FORMAT[int(qtype)]
+    rows = _matrix(rng, qtype, n, k)
+    packed = simd.pack(qt, rows)
     host, portable = simd.kernels(isa), simd.kernels("portable")
     for m in (1, 3, 4, 8, 13):
-        acts = simd.quantize_activations(rng.standard_normal((m, k)).astype(np.float32) * 3, simd.Q8_256)
-        want = simd.KernelGroup([int(T.Q4_K)], [rows], portable)(acts)
+        acts = simd.quantize_activations(rng.standard_normal((m, k)).astype(np.float32) * 3, fmt)
+        want = simd.KernelGroup([qt], [rows], portable)(acts)
         assert np.isfinite(want).all()
         for parts in (1, 2, 3):
-            got = simd.KernelGroup([int(T.Q4_K)], [packed], host)(acts, parts)
+            got = simd.KernelGroup([qt], [packed], host)(acts, parts)
             assert np.array_equal(got.view(np.int32), want.view(np.int32)), (m, parts)
     # rows [lo, hi) not on group boundaries: the kernel computes whole groups, stores only those
-    acts = simd.quantize_activations(rng.standard_normal((5, k)).astype(np.float32), simd.Q8_256)
-    want = simd.KernelGroup([int(T.Q4_K)], [rows], portable)(acts)
-    g = simd.KernelGroup([int(T.Q4_K)], [packed], host)
+    acts = simd.quantize_activations(rng.standard_normal((5, k)).astype(np.float32), fmt)
+    want = simd.KernelGroup([qt], [rows], portable)(acts)
+    g = simd.KernelGroup([qt], [packed], host)
     out = np.full((5, n), np.nan, np.float32)
     for lo, hi in ((3, 13), (13, 14), (14, 40), (40, 95)):
-        simd.rows_kernel(g.f1[0], g.fr[0], g.w[0], g.row_bytes[0], lo, hi, k // 256, 5, acts.buf.ctypes.data,
-                          acts.buf.strides[0], out.ctypes.data, n)
+        simd.rows_kernel(g.f1[0], g.fr[0], g.w[0], g.row_bytes[0], lo, hi, k // fmt, 5, acts.buf.ctypes.data,
+                         acts.buf.strides[0], out.ctypes.data, n)
     assert np.array_equal(out[:, 3:95].view(np.int32), want[:, 3:95].view(np.int32))
     assert np.isnan(out[:, :3]).all() and np.isnan(out[:, 95:]).all()
-    # beside row-major matrices of the same activation format
-    q6 = random_blocks(rng, T.Q6_K, 40 * k // 256, small=True).reshape(40, -1)
-    mixed = simd.KernelGroup([int(T.Q6_K), int(T.Q4_K)], [q6, packed], host)(acts, 2)
-    want = simd.KernelGroup([int(T.Q6_K), int(T.Q4_K)], [q6, rows], portable)(acts)
+    # beside a row-major matrix of the same activation format
+    other = T.Q6_K if fmt == simd.Q8_256 else T.Q4_1
+    extra = _matrix(rng, other, 40, k)
+    mixed = simd.KernelGroup([int(other), qt], [extra, packed], host)(acts, 2)
+    want = simd.KernelGroup([int(other), qt], [extra, rows], portable)(acts)
     assert np.array_equal(mixed.view(np.int32), want.view(np.int32))
 
 
