@@ -30,10 +30,11 @@ structure with the dot product in plain IR bit for bit, and lower the sdot modul
 Each kernel computes ``out[m, r] = dot(row r, x[m])`` for rows ``[r0, r1)`` and ``m_rows``
 activation rows; the weight row is read once per ``m`` loop, so it stays in L1 for prefill.
 
-Q4_K also has packed kernels (x86, and plain IR for the tests): the CPU backend repacks its
-matrices at load, eight rows interleaved (:func:`pack`), which roughly doubles the products per
-instruction (see the layout's comment below). For that Q4_K sums each row's super-block into one
-exact integer, in every layout and ISA, so packed and row-major kernels give the same floats.
+Q4_K and Q8_0 also have packed kernels (x86, Q8_0 where VNNI's vpdpbusd exists; plain IR for the
+tests): the CPU backend repacks their matrices at load, eight rows interleaved (:func:`pack`),
+which roughly doubles the products per instruction (see the layouts' comments below). Packed
+and row-major kernels give the same floats: Q4_K sums each row's super-block into one exact
+integer in every layout and ISA; packed Q8_0 keeps the row-major kernels' eight float lanes.
 """
 
 from __future__ import annotations
@@ -257,7 +258,7 @@ class _IR:
 
     def udot4(self, u: str, s: str, acc: str = "zeroinitializer") -> str:
         """<8 x i32> ``acc`` + sums of 4 adjacent products of unsigned bytes ``u`` and signed
-        bytes ``s`` (<32 x i8>; vpdpbusd's arithmetic, exact), in plain IR"""
+        bytes ``s`` (<32 x i8>), exact: vpdpbusd on x86 with VNNI, else plain IR"""
         if self.vnni:
             args = [self(f"bitcast <32 x i8> {v} to <8 x i32>") for v in (u, s)]
             return self(f"call <8 x i32> @llvm.x86.avx512.vpdpbusd.256(<8 x i32> {acc}, <8 x i32> {args[0]}, <8 x i32> {args[1]})")
