@@ -101,9 +101,7 @@ def generate_step(engine, ids: Sequence[int], sampler, stats: GenerationStats) -
     prompt is brought into the cache first (:meth:`Engine.prefill`, reusing the cached prefix;
     its time goes to ``stats.prefill_s``), and each next token costs one decode step, run only
     when the consumer asks for it (so the last token taken is never evaluated)."""
-    t0 = time.perf_counter()
-    logits = engine.prefill(ids, stats)
-    stats.prefill_s = time.perf_counter() - t0
+    logits = _timed_prefill(engine, ids, stats)
     history = list(ids)
     while True:
         token = sampler(logits, history)
@@ -143,7 +141,7 @@ def stream_generate(engine, ids: Sequence[int], sampler, max_new_tokens: int, st
                 st.finish_reason = "stop"
                 break
         if t1 is None:                      # max_new_tokens = 0: the prompt is still evaluated
-            _prefill_only(engine, ids, st)
+            _timed_prefill(engine, ids, st)
             t1 = time.perf_counter()
         tail = detok.flush()
         tail = scanner.feed(tail) + scanner.flush() if stops and not scanner.hit else ("" if scanner.hit else tail)
@@ -155,7 +153,9 @@ def stream_generate(engine, ids: Sequence[int], sampler, max_new_tokens: int, st
             st.decode_s = time.perf_counter() - t1
 
 
-def _prefill_only(engine, ids, st: GenerationStats) -> None:
+def _timed_prefill(engine, ids, stats: GenerationStats) -> np.ndarray:
+    """:meth:`Engine.prefill`, its seconds in ``stats.prefill_s``."""
     t0 = time.perf_counter()
-    engine.prefill(ids, st)
-    st.prefill_s = time.perf_counter() - t0
+    logits = engine.prefill(ids, stats)
+    stats.prefill_s = time.perf_counter() - t0
+    return logits

@@ -70,6 +70,26 @@ declare <8 x i32> @llvm.x86.avx512.vpdpbusd.256(<8 x i32>, <8 x i32>, <8 x i32>)
 declare <4 x i32> @llvm.aarch64.neon.sdot.v4i32.v16i8(<4 x i32>, <16 x i8>, <16 x i8>)
 """
 
+# The loops inside a weight row (or a packed group of 8): activation rows 0..m_rows, {R} at a
+# time, blocks 0..nblk; the two skeletons below differ only in how they walk the weight rows.
+_M_LOOPS = """mloop:
+  %m = phi i64 [0, %rowloop], [%mnext, %mend]
+{pointers}
+  br label %bloop
+bloop:
+  %b = phi i64 [0, %mloop], [%bnext, %bloop]
+{phis}
+{body}
+  %bnext = add i64 %b, 1
+  %bdone = icmp eq i64 %bnext, %nblk
+  br i1 %bdone, label %mend, label %bloop
+mend:
+{stores}
+  %mnext = add i64 %m, {R}
+  %mdone = icmp sge i64 %mnext, %m_rows
+  br i1 %mdone, label %rowend, label %mloop
+"""
+
 # The loop skeleton every kernel shares: rows r0..r1; activation rows 0..m_rows, {R} at a time
 # (m_rows a multiple of {R}); blocks 0..nblk. For activation row i of the group, the body of block
 # %b reads the weight row %row and the activation row %x{i} (i8*, blocks of ACT_BLOCK bytes, see
@@ -89,23 +109,7 @@ rowloop:
   %roff = mul i64 %r, %row_bytes
   %row = getelementptr i8, i8* %w, i64 %roff
   br label %mloop
-mloop:
-  %m = phi i64 [0, %rowloop], [%mnext, %mend]
-{pointers}
-  br label %bloop
-bloop:
-  %b = phi i64 [0, %mloop], [%bnext, %bloop]
-{phis}
-{body}
-  %bnext = add i64 %b, 1
-  %bdone = icmp eq i64 %bnext, %nblk
-  br i1 %bdone, label %mend, label %bloop
-mend:
-{stores}
-  %mnext = add i64 %m, {R}
-  %mdone = icmp sge i64 %mnext, %m_rows
-  br i1 %mdone, label %rowend, label %mloop
-rowend:
+""" + _M_LOOPS + """rowend:
   %rnext = add i64 %r, 1
   %rdone = icmp eq i64 %rnext, %r1
   br i1 %rdone, label %exit, label %rowloop
@@ -513,23 +517,7 @@ rowloop:
   %inhi = icmp slt <8 x i64> %idx, %r1s
   %inside = and <8 x i1> %inlo, %inhi
   br label %mloop
-mloop:
-  %m = phi i64 [0, %rowloop], [%mnext, %mend]
-{pointers}
-  br label %bloop
-bloop:
-  %b = phi i64 [0, %mloop], [%bnext, %bloop]
-{phis}
-{body}
-  %bnext = add i64 %b, 1
-  %bdone = icmp eq i64 %bnext, %nblk
-  br i1 %bdone, label %mend, label %bloop
-mend:
-{stores}
-  %mnext = add i64 %m, {R}
-  %mdone = icmp sge i64 %mnext, %m_rows
-  br i1 %mdone, label %rowend, label %mloop
-rowend:
+""" + _M_LOOPS + """rowend:
   %gnext = add i64 %g, 1
   %gdone = icmp eq i64 %gnext, %g1
   br i1 %gdone, label %exit, label %rowloop
@@ -1123,6 +1111,10 @@ def _pack_q8_0(rows, out):
                         out[g, dst + t] = src[s + 2 + 8 * c + t] ^ 128
 
 
+#: packed type -> (bytes of one of its blocks in a GGUF row, the function that packs its rows)
+_PACKERS = {Q4_K: (144, _pack_q4_k), Q8_0: (34, _pack_q8_0)}
+
+
 class Packed:
     """A matrix's rows in a packed kernel's layout (:data:`PACKED_BLOCK`): ``data`` [N / 8,
     blocks * PACKED_BLOCK] uint8, ``n`` rows of type ``qtype``."""
@@ -1136,12 +1128,13 @@ def pack(qtype: int, rows: np.ndarray) -> Packed | None:
     packed kernel for the type or the row count is not a multiple of 8."""
     if qtype not in PACKED_BLOCK or rows.shape[0] % 8 or rows.shape[0] == 0:
         return None
-    nblk = rows.shape[1] // {Q4_K: 144, Q8_0: 34}[qtype]
+    block_bytes, packer = _PACKERS[qtype]
+    nblk = rows.shape[1] // block_bytes
     shape = (rows.shape[0] // 8, nblk * PACKED_BLOCK[qtype])
     raw = np.empty(shape[0] * shape[1] + 64, np.uint8)      # on a cache line: no load straddles two
     start = -raw.ctypes.data % 64
     out = raw[start:start + shape[0] * shape[1]].reshape(shape)
-    {Q4_K: _pack_q4_k, Q8_0: _pack_q8_0}[qtype](rows, out)
+    packer(rows, out)
     return Packed(qtype, out, rows.shape[0])
 
 

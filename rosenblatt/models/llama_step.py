@@ -94,6 +94,14 @@ def _add(src, dst):
         dst[i] += src[i]
 
 
+@njit(nogil=True, cache=True, inline="always")
+def _attend(qv, k_cache, v_cache, heads_out, s, t, kh, layer, p, sl, group, scale, dots):
+    """Row t's query heads of kv head ``kh`` against positions 0..p of its cache slot ``sl``."""
+    h0, h1 = kh * group, (kh + 1) * group
+    ops.attention_decode(qv[s, t, h0:h1], k_cache[sl, layer, kh:kh + 1], v_cache[sl, layer, kh:kh + 1], 1, 0, p + 1,
+                         scale, heads_out[s, t, h0:h1], dots)
+
+
 # A row phase: ``t = _row_first(..)``, ``while t >= 0: <row t>; t = _row_next(..)``, then
 # ``ph = _row_end(..)``. With ``rep`` (one row, repeated by every thread) row 0 once and no
 # counter is touched; else the rows of ``n`` are claimed one by one and waited for.
@@ -171,8 +179,7 @@ def _run(tid, sync, x_in, pos, slot, n_logits, f1, fr, w, rb, col, nmat, nchunk,
             _copy(kv[s, t, kh], k_cache[sl, layer, kh, p])
             _copy(v[kh * hd_v:(kh + 1) * hd_v], v_cache[sl, layer, kh, p])
             if rep:
-                ops.attention_decode(qv[s, t, h0:h1], k_cache[sl, layer, kh:kh + 1], v_cache[sl, layer, kh:kh + 1], 1,
-                                     0, p + 1, scale, heads_out[s, t, h0:h1], dots)
+                _attend(qv, k_cache, v_cache, heads_out, s, t, kh, layer, p, sl, group, scale, dots)
             parallel.done(sync, ph)
         parallel.wait(sync, ph, T * n_kv)
         ph += 1
@@ -183,10 +190,7 @@ def _run(tid, sync, x_in, pos, slot, n_logits, f1, fr, w, rb, col, nmat, nchunk,
                 if c < 0:
                     break
                 t, kh = c // n_kv, c % n_kv
-                p, sl = pos[t], slot[t]
-                h0, h1 = kh * group, (kh + 1) * group
-                ops.attention_decode(qv[s, t, h0:h1], k_cache[sl, layer, kh:kh + 1], v_cache[sl, layer, kh:kh + 1],
-                                     1, 0, p + 1, scale, heads_out[s, t, h0:h1], dots)
+                _attend(qv, k_cache, v_cache, heads_out, s, t, kh, layer, pos[t], slot[t], group, scale, dots)
                 parallel.done(sync, ph)
             parallel.wait(sync, ph, T * n_kv)
         ph += 1
