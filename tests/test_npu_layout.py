@@ -1,4 +1,4 @@
-"""Data packers against element-by-element formulas (../shared/npu-reference.md §5)."""
+"""Data packers against element-by-element formulas (docs/npu-reference.md §5)."""
 
 import numpy as np
 import pytest

@@ -1,6 +1,6 @@
 """Every hardware assumption of the NPU path that no source states as a fact, in one place.
 
-Each constant names its status and source (tags of ../shared/npu-reference.md):
+Each constant names its status and source (tags of docs/npu-reference.md §0):
 ``[code]`` read in a driver/Mesa source, ``[empirical]`` a third-party project reports it working
 on hardware, ``[inferred]`` derived from consistent evidence, unconfirmed, ``[report]`` a field
 report (gregordinary/rocket-userspace, "G") that we design for without having confirmed it.

@@ -1,6 +1,6 @@
 """Data packing between row-major numpy matrices and the NPU's memory layouts (vectorised).
 
-* Feature (input) layout, int8, "NC1HWC2" with a 16-byte atom (../shared/npu-reference.md §5.1):
+* Feature (input) layout, int8, "NC1HWC2" with a 16-byte atom (docs/npu-reference.md §5.1):
   a GEMM operand A[M, K] is a feature cube of width 1, height M, K channels, stored as
   ``K/16`` planes of ``M`` atoms: byte(m, k) = (k // 16) * 16 * M + 16 * m + (k % 16).
 * Weights, int8, blocks of 32 kernels x 32 channels (§5.2): kernel n is column n of B[K, N];

@@ -30,7 +30,7 @@ from .layout import align
 
 #: Rows a K tile must leave room for (with 32 kernels); see module docstring.
 K_TILE_MIN_ROWS = 64
-#: Field limits (../shared/npu-reference.md §6): DPU cube channel 13 bits (-1), weight kernels 14
+#: Field limits (docs/npu-reference.md §6): DPU cube channel 13 bits (-1), weight kernels 14
 #: bits, CNA DATAIN_CHANNEL 16 bits; K beyond this would overflow int32 partial sums.
 MAX_KERNELS_PER_TASK = 8192
 MAX_CHANNELS_PER_TASK = 32768

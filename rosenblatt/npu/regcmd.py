@@ -3,7 +3,7 @@
 A GEMM task is a 1x1 convolution of a feature cube of width 1, height ``mt`` (rows of A) and
 ``kt`` channels (a K range) with ``nt`` kernels (columns of B), written by the DPU as raw int32
 (no bias, no requantisation: the configuration reported bit-exact on hardware,
-../shared/npu-reference.md §4.7 and §7.2). :func:`task_registers` lists the register writes in
+docs/npu-reference.md §4.7 and §7.2). :func:`task_registers` lists the register writes in
 program order; :func:`task_words` turns them into 64-bit words with the tail
 (``0``, ``PC REGISTER_AMOUNTS = 0``, the 0x0041 marker, op-enable); :class:`ProgramBuilder`
 lays the tasks of a plan out in one regcmd buffer (each task 64-byte aligned) and gives each

@@ -1,7 +1,7 @@
 """RK3588 NPU register map: offsets, bit fields and the regcmd word encoding.
 
 Facts from Mesa ``src/gallium/drivers/rocket/registers.xml`` and the kernel's
-``rocket_registers.h`` (identical field layouts), summarised in ../shared/npu-reference.md §3-4.
+``rocket_registers.h`` (identical field layouts), summarised in docs/npu-reference.md §3-4.
 Only the registers the INT8 GEMM program writes, the kernel touches, or the simulator reads are
 listed. A register is written by a 64-bit regcmd word::
 

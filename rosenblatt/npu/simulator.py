@@ -6,7 +6,7 @@ residency); ``SimulatedNPU.open()`` gives a ``SimFile``, the counterpart of an o
 and owns the fd's BOs and their NPU address space. ``RocketDevice`` drives it exactly as it
 drives the kernel.
 
-What it models (../shared/npu-reference.md §1, §2, §9):
+What it models (docs/npu-reference.md §1, §2, §9):
 
 * Memory: per-fd BOs at page-aligned IOVAs (first fit from 0, as the driver's drm_mm does),
   fake mmap offsets, and two copies of each BO: the CPU's (what ``mmap`` shows) and the
@@ -155,7 +155,7 @@ class SimFile:
         self._pending: list[SimFault] = []
         self.closed = False
         # one scheduler entity per fd; the simulator keeps it on core 0 ([inferred] per-fd
-        # serialisation, reference §1.4)
+        # serialisation, docs/npu-reference.md §1.4)
         self.core = npu.cores[0]
 
     # --- transport interface -------------------------------------------------------------------

@@ -4,7 +4,7 @@ Mirrors ``include/uapi/drm/rocket_accel.h`` (Linux >= 6.18) and the two core DRM
 driver layer needs (``DRM_IOCTL_VERSION``, ``DRM_IOCTL_GEM_CLOSE``) from ``drm.h``. Request
 numbers are computed with the ``_IOC`` encoding of ``asm-generic/ioctl.h`` (nr bits 0-7,
 type bits 8-15, size bits 16-29, direction bits 30-31), exactly as the C macros do; the tests
-compare them with the values the header produces. See ../shared/npu-reference.md §1.
+compare them with the values the header produces. See docs/npu-reference.md §1.
 """
 
 from __future__ import annotations
