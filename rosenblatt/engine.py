@@ -15,7 +15,8 @@ from .errors import ModelFileError
 from .generate import GenerationResponse, GenerationStats, stream_generate
 from .gguf_file import GGUFFile
 from .models import build_model
-from .sampling import Sampler, SamplingParams
+from .params import GenerationParams
+from .sampling import Sampler
 from .tokenizer import Tokenizer
 
 #: on the CPU, prompts are evaluated in chunks of this many tokens. It bounds prefill's scratch
@@ -37,7 +38,6 @@ class Engine:
     ...     print(piece, end="", flush=True)
     >>> for r in engine.responses("Once upon a time", max_new_tokens=8, logprobs=True):
     ...     print(r.token, r.logprob, repr(r.text), r.finish_reason)
-    >>> engine.stats            # counts and tok/s of the last call
     """
 
     def __init__(self, gguf: GGUFFile, config: ModelConfig, model, device: str, n_ctx: int,
@@ -190,58 +190,59 @@ class Engine:
         self._context.append(int(token))
         return logits
 
-    def responses(self, prompt: str | Sequence[int], max_new_tokens: int = 256, temperature: float = 0.8,
-                  top_k: int = 40, top_p: float = 0.95, min_p: float = 0.05, repeat_penalty: float = 1.0,
-                  repeat_last_n: int = 64, seed: int | None = None, stop: str | Sequence[str] | None = None,
-                  add_special: bool = True, ignore_eos: bool = False,
-                  logprobs: bool = False) -> Iterator[GenerationResponse]:
+    def responses(self, prompt: str | Sequence[int], params: GenerationParams | None = None, *,
+                  add_special: bool = True, **overrides) -> Iterator[GenerationResponse]:
         """Continue ``prompt`` (text, or token ids): one :class:`GenerationResponse` per generated
         token (its text piece, id, log-probability with ``logprobs``, running stats), then a last
         one with the finish reason (see :func:`rosenblatt.generate.stream_generate`).
 
-        Stops at an end-of-generation token, at any of the ``stop`` strings (not included in
-        the output) or after ``max_new_tokens``. ``ignore_eos`` keeps going past
-        end-of-generation tokens (benchmarks, like llama-bench).
+        ``params`` is a :class:`~rosenblatt.params.GenerationParams`; its fields may also be given
+        (or overridden) as keywords: ``max_new_tokens``, ``temperature``, ``top_k``, ``top_p``,
+        ``min_p``, ``repeat_penalty``, ``repeat_last_n``, ``seed``, ``stop``, ``ignore_eos``,
+        ``logprobs`` (defaults, ranges and meaning in :mod:`rosenblatt.params`; a bad one raises
+        :class:`~rosenblatt.params.ParamError` naming it). Stops at an end-of-generation token, at
+        any of the ``stop`` strings (not included in the output) or after ``max_new_tokens``.
         """
+        p = GenerationParams(**overrides) if params is None else \
+            (params.replace(**overrides) if overrides else params)
+        if not isinstance(p, GenerationParams):
+            raise TypeError(f"params must be a GenerationParams, got {type(p).__name__}")
         tok = self._tok()
         ids = tok.encode(prompt, add_special=add_special, parse_special=True) if isinstance(prompt, str) \
             else [int(t) for t in prompt]
         if not ids:
             raise ValueError("the prompt is empty (no tokens)")
-        if max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        max_new_tokens = p.max_new_tokens
         if len(ids) + max_new_tokens > self.n_ctx:
             if len(ids) >= self.n_ctx:
                 raise ValueError(f"the prompt has {len(ids)} tokens; the context holds {self.n_ctx}")
             max_new_tokens = self.n_ctx - len(ids)
-        sampler = Sampler(SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                                         repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n, seed=seed))
-        stops = (stop,) if isinstance(stop, str) else tuple(s for s in (stop or ()) if s)
-        return stream_generate(self, ids, sampler, max_new_tokens, stops, ignore_eos, logprobs)
+        return stream_generate(self, ids, Sampler(p.sampling()), max_new_tokens, p.stop, p.ignore_eos, p.logprobs)
 
-    def stream(self, prompt: str | Sequence[int], **kwargs) -> Iterator[str]:
-        """Continue ``prompt``, yielding only the text pieces (options: :meth:`responses`);
-        ``engine.stats`` holds the counts and timings."""
-        return (r.text for r in self.responses(prompt, **kwargs) if r.text)
+    def stream(self, prompt: str | Sequence[int], params: GenerationParams | None = None, **kwargs) -> Iterator[str]:
+        """Continue ``prompt``, yielding only the text pieces (parameters: :meth:`responses`)."""
+        return (r.text for r in self.responses(prompt, params, **kwargs) if r.text)
 
-    def generate(self, prompt: str | Sequence[int], **kwargs) -> str:
-        """The whole continuation of ``prompt`` as one string (see :meth:`stream` for the options)."""
-        return "".join(self.stream(prompt, **kwargs))
+    def generate(self, prompt: str | Sequence[int], params: GenerationParams | None = None, **kwargs) -> str:
+        """The whole continuation of ``prompt`` as one string (parameters: :meth:`responses`)."""
+        return "".join(self.stream(prompt, params, **kwargs))
 
-    def chat_responses(self, messages: Sequence[Mapping], **kwargs) -> Iterator[GenerationResponse]:
+    def chat_responses(self, messages: Sequence[Mapping], params: GenerationParams | None = None,
+                       **overrides) -> Iterator[GenerationResponse]:
         """Render ``messages`` with the model's chat template and generate the assistant's answer
-        (responses as :meth:`responses`; the template's own stop strings added)."""
+        (responses and parameters as :meth:`responses`; the template's own stop strings added)."""
         text = self.apply_chat_template(messages, add_generation_prompt=True)
-        stop = kwargs.pop("stop", None)
-        stops = ((stop,) if isinstance(stop, str) else tuple(stop or ())) + tuple(self.template.stop_strings)
-        return self.responses(text, stop=stops, add_special=False, **kwargs)
+        p = GenerationParams(**overrides) if params is None else (params.replace(**overrides) if overrides else params)
+        stops = p.stop + tuple(s for s in self.template.stop_strings if s not in p.stop)
+        return self.responses(text, p.replace(stop=stops), add_special=False)
 
-    def stream_chat(self, messages: Sequence[Mapping], **kwargs) -> Iterator[str]:
+    def stream_chat(self, messages: Sequence[Mapping], params: GenerationParams | None = None,
+                    **kwargs) -> Iterator[str]:
         """Render ``messages`` with the model's chat template and stream the assistant's answer."""
-        return (r.text for r in self.chat_responses(messages, **kwargs) if r.text)
+        return (r.text for r in self.chat_responses(messages, params, **kwargs) if r.text)
 
-    def chat(self, messages: Sequence[Mapping], **kwargs) -> str:
-        return "".join(self.stream_chat(messages, **kwargs))
+    def chat(self, messages: Sequence[Mapping], params: GenerationParams | None = None, **kwargs) -> str:
+        return "".join(self.stream_chat(messages, params, **kwargs))
 
     def __repr__(self) -> str:
         c = self.config

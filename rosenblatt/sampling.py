@@ -45,9 +45,10 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
+
+from .params import SamplingParams
 
 __all__ = [
     "SamplingParams",
@@ -77,52 +78,6 @@ def _is_int(v) -> bool:
 
 def _is_real(v) -> bool:
     return isinstance(v, numbers.Real) and not isinstance(v, bool)
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """Parameters of the sampler chain (defaults as llama.cpp's ``common_params_sampling``).
-
-    ``temperature``: 0 = greedy (arg-max), else > 0. ``top_k <= 0`` disables top-k,
-    ``top_p == 1.0`` disables top-p, ``min_p == 0`` disables min-p, ``repeat_penalty == 1.0``
-    or ``repeat_last_n == 0`` disables the repetition penalty (``repeat_last_n == -1``: the
-    whole history). ``seed``: a non-negative int for reproducible draws, ``None`` for fresh
-    OS entropy. Frozen: derive variants with :func:`dataclasses.replace` (which re-validates).
-    """
-
-    temperature: float = 0.8
-    top_k: int = 40
-    top_p: float = 0.95
-    min_p: float = 0.05
-    repeat_penalty: float = 1.0
-    repeat_last_n: int = 64
-    seed: int | None = None
-
-    def __post_init__(self) -> None:
-        t = self.temperature
-        if not _is_real(t) or not math.isfinite(t) or t < 0:
-            raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {t!r}")
-        if not _is_int(self.top_k):
-            raise ValueError(f"top_k must be an integer (<= 0 disables it), got {self.top_k!r}")
-        p = self.top_p
-        if not _is_real(p) or not (0.0 < p <= 1.0):
-            raise ValueError(f"top_p must be in (0, 1] (1 disables it), got {p!r}")
-        m = self.min_p
-        if not _is_real(m) or not (0.0 <= m <= 1.0):
-            raise ValueError(f"min_p must be in [0, 1] (0 disables it), got {m!r}")
-        r = self.repeat_penalty
-        if not _is_real(r) or not math.isfinite(r) or r <= 0:
-            raise ValueError(f"repeat_penalty must be a finite number > 0 (1 disables it), got {r!r}")
-        n = self.repeat_last_n
-        if not _is_int(n) or n < -1:
-            raise ValueError(f"repeat_last_n must be an integer >= -1 (-1 = whole history, 0 = off), got {n!r}")
-        s = self.seed
-        if s is not None and (not _is_int(s) or s < 0):
-            raise ValueError(f"seed must be None or a non-negative integer, got {s!r}")
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0
 
 
 # --------------------------------------------------------------------------------------------
@@ -442,7 +397,5 @@ def make_sampler(params: SamplingParams | None = None, **overrides) -> Sampler:
     if params is None:
         params = SamplingParams(**overrides)
     elif overrides:
-        from dataclasses import replace
-
-        params = replace(params, **overrides)
+        params = params.replace(**overrides)
     return Sampler(params)

@@ -33,7 +33,6 @@ import hmac
 import ipaddress
 import json
 import logging
-import math
 import os
 import queue
 import threading
@@ -42,7 +41,10 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic_core import PydanticCustomError
 
 from starlette.applications import Starlette
 from starlette.datastructures import Headers
@@ -54,6 +56,7 @@ from starlette.routing import Route
 from .chat_template import ChatTemplateError
 from .errors import ModelFileError
 from .generate import GenerationResponse
+from .params import GenerationParams, ParamError, parse
 
 log = logging.getLogger("rosenblatt.server")
 
@@ -61,10 +64,6 @@ log = logging.getLogger("rosenblatt.server")
 MAX_BODY_BYTES = 4 * 2**20
 #: at most this many requests wait for the engine; more get 503
 DEFAULT_MAX_QUEUE = 64
-#: at most this many stop strings per request
-MAX_STOPS = 16
-
-ROLES = {"system", "developer", "user", "assistant", "tool"}
 
 
 # -- errors ---------------------------------------------------------------------------------
@@ -128,9 +127,9 @@ class Usage:
     completion_tokens: int = 0
     finish_reason: str = ""          # "stop", "length" or "cancelled"
 
-    def openai(self) -> dict:
-        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
-                "total_tokens": self.prompt_tokens + self.completion_tokens}
+    def openai(self) -> UsageBody:
+        return UsageBody(prompt_tokens=self.prompt_tokens, completion_tokens=self.completion_tokens,
+                         total_tokens=self.prompt_tokens + self.completion_tokens)
 
 
 class Job:
@@ -272,162 +271,192 @@ class EngineWorker:
         job.post("done", usage)
 
 
-# -- request parsing --------------------------------------------------------------------------
+# -- requests and responses -------------------------------------------------------------------
+#
+# A request's OpenAI envelope (model, messages or prompt, stream, ...) is declared by the models
+# below; its sampling fields are the engine's own declaration, GenerationParams. Both raise a
+# ParamError naming the field, answered as OpenAI's invalid_request_error.
 
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_num(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
-def _opt_int(body: dict, name: str, minimum: int | None = None) -> int | None:
-    v = body.get(name)
-    if v is None:
-        return None
-    if not _is_int(v):
-        raise _bad(f"'{name}' must be an integer, got {json.dumps(v)}", param=name, code="invalid_type")
-    if minimum is not None and v < minimum:
-        raise _bad(f"'{name}' must be >= {minimum}, got {v}", param=name, code="invalid_value")
-    return v
+_STRICT = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False)
+#: the envelope keeps the fields it does not declare, to refuse the unsupported ones by name
+_ENVELOPE = ConfigDict(strict=True, extra="allow", allow_inf_nan=False)
 
 
-def _opt_num(body: dict, name: str, lo: float, hi: float = math.inf, lo_open: bool = False) -> float | None:
-    v = body.get(name)
-    if v is None:
-        return None
-    if not _is_num(v):
-        raise _bad(f"'{name}' must be a number, got {json.dumps(v)}", param=name, code="invalid_type")
-    if not math.isfinite(v) or v > hi or v < lo or (lo_open and v == lo):
-        rng = f"({lo:g}, {hi:g}]" if lo_open else f"[{lo:g}, {hi:g}]"
-        raise _bad(f"'{name}' must be in {rng}, got {v}", param=name, code="invalid_value")
-    return float(v)
+class StreamOptions(BaseModel):
+    model_config = _STRICT
+    include_usage: bool | None = None
 
 
-def _opt_bool(body: dict, name: str) -> bool:
-    v = body.get(name)
-    if v is None:
-        return False
-    if not isinstance(v, bool):
-        raise _bad(f"'{name}' must be a boolean, got {json.dumps(v)}", param=name, code="invalid_type")
-    return v
+class Message(BaseModel):
+    model_config = _STRICT
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str
 
-
-def _unsupported(body: dict, name: str, ok: Callable[[Any], bool]) -> None:
-    if name in body and not ok(body[name]):
-        raise _bad(f"'{name}' is not supported by this server", param=name, code="unsupported_parameter")
-
-
-def _sampling(body: dict) -> dict:
-    """Engine keyword arguments from the OpenAI request fields (and llama.cpp-style extras)."""
-    n = _opt_int(body, "n", minimum=1)
-    if n is not None and n != 1:
-        raise _bad("only n=1 is supported", param="n", code="unsupported_parameter")
-    for name in ("frequency_penalty", "presence_penalty"):
-        _opt_num(body, name, -2.0, 2.0)
-        _unsupported(body, name, lambda v: not v)
-    _unsupported(body, "logit_bias", lambda v: not v)
-    kw: dict[str, Any] = {}
-    max_tokens = _opt_int(body, "max_completion_tokens", minimum=0)
-    if max_tokens is None:
-        max_tokens = _opt_int(body, "max_tokens", minimum=0)
-    # omitted: as many as the context holds (the engine caps it)
-    kw["max_new_tokens"] = max_tokens if max_tokens is not None else 1 << 30
-    t = _opt_num(body, "temperature", 0.0, 2.0)
-    if t is not None:
-        kw["temperature"] = t
-    p = _opt_num(body, "top_p", 0.0, 1.0, lo_open=True)
-    if p is not None:
-        kw["top_p"] = p
-    # extensions understood by llama.cpp's server too
-    k = _opt_int(body, "top_k")
-    if k is not None:
-        kw["top_k"] = k
-    m = _opt_num(body, "min_p", 0.0, 1.0)
-    if m is not None:
-        kw["min_p"] = m
-    r = _opt_num(body, "repeat_penalty", 0.0, lo_open=True)
-    if r is not None:
-        kw["repeat_penalty"] = r
-    seed = _opt_int(body, "seed")
-    if seed is not None:
-        kw["seed"] = seed % 2**64          # OpenAI allows any int64; the sampler wants >= 0
-    stop = body.get("stop")
-    if stop is not None:
-        stops = [stop] if isinstance(stop, str) else stop
-        if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
-            raise _bad("'stop' must be a string or a list of strings", param="stop", code="invalid_type")
-        if len(stops) > MAX_STOPS:
-            raise _bad(f"at most {MAX_STOPS} stop strings", param="stop", code="invalid_value")
-        kw["stop"] = [s for s in stops if s]
-    return kw
-
-
-def _stream_options(body: dict) -> tuple[bool, bool]:
-    stream = _opt_bool(body, "stream")
-    opts = body.get("stream_options")
-    if opts is None:
-        return stream, False
-    if not isinstance(opts, dict):
-        raise _bad("'stream_options' must be an object", param="stream_options", code="invalid_type")
-    return stream, _opt_bool(opts, "include_usage")
-
-
-def _messages(body: dict) -> list[dict]:
-    msgs = body.get("messages")
-    if msgs is None:
-        raise _bad("'messages' is required", param="messages", code="missing_required_parameter")
-    if not isinstance(msgs, list):
-        raise _bad(f"'messages' must be a list of messages, got {type(msgs).__name__}", param="messages",
-                   code="invalid_type")
-    if not msgs:
-        raise _bad("'messages' must not be empty", param="messages", code="invalid_value")
-    out = []
-    for i, m in enumerate(msgs):
-        where = f"messages[{i}]"
-        if not isinstance(m, dict):
-            raise _bad(f"{where} must be an object", param=where, code="invalid_type")
-        role = m.get("role")
-        if not isinstance(role, str) or role not in ROLES:
-            raise _bad(f"{where}.role must be one of {sorted(ROLES)}, got {json.dumps(role)}",
-                       param=f"{where}.role", code="invalid_value")
-        if "content" not in m or m["content"] is None:
-            raise _bad(f"{where} has no content", param=f"{where}.content", code="missing_required_parameter")
-        content = m["content"]
-        if isinstance(content, list):           # content parts: only text is understood
-            texts = []
-            for j, part in enumerate(content):
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_parts(cls, v: Any) -> Any:
+        """Content parts: only text is understood; they are joined into one string."""
+        if isinstance(v, list):
+            for j, part in enumerate(v):
                 if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
-                    raise _bad(f"{where}.content[{j}]: only text parts are supported",
-                               param=f"{where}.content", code="invalid_value")
-                texts.append(part["text"])
-            content = "".join(texts)
-        elif not isinstance(content, str):
-            raise _bad(f"{where}.content must be a string or a list of text parts", param=f"{where}.content",
-                       code="invalid_type")
-        out.append({"role": "system" if role == "developer" else role, "content": content})
-    return out
+                    raise PydanticCustomError("invalid_value", f"content[{j}]: only text parts are supported")
+            return "".join(part["text"] for part in v)
+        if v is None:
+            raise PydanticCustomError("missing_required_parameter", "is required")
+        return v
 
 
-def _prompt(body: dict, vocab_size: int) -> str | list[int]:
-    p = body.get("prompt")
-    if p is None:
-        raise _bad("'prompt' is required", param="prompt", code="missing_required_parameter")
-    if isinstance(p, list) and len(p) == 1 and isinstance(p[0], (str, list)):
-        p = p[0]                                 # a batch of one
-    if isinstance(p, str):
-        return p
-    if isinstance(p, list) and p and all(_is_int(t) for t in p):
-        bad = [t for t in p if not 0 <= t < vocab_size]
-        if bad:
-            raise _bad(f"token id {bad[0]} is outside the vocabulary [0, {vocab_size})", param="prompt",
-                       code="invalid_value")
-        return p
-    if isinstance(p, list) and len(p) > 1 and all(isinstance(x, (str, list)) for x in p):
-        raise _bad("only one prompt per request is supported", param="prompt", code="unsupported_parameter")
-    raise _bad("'prompt' must be a string, a list of token ids or a list holding one of those",
-               param="prompt", code="invalid_type")
+class _Request(BaseModel):
+    """What both endpoints share, besides the sampling fields."""
+    model_config = _ENVELOPE
+    model: str | None = None                 # optional here: there is one model
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
+    n: int | None = Field(None, ge=1)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    max_tokens: int | None = Field(None, ge=0)
+    max_completion_tokens: int | None = Field(None, ge=0)
+
+    def unsupported(self, name: str, ok: Callable[[Any], bool]) -> None:
+        value = (self.model_extra or {}).get(name, getattr(self, name, None))
+        if not ok(value):
+            raise APIError(400, f"'{name}' is not supported by this server", param=name, code="unsupported_parameter")
+
+    def generation(self, body: dict) -> GenerationParams:
+        """The engine's parameters from the request's sampling fields (llama.cpp's extensions
+        top_k, min_p, repeat_penalty, repeat_last_n included)."""
+        if self.n not in (None, 1):
+            raise APIError(400, "only n=1 is supported", param="n", code="unsupported_parameter")
+        for name in ("frequency_penalty", "presence_penalty", "logit_bias"):
+            self.unsupported(name, lambda v: not v)
+        fields = {k: body[k] for k in _SAMPLING_FIELDS if body.get(k) is not None}
+        if isinstance(fields.get("seed"), int) and not isinstance(fields["seed"], bool):
+            fields["seed"] %= 2**64          # OpenAI allows any int64; the sampler wants >= 0
+        max_name = "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"
+        max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+        # omitted: as many as the context holds (the engine caps it)
+        fields["max_new_tokens"] = max_tokens if max_tokens is not None else 1 << 30
+        try:
+            return GenerationParams(**fields)
+        except ParamError as e:
+            name = max_name if e.param == "max_new_tokens" else e.param.split("[")[0]
+            raise _bad(f"'{name}' {e.problem}", param=name, code=e.kind) from None
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+#: the request fields handed to GenerationParams (max_tokens is mapped by hand)
+_SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repeat_penalty", "repeat_last_n", "seed", "stop")
+
+
+class ChatRequest(_Request):
+    messages: list[Message] = Field(min_length=1)
+
+    def checked(self) -> ChatRequest:
+        self.unsupported("logprobs", lambda v: not v)
+        self.unsupported("top_logprobs", lambda v: not v)
+        self.unsupported("tools", lambda v: not v)
+        self.unsupported("functions", lambda v: not v)
+        self.unsupported("response_format", lambda v: v is None or (isinstance(v, dict) and v.get("type") == "text"))
+        return self
+
+    def chat(self) -> list[dict]:
+        return [{"role": "system" if m.role == "developer" else m.role, "content": m.content} for m in self.messages]
+
+
+class CompletionRequest(_Request):
+    prompt: str | list[int]
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _one_prompt(cls, v: Any) -> Any:
+        if isinstance(v, list) and len(v) == 1 and isinstance(v[0], (str, list)):
+            v = v[0]                             # a batch of one
+        if isinstance(v, list) and len(v) > 1 and all(isinstance(x, (str, list)) for x in v):
+            raise PydanticCustomError("unsupported_parameter", "only one prompt per request is supported")
+        if isinstance(v, list) and v and all(isinstance(t, int) and not isinstance(t, bool) for t in v):
+            return v
+        if isinstance(v, str):
+            return v
+        raise PydanticCustomError("invalid_type", "must be a string, a list of token ids or a list holding one of those")
+
+    def checked(self, vocab_size: int) -> CompletionRequest:
+        if isinstance(self.prompt, list):
+            bad = [t for t in self.prompt if not 0 <= t < vocab_size]
+            if bad:
+                raise _bad(f"token id {bad[0]} is outside the vocabulary [0, {vocab_size})", param="prompt",
+                           code="invalid_value")
+        self.unsupported("echo", lambda v: not v)
+        self.unsupported("logprobs", lambda v: v is None)
+        self.unsupported("suffix", lambda v: not v)
+        self.unsupported("best_of", lambda v: v in (None, 1))
+        return self
+
+
+def _request(model: type[_Request], body: dict):
+    try:
+        return parse(model, body)
+    except ParamError as e:
+        raise _bad(f"'{e.param}' {e.problem}", param=e.param, code=e.kind) from None
+
+
+class UsageBody(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int = 0
+    message: AssistantMessage
+    logprobs: None = None
+    finish_reason: str
+
+
+class TextChoice(BaseModel):
+    index: int = 0
+    text: str
+    logprobs: None = None
+    finish_reason: str | None = None
+
+
+class Delta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChunkChoice(BaseModel):
+    index: int = 0
+    delta: Delta
+    logprobs: None = None
+    finish_reason: str | None = None
+
+
+class Completion(BaseModel):
+    """A whole answer, or one streamed chunk of it (``object`` says which)."""
+    id: str
+    object: Literal["chat.completion", "chat.completion.chunk", "text_completion"]
+    created: int
+    model: str
+    choices: list[ChatChoice] | list[ChunkChoice] | list[TextChoice]
+    usage: UsageBody | None = None
+
+    def body(self) -> dict:
+        d = self.model_dump()
+        if d["usage"] is None:
+            del d["usage"]
+        for c in d["choices"]:
+            if "delta" in c:
+                c["delta"] = {k: v for k, v in c["delta"].items() if v is not None}
+        return d
 
 
 # -- the application --------------------------------------------------------------------------
@@ -523,14 +552,9 @@ class Server:
     def _model_card(self) -> dict:
         return {"id": self.model_id, "object": "model", "created": self.created, "owned_by": "rosenblatt"}
 
-    def _check_model(self, body: dict) -> None:
-        name = body.get("model")
-        if name is None:                # optional here: there is one model
-            return
-        if not isinstance(name, str):
-            raise _bad("'model' must be a string", param="model", code="invalid_type")
-        if name not in self.model_names:
-            raise APIError(404, f"The model '{name}' does not exist; this server has '{self.model_id}'",
+    def _check_model(self, req: _Request) -> None:
+        if req.model is not None and req.model not in self.model_names:
+            raise APIError(404, f"The model '{req.model}' does not exist; this server has '{self.model_id}'",
                            param="model", code="model_not_found")
 
     async def _json(self, request: Request) -> dict:
@@ -567,31 +591,21 @@ class Server:
 
     async def chat_completions(self, request: Request) -> Response:
         body = await self._json(request)
-        self._check_model(body)
-        messages = _messages(body)
-        kw = _sampling(body)
-        stream, include_usage = _stream_options(body)
-        _unsupported(body, "logprobs", lambda v: not v)
-        _unsupported(body, "top_logprobs", lambda v: not v)
-        _unsupported(body, "tools", lambda v: not v)
-        _unsupported(body, "functions", lambda v: not v)
-        _unsupported(body, "response_format",
-                     lambda v: v is None or (isinstance(v, dict) and v.get("type") == "text"))
-        return await self._run(request, lambda e: e.chat_responses(messages, **kw), chat=True,
-                               stream=stream, include_usage=include_usage)
+        req = _request(ChatRequest, body)
+        self._check_model(req)
+        params = req.checked().generation(body)
+        messages = req.chat()
+        return await self._run(request, lambda e: e.chat_responses(messages, params=params), chat=True,
+                               stream=bool(req.stream), include_usage=req.include_usage)
 
     async def completions(self, request: Request) -> Response:
         body = await self._json(request)
-        self._check_model(body)
-        prompt = _prompt(body, self.engine.config.vocab_size)
-        kw = _sampling(body)
-        stream, include_usage = _stream_options(body)
-        _unsupported(body, "echo", lambda v: not v)
-        _unsupported(body, "logprobs", lambda v: v is None)
-        _unsupported(body, "suffix", lambda v: not v)
-        _unsupported(body, "best_of", lambda v: v in (None, 1))
-        return await self._run(request, lambda e: e.responses(prompt, **kw), chat=False,
-                               stream=stream, include_usage=include_usage)
+        req = _request(CompletionRequest, body)
+        self._check_model(req)
+        params = req.checked(self.engine.config.vocab_size).generation(body)
+        prompt = req.prompt
+        return await self._run(request, lambda e: e.responses(prompt, params), chat=False,
+                               stream=bool(req.stream), include_usage=req.include_usage)
 
     async def _run(self, request: Request, start, chat: bool, stream: bool, include_usage: bool) -> Response:
         job = self.worker.submit(start)
@@ -625,14 +639,11 @@ class Server:
             if usage.finish_reason == "cancelled":
                 return Response(status_code=499)
             text = "".join(pieces)
-            if chat:
-                choice = {"index": 0, "message": {"role": "assistant", "content": text},
-                          "logprobs": None, "finish_reason": usage.finish_reason}
-            else:
-                choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": usage.finish_reason}
-            return JSONResponse({"id": rid, "object": "chat.completion" if chat else "text_completion",
-                                 "created": created, "model": self.model_id, "choices": [choice],
-                                 "usage": usage.openai()})
+            choice = ChatChoice(message=AssistantMessage(content=text), finish_reason=usage.finish_reason) if chat \
+                else TextChoice(text=text, finish_reason=usage.finish_reason)
+            return JSONResponse(Completion(id=rid, object="chat.completion" if chat else "text_completion",
+                                           created=created, model=self.model_id, choices=[choice],
+                                           usage=usage.openai()).body())
         finally:
             if not handed_over:
                 job.cancel()
@@ -640,17 +651,14 @@ class Server:
     async def _events(self, job: Job, rid: str, created: int, chat: bool, include_usage: bool):
         obj = "chat.completion.chunk" if chat else "text_completion"
 
-        def chunk(piece: str | None, finish: str | None = None, role: bool = False) -> dict:
-            if chat:
-                delta: dict = {}
-                if role:
-                    delta["role"] = "assistant"
-                if piece is not None:
-                    delta["content"] = piece
-                choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
-            else:
-                choice = {"index": 0, "text": piece or "", "logprobs": None, "finish_reason": finish}
-            return {"id": rid, "object": obj, "created": created, "model": self.model_id, "choices": [choice]}
+        def chunk(piece: str | None, finish: str | None = None, role: bool = False, choices=None,
+                  usage: UsageBody | None = None) -> dict:
+            if choices is None:
+                choices = [ChunkChoice(delta=Delta(role="assistant" if role else None, content=piece),
+                                       finish_reason=finish) if chat
+                           else TextChoice(text=piece or "", finish_reason=finish)]
+            return Completion(id=rid, object=obj, created=created, model=self.model_id, choices=choices,
+                              usage=usage).body()
 
         try:
             if chat:
@@ -665,8 +673,7 @@ class Server:
                         return
                     yield _sse(chunk(None if chat else "", finish=usage.finish_reason))
                     if include_usage:
-                        yield _sse({"id": rid, "object": obj, "created": created, "model": self.model_id,
-                                    "choices": [], "usage": usage.openai()})
+                        yield _sse(chunk(None, choices=[], usage=usage.openai()))
                     yield "data: [DONE]\n\n"
                     return
                 elif kind == "error":

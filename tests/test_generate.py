@@ -7,6 +7,8 @@ import json
 import numpy as np
 import pytest
 
+from rosenblatt.params import GenerationParams, ParamError
+
 from rosenblatt import Engine
 
 from conftest import FIXTURES, micro_path
@@ -128,6 +130,26 @@ def test_prompt_errors(smollm2_engine):
         smollm2_engine.generate([1] * 600, max_new_tokens=3)
     with pytest.raises(ValueError, match="temperature"):
         smollm2_engine.generate("hi", temperature=-1)
+
+
+@pytest.mark.parametrize("kw, param", [({"max_new_tokens": 1.5}, "max_new_tokens"),
+                                       ({"max_new_tokens": None}, "max_new_tokens"),
+                                       ({"stop": [1]}, "stop[0]"), ({"temprature": 0}, "temprature"),
+                                       ({"seed": -3}, "seed")])
+def test_bad_keywords_name_the_parameter(smollm2_engine, kw, param):
+    """Every generation keyword is checked by the one declaration before anything runs."""
+    with pytest.raises(ParamError) as e:
+        smollm2_engine.generate("hi", **kw)
+    assert e.value.param == param and str(e.value).startswith(param + ":")
+
+
+def test_params_object_and_keywords_agree(smollm2_engine):
+    """A GenerationParams and the same fields as keywords give the same text; keywords override."""
+    p = GenerationParams(max_new_tokens=6, temperature=0)
+    assert smollm2_engine.generate("The sky is", p) == smollm2_engine.generate("The sky is", max_new_tokens=6,
+                                                                               temperature=0)
+    assert len(smollm2_engine.tokenize(smollm2_engine.generate("The sky is", p, max_new_tokens=2),
+                                       add_special=False)) <= 2
 
 
 def test_tokenize_detokenize(smollm2_engine):

@@ -19,14 +19,15 @@ are skipped and the tests assert that almost all generated cases were checked.
 from __future__ import annotations
 
 import collections
-import dataclasses
 import math
 
 import numpy as np
+import pydantic
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from rosenblatt.params import GenerationParams, ParamError
 from rosenblatt.sampling import (
     Sampler,
     SamplingParams,
@@ -202,10 +203,30 @@ def test_boundary_params_are_accepted():
 
 def test_params_are_frozen_and_replace_revalidates():
     p = SamplingParams()
-    with pytest.raises(dataclasses.FrozenInstanceError):
+    with pytest.raises(pydantic.ValidationError, match="frozen"):
         p.temperature = 2.0
-    with pytest.raises(ValueError, match="top_p"):
-        dataclasses.replace(p, top_p=2.0)
+    with pytest.raises(ParamError, match="top_p") as e:
+        p.replace(top_p=2.0)
+    assert e.value.param == "top_p" and e.value.kind == "invalid_value"
+    assert p.replace(top_p=0.5).top_p == 0.5 and p.top_p == 0.95
+
+
+def test_params_refuse_unknown_names_and_loose_types():
+    """Strict: a misspelt keyword, a bool for a number, a string for a float are refused by name."""
+    for kw, param, kind in [({"temprature": 0.1}, "temprature", "unknown_parameter"),
+                            ({"top_p": True}, "top_p", "invalid_type"),
+                            ({"temperature": "0.7"}, "temperature", "invalid_type"),
+                            ({"max_new_tokens": None}, "max_new_tokens", "invalid_type"),
+                            ({"stop": [1]}, "stop[0]", "invalid_type"),
+                            ({"stop": ["x"] * 17}, "stop", "invalid_value")]:
+        with pytest.raises(ParamError) as e:
+            GenerationParams(**kw)
+        assert (e.value.param, e.value.kind) == (param, kind), kw
+        assert "\n" not in str(e.value)
+    # numpy scalars are numbers; "" stops nothing and is dropped, a lone string is one stop
+    assert SamplingParams(top_k=np.int64(5), temperature=np.float32(0.5)).top_k == 5
+    assert GenerationParams(stop="").stop == () and GenerationParams(stop=["", "x"]).stop == ("x",)
+    assert GenerationParams(stop="\n\n").stop == ("\n\n",)
 
 
 def test_make_sampler_overrides():
@@ -583,10 +604,10 @@ def test_same_seed_same_tokens_and_reset():
     a.reset()  # back to params.seed
     assert run(a) == first
     a.reset(seed=7)
-    assert run(a) == run(Sampler(dataclasses.replace(params, seed=7)))
+    assert run(a) == run(Sampler(params.replace(seed=7)))
     # a different seed gives a different sequence (for 200 independent draws from these spread
     # distributions, coinciding everywhere has probability < (max_i Σ p²)^200, negligible)
-    assert run(Sampler(dataclasses.replace(params, seed=43))) != first
+    assert run(Sampler(params.replace(seed=43))) != first
     assert max(float(np.sum(probabilities(l, params) ** 2)) for l in stream) < 0.9
 
 
@@ -656,7 +677,7 @@ def test_empirical_frequencies_match_probabilities(params, history):
     stat = float(np.sum((counts[support] - expected) ** 2 / expected))
     assert chi2_sf(stat, support.size - 1) > 1e-3, stat
 
-    wrong = probabilities(logits, dataclasses.replace(params, temperature=1.0), history)[support]
+    wrong = probabilities(logits, params.replace(temperature=1.0), history)[support]
     exp_wrong = n_draws * wrong
     stat_wrong = float(np.sum((counts[support] - exp_wrong) ** 2 / exp_wrong))
     assert chi2_sf(stat_wrong, support.size - 1) < 1e-3, stat_wrong
