@@ -191,3 +191,27 @@ def format_report(res: dict) -> str:
             lines.append(f"  {k:<16}{v * 1e3:8.2f} ms  {100 * v / total:5.1f} %")
     lines.append(f"  {'total':<16}{total * 1e3:8.2f} ms")
     return "\n".join(lines)
+
+
+def format_board_table(cmp: dict) -> str:
+    """This run's prefill/decode tok/s and peak RSS next to a board file's anchors and targets
+    (``cmp`` is :func:`rosenblatt.fleet.compare_bench`'s dict, the JSON's ``"board"`` entry)."""
+    def cell(v, fmt):
+        return "-" if v is None else format(v, fmt)
+
+    def row(label, prefill, decode, rss=None):
+        return f"  {label:<40}{cell(prefill, '.1f'):>14}{cell(decode, '.2f'):>14}" \
+               f"{'-' if rss is None else f'{rss:.2f} GB':>12}"
+
+    m = cmp["measured"]
+    lines = [f"board {cmp['name']}: anchors and targets are {cmp['soc']} figures for {cmp['model']}, "
+             "written in the board file (not measured by this run)",
+             f"  {'':<40}{'prefill tok/s':>14}{'decode tok/s':>14}{'peak RSS':>12}",
+             row(f"measured here ({m['model']})", m["prefill_tok_s"], m["decode_tok_s"], m["peak_rss_gb"]),
+             f"  anchor ({cmp['soc']}, from the board file):"]
+    lines += [row(f"  {a['name']} ({a['kind']})", a["prefill_tok_s"], a["decode_tok_s"]) for a in cmp["anchors"]]
+    lines += [row(f"target {k}", t["prefill_tok_s"], t["decode_tok_s"], t["peak_rss_gb"])
+              for k, t in cmp["targets"].items()]
+    if m["model"] and m["model"] != cmp["model"]:
+        lines.append(f"  (this run measured {m['model']}, not {cmp['model']}: the rows do not compare like for like)")
+    return "\n".join(lines)

