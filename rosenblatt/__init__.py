@@ -10,14 +10,14 @@ _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 # numba's cache must key this package's compiled functions on the whole package (see jit.py)
 # before any of them is decorated
-from . import jit as _jit  # noqa: E402,F401
+from .cpu import jit as _jit  # noqa: E402,F401
 
-from .chat_template import ChatTemplate  # noqa: E402
+from .text.chat_template import ChatTemplate  # noqa: E402
 from .engine import Engine  # noqa: E402
 from .generate import GenerationResponse, GenerationStats  # noqa: E402
 from .errors import ModelFileError, RosenblattError  # noqa: E402
 from .sampling import Sampler, SamplingParams  # noqa: E402
-from .tokenizer import Tokenizer  # noqa: E402
+from .text.tokenizer import Tokenizer  # noqa: E402
 
 __version__ = "0.1.0"
 

@@ -29,7 +29,7 @@ def _stat(values: list[float]) -> dict:
 
 def prompt_ids(engine, n: int, seed: int = 0) -> list[int]:
     """n random ordinary token ids (no end-of-generation or control tokens)."""
-    from .tokenizer import TokenAttr
+    from .text.tokenizer import TokenAttr
     tok = engine.tokenizer
     vocab = np.arange(engine.config.vocab_size)
     if tok is not None:
@@ -140,7 +140,7 @@ def run_bench(model: str, prompt_tokens: int = 128, gen_tokens: int = 64, thread
     step_s = decode_step_time(engine, ids)
     split = decode_step_profile(engine, ids)
     backend = engine.model.backend
-    from .isa import NOTABLE, host_choice
+    from .cpu.isa import NOTABLE, host_choice
     isa = host_choice()
     return {
         "model": os.path.basename(str(model)),

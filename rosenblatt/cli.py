@@ -259,10 +259,10 @@ def info(model, cpu_only):
     elsewhere. ROSENBLATT_ISA=portable (or another runnable ISA) forces one."""
     from collections import Counter
 
-    from .config import ModelConfig
-    from .gguf_file import GGUFFile
-    from .isa import host_choice
-    from .tokenizer import Tokenizer
+    from .models.config import ModelConfig
+    from .gguf.file import GGUFFile
+    from .cpu.isa import host_choice
+    from .text.tokenizer import Tokenizer
     if cpu_only:
         _rows(host_choice().report())
         return
@@ -385,7 +385,7 @@ def serve(model, host, port, device, api_key, n_ctx, threads):
     Requests are answered one at a time, in arrival order (streaming with "stream": true).
     """
     try:
-        from .server import create_app, is_loopback, make_server
+        from .serve import create_app, is_loopback, make_server
     except ImportError as e:
         _fail(f"the server needs starlette and uvicorn: pip install 'rosenblatt[server]' ({e})")
     engine = load_engine(model, n_ctx, threads, device=device)

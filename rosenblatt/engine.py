@@ -8,16 +8,16 @@ from collections.abc import Iterator, Mapping, Sequence
 import numpy as np
 
 from .backends import get_backend
-from .chat_template import ChatTemplate, ChatTemplateError
-from .config import ModelConfig
-from . import jit
+from .text.chat_template import ChatTemplate, ChatTemplateError
+from .models.config import ModelConfig
+from .cpu import jit
 from .errors import ModelFileError
 from .generate import GenerationResponse, GenerationStats, stream_generate
-from .gguf_file import GGUFFile
+from .gguf.file import GGUFFile
 from .models import build_model
 from .params import GenerationParams
 from .sampling import Sampler
-from .tokenizer import Tokenizer
+from .text.tokenizer import Tokenizer
 
 #: on the CPU, prompts are evaluated in chunks of this many tokens. It bounds prefill's scratch
 #: memory: the MLP activations (3 x chunk x d_ff float32) and attention scores (heads x chunk x

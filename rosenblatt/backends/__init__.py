@@ -12,7 +12,7 @@ from abc import ABC, abstractmethod
 
 import numpy as np
 
-from ..gguf_file import TensorInfo
+from ..gguf.file import TensorInfo
 
 
 class PreparedWeight:
@@ -40,7 +40,7 @@ class MatmulBackend(ABC):
         return [self.matmul(x, w) for w in ws]
 
     def decode_group(self, ws: tuple[PreparedWeight, ...]):
-        """A prepared group of integer kernels (:class:`rosenblatt.simd.KernelGroup`) for products
+        """A prepared group of integer kernels (:class:`rosenblatt.cpu.KernelGroup`) for products
         of ``ws`` with up to :meth:`fused_rows` activation rows, run inside numba by a model's
         fused layers on the backend's ``threads``; None when this backend has none for them (the
         model then calls :meth:`matmul_many`)."""

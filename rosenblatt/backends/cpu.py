@@ -1,12 +1,12 @@
 """CPU matmul backend: numba kernels that read the GGUF blocks directly.
 
 By default (``kernels="int8"``) the activations are quantized to int8 and the integer-SIMD
-kernels of :mod:`rosenblatt.simd` do the dots (llama.cpp's scheme), for any number of
+kernels of :mod:`rosenblatt.cpu` do the dots (llama.cpp's scheme), for any number of
 activation rows M (decode and prefill alike; measured faster than band decode + BLAS even for
 long prompts): each quantized row of W is dotted directly with the activation rows, in parallel over output rows; W is streamed from the file mapping, never
 materialised. Types without an int8 kernel, or ``kernels="float"`` (exact to float32 rounding):
 
-* M < ``blas_min_rows`` (decode): the float32 kernels of :mod:`rosenblatt.qdot`;
+* M < ``blas_min_rows`` (decode): the float32 kernels of :mod:`rosenblatt.cpu.qdot`;
 * otherwise (prefill): W is decoded a band of rows at a time into a small float32 tile and
   multiplied with the float32 BLAS GEMM, so the decoding cost is shared by M rows; the bands
   are spread over the backend's worker threads.
@@ -22,11 +22,15 @@ import numpy as np
 import numba
 from numba import njit, prange
 
-from .. import simd
+from ..cpu.activations import quantize_activations
+from ..cpu.build import kernels
+from ..cpu.dispatch import KernelGroup
+from ..cpu.ir import ACT_FORMAT
+from ..cpu.pack import Packed, pack
 
-from ..gguf_file import TensorInfo
-from ..qdot import FASTMATH, block_sums, dot_row
-from ..quants import F32, SUPPORTED_TYPES, decode_rows, dequant_band
+from ..gguf.file import TensorInfo
+from ..cpu.qdot import FASTMATH, block_sums, dot_row
+from ..gguf.quants import F32, SUPPORTED_TYPES, decode_rows, dequant_band
 from . import MatmulBackend, PreparedWeight
 
 _ROWS_PER_CHUNK = 16
@@ -74,7 +78,7 @@ class CPUWeight(PreparedWeight):
     n_in: int
     rows: np.ndarray            # uint8 [n_out, row_bytes], a view into the file mapping
     dense: np.ndarray | None    # float32 [n_out, n_in] view when the file stores F32
-    packed: simd.Packed | None = None   # the rows in a packed kernel's layout (x86, Q4_K)
+    packed: Packed | None = None   # the rows in a packed kernel's layout (x86, Q4_K)
 
 
 def _file_backed(a: np.ndarray) -> bool:
@@ -123,7 +127,7 @@ class CPUBackend(MatmulBackend):
 
     @property
     def kernels(self) -> str:
-        """"int8": activations quantized to int8 and integer-SIMD dots (:mod:`rosenblatt.simd`, as
+        """"int8": activations quantized to int8 and integer-SIMD dots (:mod:`rosenblatt.cpu`, as
         llama.cpp does) for the types that have them; "float": float32 kernels and BLAS (exact
         to float32 rounding)."""
         return self._kernels
@@ -133,7 +137,7 @@ class CPUBackend(MatmulBackend):
         if value not in ("int8", "float"):
             raise ValueError(f"kernels must be 'int8' or 'float', got {value!r}")
         self._kernels = value
-        self._simd = simd.kernels() if value == "int8" else {}
+        self._simd = kernels() if value == "int8" else {}
         self._groups = {}
 
     def _int8(self, w: CPUWeight) -> bool:
@@ -146,7 +150,7 @@ class CPUBackend(MatmulBackend):
         dense = rows.view(np.float32) if int(tensor.qtype) == F32 else None
         packed = None
         if ("packed", int(tensor.qtype)) in self._simd:     # repacked once, the file's pages let go
-            packed = simd.pack(int(tensor.qtype), rows)
+            packed = pack(int(tensor.qtype), rows)
             if packed is not None:
                 _drop_pages(rows)
         return CPUWeight(tensor.name, int(tensor.qtype), tensor.n_rows, tensor.row_len, rows, dense, packed)
@@ -175,20 +179,20 @@ class CPUBackend(MatmulBackend):
 
     def matmul_many(self, x: np.ndarray, ws) -> list[np.ndarray]:
         """Products of one input on the int8 kernels: one quantization, one parallel region."""
-        fmt = {simd.ACT_FORMAT[w.qtype] if self._int8(w) else None for w in ws}
+        fmt = {ACT_FORMAT[w.qtype] if self._int8(w) else None for w in ws}
         if None in fmt or len(fmt) > 1 or not 1 <= len(ws) <= 3:
             return [self.matmul(x, w) for w in ws]
         y, g = self._run_int8(x, tuple(ws))
         return [y[:, a:b] for a, b in g.columns]
 
     def decode_group(self, ws):
-        """The :class:`simd.KernelGroup` of one-row products of ``ws`` on the int8 kernels, for
+        """The :class:`~rosenblatt.cpu.dispatch.KernelGroup` of one-row products of ``ws`` on the int8 kernels, for
         callers that run the group inside numba (on :attr:`threads` threads); None if they have
         none, or if a subclass computes its products differently (they would be bypassed)."""
         cls = type(self)
         if cls.matmul is not CPUBackend.matmul or cls.matmul_many is not CPUBackend.matmul_many:
             return None
-        if not all(self._int8(w) for w in ws) or len({simd.ACT_FORMAT[w.qtype] for w in ws}) != 1:
+        if not all(self._int8(w) for w in ws) or len({ACT_FORMAT[w.qtype] for w in ws}) != 1:
             return None
         return self._group(ws)
 
@@ -200,7 +204,7 @@ class CPUBackend(MatmulBackend):
         entry = self._groups.get(key)
         if entry is None:     # the weights are kept in the entry, so their ids stay theirs
             rows = [w.packed if w.packed is not None else w.rows for w in ws]
-            entry = self._groups[key] = (simd.KernelGroup([w.qtype for w in ws], rows, self._simd), ws)
+            entry = self._groups[key] = (KernelGroup([w.qtype for w in ws], rows, self._simd), ws)
         return entry[0]
 
     def _parts(self, g, ws, m: int) -> int:
@@ -210,7 +214,7 @@ class CPUBackend(MatmulBackend):
     def _run_int8(self, x, ws):
         """(x @ W.T for the group side by side, its KernelGroup); groups are built once."""
         g = self._group(ws)
-        acts = simd.quantize_activations(x, g.fmt)
+        acts = quantize_activations(x, g.fmt)
         return g(acts, self._parts(g, ws, x.shape[0])), g
 
     @staticmethod

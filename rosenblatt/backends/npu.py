@@ -5,7 +5,7 @@ The quantization scheme (symmetric int8, no zero points, ``rint`` = numpy's roun
 * **Weights, per output channel**, once at load: ``W[N, K]`` (any GGUF type) is decoded band by
   band with the CPU kernels; row n gets ``s_w[n] = max|W[n, :]| / 127`` and
   ``Wq[n, k] = clip(rint(W[n, k] / s_w[n]), -127, 127)`` (int8). ``Wq.T`` is packed once into a
-  resident BO (``device.prepare_weights``).
+  resident BO (``npu.prepare_weights``).
 * **Activations, per row, in ``passes`` int8 terms** (default 2), at every call: the first term
   is ``q1 = clip(rint(x / s1), -127, 127)`` with ``s1[m] = max|x[m, :]| / 127``; the second
   quantizes what the first missed, ``r = x - q1 * s1`` (float32), the same way
@@ -22,7 +22,7 @@ twice the rows on the NPU but no extra SUBMIT, weight bytes or CPU work beyond t
 Groups along K (per-group scales, summed on the CPU) reach KL 0.0125 with groups of 64 but need
 one prepared weight and one SUBMIT per group (see docs/npu.md). A row whose maximum is 0 gets
 scale 0 and all-zero codes. The whole scheme is plain float32 numpy, so an emulation
-reproduces the backend bit for bit (tests/test_npu_backend.py does).
+reproduces the backend bit for bit (tests/oracle/test_npu_backend.py does).
 
 Routing: a product with fewer than ``min_rows`` activation rows runs on the CPU backend. Decode
 (one row) is memory-bound: the CPU's fused kernels stream the 4-5 bit GGUF blocks once, while
@@ -42,9 +42,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..gguf_file import TensorInfo
-from ..npu import matmul_int8_prepared
-from ..quants import dequant_row_range
+from ..gguf.file import TensorInfo
+from ..npu import matmul_int8_prepared, prepare_weights
+from ..gguf.quants import dequant_row_range
 from . import MatmulBackend, PreparedWeight
 from .cpu import CPUBackend, CPUWeight
 
@@ -136,7 +136,7 @@ class NPUBackend(MatmulBackend):
 
     def _to_device(self, w: NPUWeight) -> None:
         wq, w.scale = quantize_weight(w.cpu)
-        w.packed = self.device.prepare_weights(wq.T)   # B[K, N]: kernel n = row n of W
+        w.packed = prepare_weights(self.device, wq.T)   # B[K, N]: kernel n = row n of W
 
     def matmul(self, x: np.ndarray, w: NPUWeight, out: np.ndarray | None = None) -> np.ndarray:
         if x.shape[0] < self.min_rows or x.shape[0] == 0:

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from ..backends import MatmulBackend
-from ..config import ModelConfig
-from ..gguf_file import GGUFFile
+from .config import ModelConfig
+from ..gguf.file import GGUFFile
 
 
 def build_model(g: GGUFFile, cfg: ModelConfig, backend: MatmulBackend, n_ctx: int, progress=None):

@@ -24,7 +24,7 @@ The same skeleton as the llama family (:mod:`.llama`, whose pieces are reused); 
 * llama.cpp applies no final-logit or attention-logit soft-capping to gemma3 with sliding
   windows, so neither is done here.
 * **Cache.** The local layers keep about three windows of keys and values, not the whole context
-  (:class:`~rosenblatt.kv_cache.SlidingWindowKVCache`); attention gets each layer's offset.
+  (:class:`~rosenblatt.models.kv_cache.SlidingWindowKVCache`); attention gets each layer's offset.
 """
 
 from __future__ import annotations
@@ -34,9 +34,9 @@ from dataclasses import replace
 import numpy as np
 
 from ..backends import MatmulBackend
-from ..config import ModelConfig
-from ..gguf_file import GGUFFile
-from ..kv_cache import KVCache, SlidingWindowKVCache
+from .config import ModelConfig
+from ..gguf.file import GGUFFile
+from .kv_cache import KVCache, SlidingWindowKVCache
 from .llama import Layer, LlamaModel, _vector, rope_tables
 
 _SQRT_2_OVER_PI = np.float32(np.sqrt(2.0 / np.pi))

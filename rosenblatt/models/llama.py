@@ -5,7 +5,7 @@ Per layer::
     h = x + W_o · attention(rope(W_q·n + b_q), rope(W_k·n + b_k), W_v·n + b_v)   n = rmsnorm(x) * attn_norm
     x' = h + W_down · (silu(W_gate·m) * (W_up·m))                             m = rmsnorm(h) * ffn_norm
 
-Differences between the two architectures are flags of :class:`~rosenblatt.config.ModelConfig`:
+Differences between the two architectures are flags of :class:`~rosenblatt.models.config.ModelConfig`:
 ``qkv_bias`` (Qwen2 has q/k/v biases) and ``rope_neox`` (Qwen2 rotates the pairs (i, i+d/2),
 llama.cpp's llama rotates adjacent pairs (2i, 2i+1) because its converter permuted W_q/W_k).
 Prefill (many tokens) and decode (one token) run the same :meth:`LlamaModel.forward`; a token
@@ -15,18 +15,17 @@ integer kernels for all its products, with bit-identical results.
 
 from __future__ import annotations
 
-import time
 
 import numpy as np
 
 from ..backends import MatmulBackend
-from ..config import ModelConfig
+from .config import ModelConfig
 from ..errors import ModelFileError
-from ..gguf_file import GGUFFile
-from ..kv_cache import KVCache
-from .. import ops as kernels
+from ..gguf.file import GGUFFile
+from .kv_cache import KVCache
+from ..cpu import ops as kernels
 from .llama_step import FusedPlan
-from ..quants import F16, F32, dequantize
+from ..gguf.quants import F16, F32, dequantize
 
 
 def _vector(g: GGUFFile, name: str, length: int) -> np.ndarray:

@@ -11,7 +11,7 @@ product for the rows that want logits. The products read each weight row once fo
 per pass), so a batch of
 sequences costs little more weight traffic than one.
 
-Work sharing (:mod:`rosenblatt.parallel`): the products are cut into chunks of ~64 KiB of
+Work sharing (:mod:`rosenblatt.cpu.parallel`): the products are cut into chunks of ~64 KiB of
 weights, attention into (row, kv head) pairs, the row operations into rows. With one row the
 row operations are cheaper than a wait: every thread then repeats them on its own copy of the
 residual (the same operations on the same values, so the copies stay identical) and the shared
@@ -19,9 +19,9 @@ rows have one row per layer, so that a thread that falls behind never reads a ro
 already overwritten for the next layer. With several rows every read of shared data happens
 inside a chunk, after the previous phase's wait, so the shared rows are reused by every layer.
 
-Every sum has one written order (:mod:`rosenblatt.ops`, the backend's kernels): a row's
+Every sum has one written order (:mod:`rosenblatt.cpu.ops`, the backend's kernels): a row's
 results are the same bits whether it runs alone, in a prompt chunk of any size, in a batch, or
-op by op through :meth:`LlamaModel._layers`; tests/test_llama_step.py checks it. The plan exists
+op by op through :meth:`LlamaModel._layers`; tests/unit/test_llama_step.py checks it. The plan exists
 only when every product can run on the int8 kernels (the CPU backend's default); otherwise, and
 when :attr:`LlamaModel.fused` is off or the caller passes its own stage functions (a
 profiler's), the per-operation path runs.
@@ -33,9 +33,9 @@ import numpy as np
 from numpy.lib.stride_tricks import as_strided
 from numba import njit, prange
 
-from .. import ops, parallel
+from ..cpu import ops, parallel
 from ..backends import fused
-from ..jit import call_native, native_address
+from ..cpu.jit import call_native, native_address
 
 #: the products of one layer, in order: q/k/v, o, gate/up, down
 GROUPS = (("wq", "wk", "wv"), ("wo",), ("w_gate", "w_up"), ("w_down",))

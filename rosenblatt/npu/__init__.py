@@ -11,7 +11,7 @@ Public entry points::
     dev = open_device(sim=True)          # or sim=False on a board with /dev/accel/accel0
     c = matmul_int8(a, b, dev)           # int8 [M,K] @ int8 [K,N] -> int32 [M,N], bit-exact
     dev.stats.last                       # tasks, jobs, submits of that call
-    w = dev.prepare_weights(b)           # B packed once into a resident BO
+    w = prepare_weights(dev, b)          # B packed once into a resident BO
     c = matmul_int8_prepared(a, w, dev)  # reuse it with any A
 """
 
@@ -26,7 +26,7 @@ from .errors import (
     NPUSubmitError,
     NPUUnavailableError,
 )
-from .gemm import PreparedWeights, matmul_int8, matmul_int8_prepared
+from .gemm import PreparedWeights, matmul_int8, matmul_int8_prepared, prepare_weights
 
 
 def open_device(sim: bool = False, path: str | None = None, *, npu=None) -> RocketDevice:
@@ -55,5 +55,6 @@ __all__ = [
     "RocketDevice",
     "matmul_int8",
     "matmul_int8_prepared",
+    "prepare_weights",
     "open_device",
 ]

@@ -361,18 +361,6 @@ class RocketDevice:
                     pass
         self._scratch.clear()
 
-    # --- GEMM entry points (see gemm.py) ---------------------------------------------------------
-    def prepare_weights(self, b):
-        """Pack int8 B[K, N] once into a resident BO; returns a :class:`PreparedWeights`."""
-        from .gemm import prepare_weights
-
-        return prepare_weights(self, b)
-
-    def matmul_int8(self, a, b):
-        from .gemm import matmul_int8
-
-        return matmul_int8(a, b, self)
-
     # --- teardown -----------------------------------------------------------------------------------
     def close(self) -> None:
         if self.closed:

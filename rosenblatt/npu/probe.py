@@ -196,13 +196,13 @@ def self_test(dev, shapes=SELF_TEST_SHAPES, seed: int = 1234) -> dict:
 
 
 def benchmark(dev, repeats: int = 3) -> dict:
-    from .gemm import matmul_int8_prepared
+    from .gemm import matmul_int8_prepared, prepare_weights
 
     rng = np.random.default_rng(7)
     M, K, N = 128, 1536, 1536
     b = rng.integers(-128, 128, (K, N), dtype=np.int8)
     a = rng.integers(-128, 128, (M, K), dtype=np.int8)
-    with dev.prepare_weights(b) as w:
+    with prepare_weights(dev, b) as w:
         matmul_int8_prepared(a, w, dev)
         t0 = time.perf_counter()
         for _ in range(repeats):
@@ -211,7 +211,7 @@ def benchmark(dev, repeats: int = 3) -> dict:
         tasks, jobs = dev.stats.last.tasks, dev.stats.last.jobs
     small_b = rng.integers(-128, 128, (32, 32), dtype=np.int8)
     small_a = rng.integers(-128, 128, (4, 32), dtype=np.int8)
-    with dev.prepare_weights(small_b) as w:
+    with prepare_weights(dev, small_b) as w:
         matmul_int8_prepared(small_a, w, dev)
         lat = []
         for _ in range(max(5, repeats * 3)):

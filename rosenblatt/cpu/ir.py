@@ -1,0 +1,785 @@
+"""Integer-SIMD matmul kernels, written in LLVM IR and compiled with llvmlite on first use.
+
+numba widens every small integer to int64, so its loops over int8 quants run on 4 lanes;
+llama.cpp's speed comes from 8/16-bit integer SIMD. These kernels are therefore written directly
+as LLVM vector IR — llvmlite ships with numba, so this is still no C extension — and compiled
+for the host CPU (the machine code is cached beside numba's cache, as numba caches its own), then
+called through numba (``KernelGroup``) or ctypes.
+
+Scheme (llama.cpp's): the activations are quantized to int8, and a block's dot product is an
+integer sum of int8 x 4/6/8-bit products, scaled once. Two activation formats, as in ggml:
+
+* ``Q8_32`` for Q8_0/Q4_0/Q4_1/Q5_0/Q5_1 (ggml's Q8_0/Q8_1): a float scale per 32 values and
+  ``scale * sum(q)`` per 32; each block's integer dot is scaled into a float vector accumulator.
+* ``Q8_256`` for the K-quants (ggml's Q8_K): one float scale per 256 values and the integer sum
+  of every 16 values. The products of a whole super-block, weighted by its 6/8-bit sub-block
+  scales, are summed in 32-bit integer lanes; minimums and offsets come from the 16-sums.
+
+On x86 two AVX2 primitives carry the arithmetic: ``vpmaddubsw`` (unsigned x signed bytes,
+adjacent pairs summed to int16) and ``vpmaddwd`` (int16 x int16, adjacent pairs summed to
+int32); value ranges never reach int16 saturation (2 x 63 x 127 < 32767; Q8_0 weights run as
+|w| x sign-adjusted x, 2 x 128 x 127). On AArch64 with the dot-product extension (the A76) it is
+``sdot`` (4 byte products summed into each int32 lane). Elsewhere the same arithmetic is plain
+widen-multiply-add IR left to LLVM. All forms compute the same integers in the same lanes
+(lane j of a 32-product dot holds products 4j..4j+3), scale them with fused multiply-adds and
+sum the lanes in one fixed order, so every ISA gives bit-identical floats and a model's output
+does not depend on the machine: the tests compare the host's, the portable one and the sdot
+structure with the dot product in plain IR bit for bit, and lower the sdot module for the A76
+(the emulated A76 lane, scripts/arm-check, runs the real instruction).
+
+Each kernel computes ``out[m, r] = dot(row r, x[m])`` for rows ``[r0, r1)`` and ``m_rows``
+activation rows; the weight row is read once per ``m`` loop, so it stays in L1 for prefill.
+
+Q4_K and Q8_0 also have packed kernels (x86, Q8_0 where VNNI's vpdpbusd exists; plain IR for the
+tests): the CPU backend repacks their matrices at load, eight rows interleaved (:func:`pack`),
+which roughly doubles the products per instruction (see the layouts' comments below). Packed
+and row-major kernels give the same floats: Q4_K sums each row's super-block into one exact
+integer in every layout and ISA; packed Q8_0 keeps the row-major kernels' eight float lanes.
+"""
+
+from __future__ import annotations
+
+from .isa import ISAS
+from ..gguf.quants import Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0
+
+Q8_32, Q8_256 = 32, 256
+#: bytes per activation block: the int8 quants, then the float32 scale, then the sums (float32
+#: scale * sum(q) for Q8_32; int16 sum(q) per 16 for Q8_256), padded to a 64-byte multiple
+ACT_BLOCK = {Q8_32: 64, Q8_256: 320}
+
+_HEADER = """
+declare float @llvm.fma.f32(float, float, float)
+declare i32 @llvm.vector.reduce.add.v8i32(<8 x i32>)
+declare <8 x float> @llvm.fma.v8f32(<8 x float>, <8 x float>, <8 x float>)
+declare <16 x i16> @llvm.x86.avx2.pmadd.ub.sw(<32 x i8>, <32 x i8>)
+declare <8 x i32> @llvm.x86.avx2.pmadd.wd(<16 x i16>, <16 x i16>)
+declare <32 x i8> @llvm.x86.avx2.psign.b(<32 x i8>, <32 x i8>)
+declare <32 x i8> @llvm.abs.v32i8(<32 x i8>, i1)
+declare void @llvm.masked.store.v8f32.p0(<8 x float>, <8 x float>*, i32, <8 x i1>)
+declare <8 x i32> @llvm.x86.avx512.vpdpbusd.256(<8 x i32>, <8 x i32>, <8 x i32>)
+declare <4 x i32> @llvm.aarch64.neon.sdot.v4i32.v16i8(<4 x i32>, <16 x i8>, <16 x i8>)
+"""
+
+# The loops inside a weight row (or a packed group of 8): activation rows 0..m_rows, {R} at a
+# time, blocks 0..nblk; the two skeletons below differ only in how they walk the weight rows.
+_M_LOOPS = """mloop:
+  %m = phi i64 [0, %rowloop], [%mnext, %mend]
+{pointers}
+  br label %bloop
+bloop:
+  %b = phi i64 [0, %mloop], [%bnext, %bloop]
+{phis}
+{body}
+  %bnext = add i64 %b, 1
+  %bdone = icmp eq i64 %bnext, %nblk
+  br i1 %bdone, label %mend, label %bloop
+mend:
+{stores}
+  %mnext = add i64 %m, {R}
+  %mdone = icmp sge i64 %mnext, %m_rows
+  br i1 %mdone, label %rowend, label %mloop
+"""
+
+# The loop skeleton every kernel shares: rows r0..r1; activation rows 0..m_rows, {R} at a time
+# (m_rows a multiple of {R}); blocks 0..nblk. For activation row i of the group, the body of block
+# %b reads the weight row %row and the activation row %x{i} (i8*, blocks of ACT_BLOCK bytes, see
+# quantize_activations), and updates the accumulators %accv{i} (<8 x float>) and %accs{i}
+# (float); each result is sum(accv) + {cs} * accs. The weight block is unpacked once for the
+# {R} rows. Strides in bytes.
+_SKELETON = """
+define void @mm{R}_{name}(i8* %w, i64 %row_bytes, i64 %r0, i64 %r1, i64 %nblk, i64 %m_rows,
+                       i8* %x_, i64 %sx, float* %out_, i64 %so) {{
+entry:
+  %empty_r = icmp sge i64 %r0, %r1
+  %empty_m = icmp sle i64 %m_rows, 0
+  %empty = or i1 %empty_r, %empty_m
+  br i1 %empty, label %exit, label %rowloop
+rowloop:
+  %r = phi i64 [%r0, %entry], [%rnext, %rowend]
+  %roff = mul i64 %r, %row_bytes
+  %row = getelementptr i8, i8* %w, i64 %roff
+  br label %mloop
+""" + _M_LOOPS + """rowend:
+  %rnext = add i64 %r, 1
+  %rdone = icmp eq i64 %rnext, %r1
+  br i1 %rdone, label %exit, label %rowloop
+exit:
+  ret void
+}}
+"""
+
+_POINTERS = """  %m{i} = add i64 %m, {i}
+  %ox{i} = mul i64 %m{i}, %sx
+  %x{i} = getelementptr i8, i8* %x_, i64 %ox{i}"""
+
+_PHIS = """  %accv{i} = phi <8 x float> [zeroinitializer, %mloop], [{accv1}, %bloop]
+  %accs{i} = phi float [0.0, %mloop], [{accs1}, %bloop]"""
+
+# The 8 float lanes are summed in one fixed order, the same on every target (a "reassoc"
+# reduction is free to pick a target's own order, and x86 and AArch64 pick differently):
+# lanes k + k+4, then (0+2) + (1+3).
+_STORES = """  %vlo{i} = shufflevector <8 x float> {accv1}, <8 x float> undef, <4 x i32> <i32 0, i32 1, i32 2, i32 3>
+  %vhi{i} = shufflevector <8 x float> {accv1}, <8 x float> undef, <4 x i32> <i32 4, i32 5, i32 6, i32 7>
+  %v4{i} = fadd <4 x float> %vlo{i}, %vhi{i}
+  %v2a{i} = shufflevector <4 x float> %v4{i}, <4 x float> undef, <2 x i32> <i32 0, i32 1>
+  %v2b{i} = shufflevector <4 x float> %v4{i}, <4 x float> undef, <2 x i32> <i32 2, i32 3>
+  %v2{i} = fadd <2 x float> %v2a{i}, %v2b{i}
+  %v1a{i} = extractelement <2 x float> %v2{i}, i32 0
+  %v1b{i} = extractelement <2 x float> %v2{i}, i32 1
+  %vsum{i} = fadd float %v1a{i}, %v1b{i}
+  %ssum{i} = fmul float {accs1}, {cs}
+  %total{i} = fadd float %vsum{i}, %ssum{i}
+  %oo{i} = mul i64 %m{i}, %so
+  %orow{i} = getelementptr float, float* %out_, i64 %oo{i}
+  %op{i} = getelementptr float, float* %orow{i}, i64 %r
+  store float %total{i}, float* %op{i}"""
+
+
+def _vec(ty: str, values) -> str:
+    return "<" + ", ".join(f"{ty} {v}" for v in values) + ">"
+
+
+# the K-quants' rows: a float accumulated once per super-block (see _body_q45_k), stored as it is
+_PHIS_SCALAR = """  %accs{i} = phi float [0.0, %mloop], [{accs1}, %bloop]"""
+_STORES_SCALAR = """  %oo{i} = mul i64 %m{i}, %so
+  %orow{i} = getelementptr float, float* %out_, i64 %oo{i}
+  %op{i} = getelementptr float, float* %orow{i}, i64 %r
+  store float {accs1}, float* %op{i}"""
+
+
+def _mask(indices) -> str:
+    indices = list(indices)
+    return f"<{len(indices)} x i32> " + _vec("i32", indices)
+
+
+#: instruction sets the kernels are written for: "avx2" (x86 intrinsics), "sdot" (AArch64 dot
+#: product, the A76's), "portable" (plain IR, any LLVM target); "sdot-emulated" is the sdot
+#: structure with the dot product in plain IR, so that tests run it on any CPU
+
+
+class _IR:
+    """A tiny emitter of SSA lines with fresh names, for one instruction set (:data:`ISAS`)."""
+
+    def __init__(self, isa: str):
+        self.lines: list[str] = []
+        self.n = 0
+        isa, _, extra = isa.partition("+")
+        self.vnni = extra == "vnni"          # "avx2+vnni": vpdpbusd may be used (AVX-512 VNNI or AVX-VNNI)
+        self.isa = isa
+        self.x86 = isa == "avx2"
+        self.sdot = isa in ("sdot", "sdot-emulated")
+
+    def __call__(self, expr: str) -> str:
+        self.n += 1
+        name = f"%t{self.n}"
+        self.lines.append(f"  {name} = {expr}")
+        return name
+
+    def ptr(self, base: str, offset, ty: str) -> str:
+        p = self(f"getelementptr i8, i8* {base}, i64 {offset}")
+        return self(f"bitcast i8* {p} to {ty}*")
+
+    def load(self, base: str, offset, ty: str) -> str:
+        return self(f"load {ty}, {ty}* {self.ptr(base, offset, ty)}, align 1")
+
+    def half(self, base: str, offset) -> str:
+        return self(f"fpext half {self.load(base, offset, 'half')} to float")
+
+    def act(self, i: int, fmt: int, field: str, offset: int = 0, ty: str = "<32 x i8>") -> str:
+        """Field "q" (at ``offset``), "d" or "s" of activation block %b of row i (fmt Q8_32/Q8_256)."""
+        blk = self(f"mul i64 %b, {ACT_BLOCK[fmt]}")
+        at = {"q": offset, "d": fmt, "s": fmt + 4}[field]
+        return self.load(f"%x{i}", self(f"add i64 {blk}, {at}"), {"d": "float", "s": ty}.get(field, ty))
+
+    def splat(self, ty: str, n: int, scalar: str) -> str:
+        v = self(f"insertelement <{n} x {ty}> undef, {ty} {scalar}, i32 0")
+        return self(f"shufflevector <{n} x {ty}> {v}, <{n} x {ty}> undef, <{n} x i32> zeroinitializer")
+
+    def bytes_(self, value: int, n: int = 32) -> str:
+        return _vec("i8", [value] * n)
+
+    def _pairs(self, ty: str, n: int, prod: str) -> str:
+        """adjacent pairs of an <n x ty> vector summed: <n/2 x ty>"""
+        ev = self(f"shufflevector <{n} x {ty}> {prod}, <{n} x {ty}> undef, {_mask(range(0, n, 2))}")
+        od = self(f"shufflevector <{n} x {ty}> {prod}, <{n} x {ty}> undef, {_mask(range(1, n, 2))}")
+        return self(f"add <{n // 2} x {ty}> {ev}, {od}")
+
+    def _wide_pairs(self, a: str, a_ext: str, s: str) -> str:
+        """Plain IR for <32 x i8> a (widened with ``a_ext``) x signed s, adjacent pairs summed: <16 x i16>"""
+        a16 = self(f"{a_ext} <32 x i8> {a} to <32 x i16>")
+        s16 = self(f"sext <32 x i8> {s} to <32 x i16>")
+        return self._pairs("i16", 32, self(f"mul <32 x i16> {a16}, {s16}"))
+
+    def maddubs(self, u: str, s: str) -> str:
+        """<32 x i8> unsigned u, signed s -> <16 x i16> sums of adjacent products"""
+        if self.x86:
+            return self(f"call <16 x i16> @llvm.x86.avx2.pmadd.ub.sw(<32 x i8> {u}, <32 x i8> {s})")
+        return self._wide_pairs(u, "zext", s)
+
+    def signed_weights(self, a: str):
+        """Prepare signed weight bytes for :meth:`maddss` / :meth:`dot32` (AVX2: |a| once for all rows)."""
+        if self.x86:
+            return a, self(f"call <32 x i8> @llvm.abs.v32i8(<32 x i8> {a}, i1 false)")
+        return a, None
+
+    def maddss(self, wa, s: str) -> str:
+        """signed weights (from :meth:`signed_weights`) x <32 x i8> signed s -> <16 x i16>;
+        AVX2: the sign trick, |a| x sign(s, a)"""
+        a, absa = wa
+        if self.x86:
+            sgn = self(f"call <32 x i8> @llvm.x86.avx2.psign.b(<32 x i8> {s}, <32 x i8> {a})")
+            return self.maddubs(absa, sgn)
+        return self._wide_pairs(a, "sext", s)
+
+    def madd(self, a: str, b: str) -> str:
+        """<16 x i16> x <16 x i16> -> <8 x i32> sums of adjacent products"""
+        if self.x86:
+            return self(f"call <8 x i32> @llvm.x86.avx2.pmadd.wd(<16 x i16> {a}, <16 x i16> {b})")
+        a32 = self(f"sext <16 x i16> {a} to <16 x i32>")
+        b32 = self(f"sext <16 x i16> {b} to <16 x i32>")
+        return self._pairs("i32", 16, self(f"mul <16 x i32> {a32}, {b32}"))
+
+    def dot4(self, acc: str, a: str, b: str) -> str:
+        """<4 x i32> acc + sums of 4 adjacent products of <16 x i8> a, b (signed): AArch64 sdot."""
+        if self.isa == "sdot":
+            return self(f"call <4 x i32> @llvm.aarch64.neon.sdot.v4i32.v16i8(<4 x i32> {acc}, <16 x i8> {a}, <16 x i8> {b})")
+        p = self(f"mul <16 x i32> {self(f'sext <16 x i8> {a} to <16 x i32>')}, {self(f'sext <16 x i8> {b} to <16 x i32>')}")
+        quarters = [self(f"shufflevector <16 x i32> {p}, <16 x i32> undef, {_mask(range(k, 16, 4))}") for k in range(4)]
+        total = acc
+        for q in quarters:
+            total = self(f"add <4 x i32> {total}, {q}")
+        return total
+
+    def udot4(self, u: str, s: str, acc: str = "zeroinitializer") -> str:
+        """<8 x i32> ``acc`` + sums of 4 adjacent products of unsigned bytes ``u`` and signed
+        bytes ``s`` (<32 x i8>), exact: vpdpbusd on x86 with VNNI, else plain IR"""
+        if self.vnni:
+            args = [self(f"bitcast <32 x i8> {v} to <8 x i32>") for v in (u, s)]
+            return self(f"call <8 x i32> @llvm.x86.avx512.vpdpbusd.256(<8 x i32> {acc}, <8 x i32> {args[0]}, <8 x i32> {args[1]})")
+        p = self(f"mul <32 x i32> {self(f'zext <32 x i8> {u} to <32 x i32>')}, {self(f'sext <32 x i8> {s} to <32 x i32>')}")
+        total = acc
+        for k in range(4):
+            total = self(f"add <8 x i32> {total}, {self(f'shufflevector <32 x i32> {p}, <32 x i32> undef, {_mask(range(k, 32, 4))}')}")
+        return total
+
+    def _halves16(self, v: str) -> tuple[str, str]:
+        lo = self(f"shufflevector <32 x i8> {v}, <32 x i8> undef, {_mask(range(16))}")
+        hi = self(f"shufflevector <32 x i8> {v}, <32 x i8> undef, {_mask(range(16, 32))}")
+        return lo, hi
+
+    def _join8(self, lo: str, hi: str) -> str:
+        """two <4 x i32> -> <8 x i32>. In :meth:`dot32` the sdot sums of bytes 0-15 in lanes 0-3
+        and of bytes 16-31 in lanes 4-7: lane j holds products 4j..4j+3, as the x86 and portable
+        kernels' lane j does, so every ISA hands the same integers to the same float lanes"""
+        return self(f"shufflevector <4 x i32> {lo}, <4 x i32> {hi}, {_mask(range(8))}")
+
+    def dot32(self, w, x: str, signed: bool = False) -> str:
+        """Sum of the 32 products of weight bytes ``w`` (unsigned 0..127, or the result of
+        :meth:`signed_weights` when ``signed``) and activation bytes ``x``, spread over the
+        lanes of an <8 x i32>."""
+        if self.sdot:
+            wl, wh = self._halves16(w[0] if signed else w)
+            xl, xh = self._halves16(x)
+            return self._join8(self.dot4("zeroinitializer", wl, xl), self.dot4("zeroinitializer", wh, xh))
+        p16 = self.maddss(w, x) if signed else self.maddubs(w, x)
+        return self.madd(p16, _ONES16)
+
+    def dot32s(self, w: str, x: str, scales: str, n_scales: int, j_lo: int, j_hi: int) -> str:
+        """Like :meth:`dot32` (unsigned weights) with the first 16 products weighted by lane
+        ``j_lo`` and the last 16 by lane ``j_hi`` of the <n_scales x i16> ``scales``."""
+        if self.sdot:
+            wl, wh = self._halves16(w)
+            xl, xh = self._halves16(x)
+            lanes = lambda j: self.splat("i32", 4, self(f"sext i16 {self(f'extractelement <{n_scales} x i16> {scales}, i32 {j}')} to i32"))
+            # compact: lane k sums products 4k..4k+3 and 16+4k..16+4k+3, upper lanes zero (the
+            # K-quant bodies fold the other ISAs' lanes the same way, see fma_acc)
+            if j_lo == j_hi:
+                t = self.dot4(self.dot4("zeroinitializer", wl, xl), wh, xh)
+                return self._join8(self(f"mul <4 x i32> {t}, {lanes(j_lo)}"), "zeroinitializer")
+            tl = self(f"mul <4 x i32> {self.dot4('zeroinitializer', wl, xl)}, {lanes(j_lo)}")
+            th = self(f"mul <4 x i32> {self.dot4('zeroinitializer', wh, xh)}, {lanes(j_hi)}")
+            return self._join8(self(f"add <4 x i32> {tl}, {th}"), "zeroinitializer")
+        sv = self(f"shufflevector <{n_scales} x i16> {scales}, <{n_scales} x i16> undef, {_mask([j_lo] * 8 + [j_hi] * 8)}")
+        return self.madd(self.maddubs(w, x), sv)
+
+    def lshr_bytes(self, v: str, n: int) -> str:
+        return self(f"lshr <32 x i8> {v}, {self.bytes_(n)}")
+
+    def and_bytes(self, v: str, n: int) -> str:
+        return self(f"and <32 x i8> {v}, {self.bytes_(n)}")
+
+    def fma_acc(self, ivec: str, scale: str, acc: str) -> str:
+        """acc + float(ivec) * scale  (<8 x i32>, scalar float, <8 x float>), fused."""
+        return self._fma(ivec, self.splat('float', 8, scale), acc)
+
+    def fma_acc_folded(self, a: str, scale_a: str, b: str, scale_b: str, acc: str) -> str:
+        """Q5_K's and Q6_K's once-per-super-block step: lanes k and k+4 of the integer vectors
+        ``a`` and ``b`` added (exact), which puts any ISA's lanes into the sdot kernels' compact
+        form (:meth:`dot32s`); then float lanes 0-3 take ``a`` x ``scale_a`` and lanes 4-7 ``b``
+        x ``scale_b`` (llama.cpp's row-major AVX2 dot keeps float lanes the same way). One
+        cross-lane shuffle pair on x86, none on NEON."""
+        b = b or "zeroinitializer"
+        lo = self(f"shufflevector <8 x i32> {a}, <8 x i32> {b}, {_mask([0, 1, 2, 3, 8, 9, 10, 11])}")
+        hi = self(f"shufflevector <8 x i32> {a}, <8 x i32> {b}, {_mask([4, 5, 6, 7, 12, 13, 14, 15])}")
+        scales = self(f"insertelement <8 x float> {self.splat('float', 8, scale_a)}, float {scale_b}, i32 4")
+        scales = self(f"shufflevector <8 x float> {scales}, <8 x float> undef, {_mask([0] * 4 + [4] * 4)}")
+        return self._fma(self(f"add <8 x i32> {lo}, {hi}"), scales, acc)
+
+    def reduce(self, v: str) -> str:
+        """the exact int32 sum of the lanes of an <8 x i32>"""
+        return self(f"call i32 @llvm.vector.reduce.add.v8i32(<8 x i32> {v})")
+
+    def fma_int(self, total: str, scale: str, acc: str) -> str:
+        """acc + float(total) * scale, fused: the K-quants' one step per super-block and row"""
+        return self(f"call float @llvm.fma.f32(float {self(f'sitofp i32 {total} to float')}, float {scale}, float {acc})")
+
+    def fma8(self, total: str, scale: str, acc: str) -> str:
+        """:meth:`fma_int` for 8 rows at once: <8 x i32>, <8 x float>, <8 x float>"""
+        return self._fma(total, scale, acc)
+
+    def _fma(self, ivec: str, scales: str, acc: str) -> str:
+        f = self(f"sitofp <8 x i32> {ivec} to <8 x float>")
+        return self(f"call <8 x float> @llvm.fma.v8f32(<8 x float> {f}, <8 x float> {scales}, <8 x float> {acc})")
+
+    def finish(self, accs: list[tuple[str, str]]) -> tuple[str, list[tuple[str, str]]]:
+        """The body's lines and, per activation row, its updated (accv, accs)."""
+        return "\n".join(self.lines), accs
+
+
+_ONES16 = _vec("i16", [1] * 16)
+
+
+def _body_q32(kind: str, isa: str, rows: int):
+    """Q8_0 / Q4_0 / Q4_1 / Q5_0 / Q5_1 against Q8_32 activations: float accumulation per block."""
+    e = _IR(isa)
+    bsize, qs_at, qh_at = {"q8_0": (34, 2, None), "q4_0": (18, 2, None), "q4_1": (20, 4, None),
+                           "q5_0": (22, 6, 2), "q5_1": (24, 8, 4)}[kind]
+    boff = e(f"mul i64 %b, {bsize}")
+    d = e.half("%row", boff)
+    if kind == "q8_0":
+        wq = e.signed_weights(e.load("%row", e(f"add i64 {boff}, {qs_at}"), "<32 x i8>"))
+        factor = None
+    else:
+        q = e.load("%row", e(f"add i64 {boff}, {qs_at}"), "<16 x i8>")
+        lo = e(f"and <16 x i8> {q}, {e.bytes_(15, 16)}")
+        hi = e(f"lshr <16 x i8> {q}, {e.bytes_(4, 16)}")
+        wq = e(f"shufflevector <16 x i8> {lo}, <16 x i8> {hi}, {_mask(range(32))}")
+        if qh_at is not None:        # bit i of the 32-bit qh is the 5th bit of element i
+            bits = e(f"bitcast i32 {e.load('%row', e(f'add i64 {boff}, {qh_at}'), 'i32')} to <32 x i1>")
+            fifth = e(f"shl <32 x i8> {e(f'zext <32 x i1> {bits} to <32 x i8>')}, {e.bytes_(4)}")
+            wq = e(f"or <32 x i8> {wq}, {fifth}")
+        # Q4_0/Q5_0: -8/-16 * d * sum(x) (the skeleton's factor); Q4_1/Q5_1: m * sum(x)
+        factor = e.half("%row", e(f"add i64 {boff}, 2")) if kind in ("q4_1", "q5_1") else d
+    accs = []
+    for i in range(rows):
+        x = e.act(i, Q8_32, "q")
+        p32 = e.dot32(wq, x, signed=kind == "q8_0")
+        dx = e.act(i, Q8_32, "d")
+        accv = e.fma_acc(p32, e(f"fmul float {d}, {dx}"), f"%accv{i}")
+        if factor is None:
+            accs.append((accv, f"%accs{i}"))
+            continue
+        xs = e.act(i, Q8_32, "s", ty="float")                     # scale * sum(q) of the block
+        accs.append((accv, e(f"call float @llvm.fma.f32(float {factor}, float {xs}, float %accs{i})")))
+    return e.finish(accs)
+
+
+def _body_q45_k(isa: str, rows: int, five: bool):
+    """Q4_K / Q5_K against Q8_256: sum_j sc_j * dot_j in int32 lanes, minus sum_j m_j * (16-sums).
+    Q5_K adds qh[32] before the nibbles: bit j of qh[l] is the 5th bit of element l of sub-block j."""
+    e = _IR(isa)
+    boff = e(f"mul i64 %b, {176 if five else 144}")
+    d = e.half("%row", boff)
+    dmin = e.half("%row", e(f"add i64 {boff}, 2"))
+    # the 12 scale bytes a|b|c (4 each) hold 6-bit scales and mins: j < 4: a_j & 63, b_j & 63;
+    # j >= 4: (c & 15) | (a >> 6) << 4 and (c >> 4) | (b >> 6) << 4
+    a, b_, c = (e.load("%row", e(f"add i64 {boff}, {4 + 4 * i}"), "<4 x i8>") for i in range(3))
+    v4 = lambda n: _vec("i8", [n] * 4)
+    hi2 = lambda v: e(f"shl <4 x i8> {e(f'lshr <4 x i8> {v}, {v4(6)}')}, {v4(4)}")
+    sc_lo = e(f"and <4 x i8> {a}, {v4(63)}")
+    sc_hi = e(f"or <4 x i8> {e(f'and <4 x i8> {c}, {v4(15)}')}, {hi2(a)}")
+    mn_lo = e(f"and <4 x i8> {b_}, {v4(63)}")
+    mn_hi = e(f"or <4 x i8> {e(f'lshr <4 x i8> {c}, {v4(4)}')}, {hi2(b_)}")
+    sc8 = e(f"shufflevector <4 x i8> {sc_lo}, <4 x i8> {sc_hi}, {_mask(range(8))}")
+    mn8 = e(f"shufflevector <4 x i8> {mn_lo}, <4 x i8> {mn_hi}, {_mask(range(8))}")
+    sc16 = e(f"zext <8 x i8> {sc8} to <8 x i16>")
+    mn16 = e(f"shufflevector <8 x i16> {e(f'zext <8 x i8> {mn8} to <8 x i16>')}, <8 x i16> undef, "
+             f"{_mask(i // 2 for i in range(16))}")        # each min twice: it weighs two 16-sums
+    sumi = ["zeroinitializer"] * rows
+    qh = e.load("%row", e(f"add i64 {boff}, 16"), "<32 x i8>") if five else None
+    for cc in range(4):
+        q = e.load("%row", e(f"add i64 {boff}, {(48 if five else 16) + 32 * cc}"), "<32 x i8>")
+        for j, part in ((2 * cc, e.and_bytes(q, 15)), (2 * cc + 1, e.lshr_bytes(q, 4))):
+            if five:
+                bit = e.and_bytes(e.lshr_bytes(qh, j) if j else qh, 1)
+                part = e(f"or <32 x i8> {part}, {e(f'shl <32 x i8> {bit}, {e.bytes_(4)}')}")
+            for i in range(rows):
+                dot = e.dot32s(part, e.act(i, Q8_256, "q", 32 * j), sc16, 8, j, j)
+                sumi[i] = e(f"add <8 x i32> {sumi[i]}, {dot}")
+    accs = []
+    for i in range(rows):
+        mins = e.madd(e.act(i, Q8_256, "s", ty="<16 x i16>"), mn16)
+        dx = e.act(i, Q8_256, "d")
+        if five:        # float lanes, as llama.cpp's row-major dot
+            accv = e.fma_acc_folded(sumi[i], e(f"fmul float {d}, {dx}"),
+                                    mins, e(f"fneg float {e(f'fmul float {dmin}, {dx}')}"), f"%accv{i}")
+            accs.append((accv, f"%accs{i}"))
+            continue
+        # Q4_K: one exact integer a row and super-block, as the packed kernels (and llama.cpp's
+        # repacked ones) compute it: the same floats from either layout
+        acc = e.fma_int(e.reduce(sumi[i]), e(f"fmul float {d}, {dx}"), f"%accs{i}")
+        acc = e.fma_int(e.reduce(mins), e(f"fneg float {e(f'fmul float {dmin}, {dx}')}"), acc)
+        accs.append((None, acc))
+    return e.finish(accs)
+
+
+def _body_q6_k(isa: str, rows: int):
+    """Q6_K against Q8_256: unsigned 6-bit quants, sum_i sc_i * dot_i in int32; -32 from the 16-sums."""
+    e = _IR(isa)
+    boff = e("mul i64 %b, 210")
+    d = e.half("%row", e(f"add i64 {boff}, 208"))
+    scv = e(f"sext <16 x i8> {e.load('%row', e(f'add i64 {boff}, 192'), '<16 x i8>')} to <16 x i16>")
+    sumi = ["zeroinitializer"] * rows
+    for h in range(2):
+        a = e.load("%row", e(f"add i64 {boff}, {64 * h}"), "<32 x i8>")
+        c = e.load("%row", e(f"add i64 {boff}, {64 * h + 32}"), "<32 x i8>")
+        hb = e.load("%row", e(f"add i64 {boff}, {128 + 32 * h}"), "<32 x i8>")
+        for k, (src, shift_lo, hshift) in enumerate(((a, 0, 0), (c, 0, 2), (a, 4, 4), (c, 4, 6))):
+            low = e.lshr_bytes(src, 4) if shift_lo else e.and_bytes(src, 15)
+            hs = e.lshr_bytes(hb, hshift) if hshift else hb
+            q = e(f"or <32 x i8> {low}, {e(f'shl <32 x i8> {e.and_bytes(hs, 3)}, {e.bytes_(4)}')}")
+            j = 8 * h + 2 * k
+            for i in range(rows):
+                dot = e.dot32s(q, e.act(i, Q8_256, "q", 128 * h + 32 * k), scv, 16, j, j + 1)
+                sumi[i] = e(f"add <8 x i32> {sumi[i]}, {dot}")
+    accs = []
+    for i in range(rows):       # the quants are stored + 32: subtract 32 * sum_i sc_i * (16-sum i)
+        corr = e.madd(e.act(i, Q8_256, "s", ty="<16 x i16>"), scv)
+        corr32 = e(f"shl <8 x i32> {corr}, {_vec('i32', [5] * 8)}")
+        total = e(f"sub <8 x i32> {sumi[i]}, {corr32}")
+        accv = e.fma_acc_folded(total, e(f"fmul float {d}, {e.act(i, Q8_256, 'd')}"), None, "0.0", f"%accv{i}")
+        accs.append((accv, f"%accs{i}"))
+    return e.finish(accs)
+
+
+# Weights repacked at load (x86): eight rows interleaved, so that one 256-bit register holds
+# 8 quants of each of 4 rows and the products' lanes are rows. The four 8-quant slices of a
+# 32-quant sub-block then share each lane's scale, so their pair sums add in int16 (4 x 2 x 15 x
+# 127 < 32767) before one vpmaddwd applies the scales: 5 multiplying instructions per 128
+# products instead of 8 (llama.cpp's repacked layout does the same). The integers of a row and
+# super-block are the same as the row-major kernels' (exact sums); so are the floats.
+#
+# Q4_K, per group of 8 rows and super-block, PACKED_BLOCK bytes: d[8], dmin[8] (f16), the 6-bit
+# scales [sub-block j][row] and mins [j][row] as bytes, then the quants as 32-byte slices
+# [32-byte chunk cc][8-byte slice c][row half h]: rows 4h..4h+3, bytes 8c..8c+7 of chunk cc
+# (low nibbles: sub-block 2cc, high: 2cc + 1).
+PACKED_BLOCK = {Q4_K: 1184, Q8_0: 272}
+#: ISAs whose matrices the CPU backend packs (elsewhere it keeps the row-major blocks; the A76's
+#: sdot kernels have no packed form yet)
+PACKED_ISAS = ("avx2",)
+#: ISAs whose module has the packed kernels: those, and the plain-IR ones (tests, any CPU)
+_PACKED_MODULES = PACKED_ISAS + ("portable",)
+
+_PACKED_SKELETON = """
+define void @px{R}_{name}(i8* %w, i64 %gbytes, i64 %r0, i64 %r1, i64 %nblk, i64 %m_rows,
+                       i8* %x_, i64 %sx, float* %out_, i64 %so) {{
+entry:
+  %empty_r = icmp sge i64 %r0, %r1
+  %empty_m = icmp sle i64 %m_rows, 0
+  %empty = or i1 %empty_r, %empty_m
+  %g0 = lshr i64 %r0, 3
+  %r1up = add i64 %r1, 7
+  %g1 = lshr i64 %r1up, 3
+  %r0v = insertelement <8 x i64> undef, i64 %r0, i32 0
+  %r0s = shufflevector <8 x i64> %r0v, <8 x i64> undef, <8 x i32> zeroinitializer
+  %r1v = insertelement <8 x i64> undef, i64 %r1, i32 0
+  %r1s = shufflevector <8 x i64> %r1v, <8 x i64> undef, <8 x i32> zeroinitializer
+  br i1 %empty, label %exit, label %rowloop
+rowloop:
+  %g = phi i64 [%g0, %entry], [%gnext, %rowend]
+  %goff = mul i64 %g, %gbytes
+  %row = getelementptr i8, i8* %w, i64 %goff
+  %r = mul i64 %g, 8
+  %rv = insertelement <8 x i64> undef, i64 %r, i32 0
+  %rs = shufflevector <8 x i64> %rv, <8 x i64> undef, <8 x i32> zeroinitializer
+  %idx = add <8 x i64> %rs, <i64 0, i64 1, i64 2, i64 3, i64 4, i64 5, i64 6, i64 7>
+  %inlo = icmp sge <8 x i64> %idx, %r0s
+  %inhi = icmp slt <8 x i64> %idx, %r1s
+  %inside = and <8 x i1> %inlo, %inhi
+  br label %mloop
+""" + _M_LOOPS + """rowend:
+  %gnext = add i64 %g, 1
+  %gdone = icmp eq i64 %gnext, %g1
+  br i1 %gdone, label %exit, label %rowloop
+exit:
+  ret void
+}}
+"""
+
+_PACKED_PHIS = """  %acc{i} = phi <8 x float> [zeroinitializer, %mloop], [{a}, %bloop]"""
+# the 8 rows' results go to out[m, 8g .. 8g + 7], the lanes of rows outside [r0, r1) masked off
+_PACKED_STORES = """  %oo{i} = mul i64 %m{i}, %so
+  %orow{i} = getelementptr float, float* %out_, i64 %oo{i}
+  %op{i} = getelementptr float, float* %orow{i}, i64 %r
+  %opv{i} = bitcast float* %op{i} to <8 x float>*
+  call void @llvm.masked.store.v8f32.p0(<8 x float> {a}, <8 x float>* %opv{i}, i32 4, <8 x i1> %inside)"""
+
+
+def _body_q4_k_packed(isa: str, rows: int):
+    """Q4_K, 8 packed weight rows against ``rows`` Q8_256 activation rows: per activation row, an
+    <8 x float> accumulator whose lane r is weight row 8g + r, updated once per super-block as
+    the row-major kernels update their float (:meth:`_IR.fma_int`)."""
+    e = _IR(isa)
+    blk = e(f"mul i64 %b, {PACKED_BLOCK[Q4_K]}")
+    at = lambda off: e(f"add i64 {blk}, {off}")
+    d = e(f"fpext <8 x half> {e.load('%row', blk, '<8 x half>')} to <8 x float>")
+    dmin = e(f"fpext <8 x half> {e.load('%row', at(16), '<8 x half>')} to <8 x float>")
+    bytes8 = lambda off: e(f"zext <8 x i8> {e.load('%row', at(off), '<8 x i8>')} to <8 x i16>")
+    scales = {}
+
+    def scale(j, h):        # <16 x i16>: lanes 4k..4k+3 the scale of row 4h + k in sub-block j
+        if j not in scales:
+            s8 = bytes8(32 + 8 * j)
+            scales[j] = [e(f"shufflevector <8 x i16> {s8}, <8 x i16> undef, {_mask([4 * hh + l // 4 for l in range(16)])}")
+                         for hh in range(2)]
+        return scales[j][h]
+
+    ab = e(f"mul i64 %b, {ACT_BLOCK[Q8_256]}")
+    isum = [["zeroinitializer"] * 2 for _ in range(rows)]    # per activation row and row half
+    for cc in range(4):                     # unpack a chunk's 16 slices, use them for every row
+        w = {}
+        for c in range(4):
+            for h in range(2):
+                q = e.load("%row", at(160 + ((cc * 4 + c) * 2 + h) * 32), "<32 x i8>")
+                w[c, h, 0], w[c, h, 1] = e.and_bytes(q, 15), e.lshr_bytes(q, 4)
+        for i in range(rows):
+            for j in (2 * cc, 2 * cc + 1):
+                xs = [e(f"bitcast <4 x i64> {e.splat('i64', 4, e.load(f'%x{i}', e(f'add i64 {ab}, {32 * j + 8 * c}'), 'i64'))} to <32 x i8>")
+                      for c in range(4)]
+                for h in range(2):
+                    s16 = e.maddubs(w[0, h, j % 2], xs[0])
+                    for c in range(1, 4):
+                        s16 = e(f"add <16 x i16> {s16}, {e.maddubs(w[c, h, j % 2], xs[c])}")
+                    isum[i][h] = e(f"add <8 x i32> {isum[i][h]}, {e.madd(s16, scale(j, h))}")
+    accs = []
+    for i in range(rows):
+        # lanes 2k, 2k + 1 of half h are row 4h + k's: one exact sum per row
+        ev = e(f"shufflevector <8 x i32> {isum[i][0]}, <8 x i32> {isum[i][1]}, {_mask(range(0, 16, 2))}")
+        od = e(f"shufflevector <8 x i32> {isum[i][0]}, <8 x i32> {isum[i][1]}, {_mask(range(1, 16, 2))}")
+        total = e(f"add <8 x i32> {ev}, {od}")
+        msum = "zeroinitializer"           # sum_j min_j * (16-sums 2j + 2j + 1), rows in lanes
+        for j in range(8):
+            mins = e(f"shufflevector <8 x i16> {bytes8(96 + 8 * j)}, <8 x i16> undef, {_mask([l // 2 for l in range(16)])}")
+            pair = e.splat("i32", 8, e.load(f"%x{i}", e(f"add i64 {ab}, {Q8_256 + 4 + 4 * j}"), "i32"))
+            msum = e(f"add <8 x i32> {msum}, {e.madd(mins, e(f'bitcast <8 x i32> {pair} to <16 x i16>'))}")
+        dx = e.splat("float", 8, e.act(i, Q8_256, "d"))
+        acc = e.fma8(total, e(f"fmul <8 x float> {d}, {dx}"), f"%acc{i}")
+        acc = e.fma8(msum, e(f"fneg <8 x float> {e(f'fmul <8 x float> {dmin}, {dx}')}"), acc)
+        accs.append(acc)
+    return "\n".join(e.lines), accs
+
+
+def _body_q8_0_packed(isa: str, rows: int):
+    """Q8_0, 8 packed weight rows (stored + 128, unsigned) against ``rows`` Q8_32 activation rows.
+    The 4-product sums of a slice are the row-major kernels' int32 lanes (lane j: products
+    4j..4j+3 of the block), one register of them per 4 rows, so each activation row keeps the
+    row-major float lanes: 8 accumulators (slice c, row half h) whose lanes are (row, j), summed
+    in the row-major kernels' order at the end (:data:`_Q8_0_PACKED_STORES`). The + 128 is
+    taken back exactly: the lanes start at -128 x (4-sums of the activations)."""
+    e = _IR(isa)
+    blk = e("mul i64 %b, 272")
+    d = e(f"fpext <8 x half> {e.load('%row', e(f'add i64 {blk}, 256'), '<8 x half>')} to <8 x float>")
+    ab = e(f"mul i64 %b, {ACT_BLOCK[Q8_32]}")
+    w = {(c, h): e.load("%row", e(f"add i64 {blk}, {(c * 2 + h) * 32}"), "<32 x i8>") for c in range(4) for h in range(2)}
+    accs = []
+    for i in range(rows):
+        scale = e(f"fmul <8 x float> {d}, {e.splat('float', 8, e.act(i, Q8_32, 'd'))}")
+        acc = []
+        for c in range(4):
+            x = e(f"bitcast <4 x i64> {e.splat('i64', 4, e.load(f'%x{i}', e(f'add i64 {ab}, {8 * c}'), 'i64'))} to <32 x i8>")
+            start = e(f"sub <8 x i32> zeroinitializer, {e.udot4(e.bytes_(128), x)}")
+            for h in range(2):
+                sh = e(f"shufflevector <8 x float> {scale}, <8 x float> undef, {_mask([4 * h + l // 2 for l in range(8)])}")
+                acc.append(e._fma(e.udot4(w[c, h], x, start), sh, f"%acc{i}_{c}_{h}"))
+        accs.append(acc)
+    return "\n".join(e.lines), accs
+
+
+_Q8_0_PACKED_PHIS = "\n".join(f"  %acc{{i}}_{c}_{h} = phi <8 x float> [zeroinitializer, %mloop], [{{a{c * 2 + h}}}, %bloop]"
+                               for c in range(4) for h in range(2))
+# per row r (lanes (r, j) of accumulators (c = j // 2, h = r // 4)): ((l0 + l4) + (l2 + l6)) +
+# ((l1 + l5) + (l3 + l7)) + 0.0, the row-major kernels' sum (_STORES, Q8_0's scalar part 0 x 0)
+_Q8_0_PACKED_SUM = """  %e02_{i}_{h} = fadd <8 x float> {c0}, {c2}
+  %e13_{i}_{h} = fadd <8 x float> {c1}, {c3}
+  %half{i}_{h} = fadd <8 x float> %e02_{i}_{h}, %e13_{i}_{h}"""
+_Q8_0_PACKED_STORES = """  %ev{i} = shufflevector <8 x float> %half{i}_0, <8 x float> %half{i}_1, <8 x i32> <i32 0, i32 2, i32 4, i32 6, i32 8, i32 10, i32 12, i32 14>
+  %od{i} = shufflevector <8 x float> %half{i}_0, <8 x float> %half{i}_1, <8 x i32> <i32 1, i32 3, i32 5, i32 7, i32 9, i32 11, i32 13, i32 15>
+  %rowsum{i} = fadd <8 x float> %ev{i}, %od{i}
+  %rowtot{i} = fadd <8 x float> %rowsum{i}, zeroinitializer
+""" + _PACKED_STORES.replace("{a}", "%rowtot{i}")
+
+
+#: ggml type -> (kernel name, IR body) of the packed kernels
+_PACKED_KERNELS = {Q4_K: ("q4_k", _body_q4_k_packed), Q8_0: ("q8_0", _body_q8_0_packed)}
+
+
+def _packed_ir(name: str, body, isa: str, rows: int) -> str:
+    lines, accs = body(isa, rows)
+    if isinstance(accs[0], list):       # Q8_0: 8 float accumulators an activation row
+        phis = "\n".join(_Q8_0_PACKED_PHIS.format(i=i, **{f"a{k}": a for k, a in enumerate(acc)})
+                         for i, acc in enumerate(accs))
+        stores = "\n".join(_Q8_0_PACKED_SUM.format(i=i, h=h, **{f"c{c}": acc[c * 2 + h] for c in range(4)})
+                           for i, acc in enumerate(accs) for h in range(2)) + "\n" \
+            + "\n".join(_Q8_0_PACKED_STORES.format(i=i) for i in range(len(accs)))
+    else:
+        phis = "\n".join(_PACKED_PHIS.format(i=i, a=a) for i, a in enumerate(accs))
+        stores = "\n".join(_PACKED_STORES.format(i=i, a=a) for i, a in enumerate(accs))
+    pointers = "\n".join(_POINTERS.format(i=i) for i in range(len(accs)))
+    return _PACKED_SKELETON.format(name=name, R=rows, body=lines, pointers=pointers, phis=phis, stores=stores)
+
+
+#: ggml type -> (kernel name, activation format, IR body, factor of the scalar accumulator)
+_KERNELS = {
+    Q8_0: ("q8_0", Q8_32, lambda isa, rows: _body_q32("q8_0", isa, rows), "0.0"),
+    Q4_0: ("q4_0", Q8_32, lambda isa, rows: _body_q32("q4_0", isa, rows), "-8.0"),
+    Q4_1: ("q4_1", Q8_32, lambda isa, rows: _body_q32("q4_1", isa, rows), "1.0"),
+    Q5_0: ("q5_0", Q8_32, lambda isa, rows: _body_q32("q5_0", isa, rows), "-16.0"),
+    Q5_1: ("q5_1", Q8_32, lambda isa, rows: _body_q32("q5_1", isa, rows), "1.0"),
+    Q4_K: ("q4_k", Q8_256, lambda isa, rows: _body_q45_k(isa, rows, False), "0.0"),
+    Q5_K: ("q5_k", Q8_256, lambda isa, rows: _body_q45_k(isa, rows, True), "0.0"),
+    Q6_K: ("q6_k", Q8_256, _body_q6_k, "0.0"),
+}
+SIMD_TYPES = frozenset(_KERNELS)
+#: ggml type -> activation format its kernel reads
+ACT_FORMAT = {qt: fmt for qt, (_, fmt, _, _) in _KERNELS.items()}
+
+#: activation rows per pass of the multi-row kernels (prefill); the rest run one by one
+ROWS = 4
+#: ISAs whose multi-row entry point takes 8 rows per pass, then 4 (x86: 8 rows' accumulators fit
+#: the vector registers; in cache, Q4_K 8960 x 1536 x 64 rows: ~+6 % on one thread, ~+5-20 % on
+#: two, docs/performance.md). The results do not depend on it: each row's sums are its own.
+WIDE = {"avx2": 8}
+
+_WIDE_ENTRY = """
+define void @{P}w_{name}(i8* %w, i64 %row_bytes, i64 %r0, i64 %r1, i64 %nblk, i64 %m_rows,
+                      i8* %x_, i64 %sx, float* %out_, i64 %so) {{
+entry:
+  %mw = and i64 %m_rows, -{W}
+  call void @{P}{W}_{name}(i8* %w, i64 %row_bytes, i64 %r0, i64 %r1, i64 %nblk, i64 %mw, i8* %x_, i64 %sx, float* %out_, i64 %so)
+  %rest = sub i64 %m_rows, %mw
+  %xoff = mul i64 %mw, %sx
+  %xr = getelementptr i8, i8* %x_, i64 %xoff
+  %ooff = mul i64 %mw, %so
+  %outr = getelementptr float, float* %out_, i64 %ooff
+  call void @{P}{R}_{name}(i8* %w, i64 %row_bytes, i64 %r0, i64 %r1, i64 %nblk, i64 %rest, i8* %xr, i64 %sx, float* %outr, i64 %so)
+  ret void
+}}
+"""
+
+
+# Float dot products of one query row with n key rows (attention scores), for ops.attention_decode:
+# out[j] = sum(q[i] * k[j, i]) for i < hd (a multiple of 8), as 8 running lane sums (lane i % 8,
+# a multiply then an add, never fused) combined as ((l0 + l4) + (l2 + l6)) + ((l1 + l5) + (l3 + l7)):
+# exactly the operations and order of ops._dot8, in one <8 x float> register (two on NEON) instead
+# of eight scalars, which LLVM does not vectorize by itself; four keys per pass share the query's
+# loads and keep four independent add chains in flight, the rest go one at a time. All arguments
+# are i64 (see jit.call_address).
+_DOTS_LOOP = """
+{L}loop:
+  %{L}j = phi i64 [{j0}, %{came}], [%{L}jn, %{L}end]
+{keys}
+  br label %{L}i
+{L}i:
+  %{L}ii = phi i64 [0, %{L}loop], [%{L}in, %{L}i]
+{accs}
+  %{L}qp = getelementptr float, float* %q, i64 %{L}ii
+  %{L}qvp = bitcast float* %{L}qp to <8 x float>*
+  %{L}qv = load <8 x float>, <8 x float>* %{L}qvp, align 4
+{products}
+  %{L}in = add i64 %{L}ii, 8
+  %{L}idone = icmp sge i64 %{L}in, %hd
+  br i1 %{L}idone, label %{L}end, label %{L}i
+{L}end:
+{stores}
+  %{L}jn = add i64 %{L}j, {step}
+  %{L}jdone = icmp eq i64 %{L}jn, {stop}
+  br i1 %{L}jdone, label %{after}, label %{L}loop
+"""
+_DOTS_KEY = """  %{L}o{c} = add i64 %{L}j, {c}
+  %{L}koff{c} = mul i64 %{L}o{c}, %ks
+  %{L}kaddr{c} = add i64 %k_, %{L}koff{c}
+  %{L}k{c} = inttoptr i64 %{L}kaddr{c} to float*"""
+_DOTS_ACC = "  %{L}acc{c} = phi <8 x float> [zeroinitializer, %{L}loop], [%{L}accn{c}, %{L}i]"
+_DOTS_PRODUCT = """  %{L}kp{c} = getelementptr float, float* %{L}k{c}, i64 %{L}ii
+  %{L}kvp{c} = bitcast float* %{L}kp{c} to <8 x float>*
+  %{L}kv{c} = load <8 x float>, <8 x float>* %{L}kvp{c}, align 4
+  %{L}p{c} = fmul <8 x float> %{L}qv, %{L}kv{c}
+  %{L}accn{c} = fadd <8 x float> %{L}acc{c}, %{L}p{c}"""
+_DOTS_STORE = """  %{L}lo{c} = shufflevector <8 x float> %{L}accn{c}, <8 x float> undef, <4 x i32> <i32 0, i32 1, i32 2, i32 3>
+  %{L}hi{c} = shufflevector <8 x float> %{L}accn{c}, <8 x float> undef, <4 x i32> <i32 4, i32 5, i32 6, i32 7>
+  %{L}s4{c} = fadd <4 x float> %{L}lo{c}, %{L}hi{c}
+  %{L}a2{c} = shufflevector <4 x float> %{L}s4{c}, <4 x float> undef, <2 x i32> <i32 0, i32 1>
+  %{L}b2{c} = shufflevector <4 x float> %{L}s4{c}, <4 x float> undef, <2 x i32> <i32 2, i32 3>
+  %{L}s2{c} = fadd <2 x float> %{L}a2{c}, %{L}b2{c}
+  %{L}e0{c} = extractelement <2 x float> %{L}s2{c}, i32 0
+  %{L}e1{c} = extractelement <2 x float> %{L}s2{c}, i32 1
+  %{L}t{c} = fadd float %{L}e0{c}, %{L}e1{c}
+  %{L}op{c} = getelementptr float, float* %out, i64 %{L}o{c}
+  store float %{L}t{c}, float* %{L}op{c}"""
+
+
+def _dots_loop(L: str, keys: int, j0: str, came: str, stop: str, after: str) -> str:
+    part = lambda t: "\n".join(t.format(L=L, c=c) for c in range(keys))
+    return _DOTS_LOOP.format(L=L, j0=j0, came=came, stop=stop, after=after, step=keys, keys=part(_DOTS_KEY),
+                             accs=part(_DOTS_ACC), products=part(_DOTS_PRODUCT), stores=part(_DOTS_STORE))
+
+
+_DOTS_IR = ("""
+define void @dots_f32(i64 %q_, i64 %k_, i64 %ks, i64 %n, i64 %hd, i64 %out_) {
+entry:
+  %q = inttoptr i64 %q_ to float*
+  %out = inttoptr i64 %out_ to float*
+  %n4 = and i64 %n, -4
+  %has4 = icmp sgt i64 %n4, 0
+  br i1 %has4, label %fourloop, label %rest
+""" + _dots_loop("four", 4, "0", "entry", "%n4", "rest") + """
+rest:
+  %more = icmp slt i64 %n4, %n
+  br i1 %more, label %oneloop, label %exit
+""" + _dots_loop("one", 1, "%n4", "rest", "%n", "exit") + """
+exit:
+  ret void
+}
+""")
+
+
+def packed_types(isa: str, vnni: bool = False) -> tuple[int, ...]:
+    """The types with packed kernels in ``isa``'s module: Q4_K; Q8_0 where its 4-product
+    dot is one instruction (x86 with VNNI) or plain IR (portable)."""
+    if isa not in _PACKED_MODULES:
+        return ()
+    return tuple(qt for qt in _PACKED_KERNELS if qt != Q8_0 or vnni or isa == "portable")
+
+
+def module_ir(isa: str, vnni: bool = False) -> str:
+    """The kernel module of ``isa``; ``vnni``: the CPU has vpdpbusd (x86 only)."""
+    if isa not in ISAS:
+        raise ValueError(f"isa must be one of {ISAS}, got {isa!r}")
+    wide = WIDE.get(isa)
+    counts = (1, ROWS) + ((wide,) if wide else ())
+    packed = [_PACKED_KERNELS[qt] for qt in packed_types(isa, vnni)]
+    flavour = isa + ("+vnni" if vnni and isa == "avx2" else "")
+    return (_HEADER + "".join(_kernel_ir(n, cs, body, isa, r) for n, _, body, cs in _KERNELS.values() for r in counts)
+            + "".join(_WIDE_ENTRY.format(P="mm", name=n, W=wide, R=ROWS) for n, _, _, _ in _KERNELS.values() if wide)
+            + "".join(_packed_ir(n, body, flavour, r) for n, body in packed for r in (1, ROWS, 8))
+            + "".join(_WIDE_ENTRY.format(P="px", name=n, W=8, R=ROWS) for n, _ in packed)
+            + _DOTS_IR)
+
+
+def _kernel_ir(name: str, cs: str, body, isa: str, rows: int) -> str:
+    lines, accs = body(isa, rows)
+    scalar = accs[0][0] is None         # the K-quants: one float per row, no vector accumulator
+    phis, stores = (_PHIS_SCALAR, _STORES_SCALAR) if scalar else (_PHIS, _STORES)
+    fill = lambda template: "\n".join(template.format(i=i, accv1=v, accs1=a, cs=cs) for i, (v, a) in enumerate(accs))
+    return _SKELETON.format(name=name, R=rows, body=lines, pointers=fill(_POINTERS), phis=fill(phis),
+                            stores=fill(stores))

@@ -1,0 +1,79 @@
+"""Weights repacked at load for the packed kernels: eight rows interleaved per block
+(layouts in :mod:`.ir`; the CPU backend calls :func:`pack` on the types that have them)."""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from .ir import PACKED_BLOCK
+from ..gguf.quants import Q4_K, Q8_0
+
+
+@njit(parallel=True, nogil=True, cache=True)
+def _pack_q4_k(rows, out):
+    """Q4_K rows [8G, nblk * 144] -> out [G, nblk * PACKED_BLOCK] (the layout above)."""
+    nblk = rows.shape[1] // 144
+    for g in prange(out.shape[0]):
+        for b in range(nblk):
+            o, s = b * 1184, b * 144
+            for r in range(8):
+                src = rows[8 * g + r]
+                for t in range(2):
+                    out[g, o + 2 * r + t] = src[s + t]                  # d
+                    out[g, o + 16 + 2 * r + t] = src[s + 2 + t]         # dmin
+                for j in range(4):
+                    a, m, c = src[s + 4 + j], src[s + 8 + j], src[s + 12 + j]
+                    out[g, o + 32 + 8 * j + r] = a & 63
+                    out[g, o + 32 + 8 * (j + 4) + r] = (c & 15) | ((a >> 6) << 4)
+                    out[g, o + 96 + 8 * j + r] = m & 63
+                    out[g, o + 96 + 8 * (j + 4) + r] = (c >> 4) | ((m >> 6) << 4)
+                for cc in range(4):
+                    for c in range(4):
+                        dst = o + 160 + ((cc * 4 + c) * 2 + r // 4) * 32 + (r % 4) * 8
+                        out[g, dst:dst + 8] = src[s + 16 + 32 * cc + 8 * c:s + 24 + 32 * cc + 8 * c]
+
+
+@njit(parallel=True, nogil=True, cache=True)
+def _pack_q8_0(rows, out):
+    """Q8_0 rows [8G, nblk * 34] -> out [G, nblk * 272]: per block the slices [c][h] (rows
+    4h..4h+3, quants 8c..8c+7, each + 128 as an unsigned byte), then d[8]."""
+    nblk = rows.shape[1] // 34
+    for g in prange(out.shape[0]):
+        for b in range(nblk):
+            o, s = b * 272, b * 34
+            for r in range(8):
+                src = rows[8 * g + r]
+                out[g, o + 256 + 2 * r] = src[s]
+                out[g, o + 257 + 2 * r] = src[s + 1]
+                for c in range(4):
+                    dst = o + (c * 2 + r // 4) * 32 + (r % 4) * 8
+                    for t in range(8):
+                        out[g, dst + t] = src[s + 2 + 8 * c + t] ^ 128
+
+
+#: packed type -> (bytes of one of its blocks in a GGUF row, the function that packs its rows)
+_PACKERS = {Q4_K: (144, _pack_q4_k), Q8_0: (34, _pack_q8_0)}
+
+
+class Packed:
+    """A matrix's rows in a packed kernel's layout (:data:`PACKED_BLOCK`): ``data`` [N / 8,
+    blocks * PACKED_BLOCK] uint8, ``n`` rows of type ``qtype``."""
+
+    def __init__(self, qtype: int, data: np.ndarray, n: int):
+        self.qtype, self.data, self.n = qtype, data, n
+
+
+def pack(qtype: int, rows: np.ndarray) -> Packed | None:
+    """``rows`` (a matrix's blocks, row-major) in the packed layout, or None where there is no
+    packed kernel for the type or the row count is not a multiple of 8."""
+    if qtype not in PACKED_BLOCK or rows.shape[0] % 8 or rows.shape[0] == 0:
+        return None
+    block_bytes, packer = _PACKERS[qtype]
+    nblk = rows.shape[1] // block_bytes
+    shape = (rows.shape[0] // 8, nblk * PACKED_BLOCK[qtype])
+    raw = np.empty(shape[0] * shape[1] + 64, np.uint8)      # on a cache line: no load straddles two
+    start = -raw.ctypes.data % 64
+    out = raw[start:start + shape[0] * shape[1]].reshape(shape)
+    packer(rows, out)
+    return Packed(qtype, out, rows.shape[0])

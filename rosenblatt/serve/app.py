@@ -1,0 +1,361 @@
+"""The starlette application (routes, streaming, authentication) and the uvicorn server around it."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import ipaddress
+import json
+import logging
+import os
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from .protocol import (APIError, AssistantMessage, ChatChoice, ChatRequest, ChunkChoice, Completion, CompletionRequest,
+                       Delta, OpenAIRequest, TextChoice, UsageBody, bad_request, engine_error, parse_request)
+from .worker import DEFAULT_MAX_QUEUE, EngineWorker, Job, Usage
+
+
+log = logging.getLogger("rosenblatt.serve")
+
+
+#: request bodies larger than this are refused (413)
+MAX_BODY_BYTES = 4 * 2**20
+
+
+# -- the application --------------------------------------------------------------------------
+
+class _SSEResponse(StreamingResponse):
+    """A streamed answer that cancels its job however the response ends (done, disconnect, error)."""
+
+    def __init__(self, content, job: Job):
+        super().__init__(content, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self.job = job
+
+    async def __call__(self, scope, receive, send) -> None:
+        # Below ASGI spec 2.4 starlette itself listens for the disconnect and cancels the body
+        # iterator; from 2.4 on it only learns of it when a send fails, which servers may not
+        # signal, so listen here too.
+        spec = scope.get("asgi", {}).get("spec_version", "2.0")
+        watcher = None
+        if tuple(int(x) for x in spec.split(".")[:2] if x.isdigit()) >= (2, 4):
+            async def watch():
+                while (await receive())["type"] != "http.disconnect":
+                    pass
+                self.job.cancel()
+            watcher = asyncio.create_task(watch())
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.job.cancel()
+            if watcher is not None:
+                watcher.cancel()
+
+
+def _sse(obj: Any) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+async def _wait_for_disconnect(request: Request) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+@contextlib.asynccontextmanager
+async def _cancel_on_disconnect(request: Request, job: Job):
+    """While inside, a client that hangs up cancels ``job``."""
+    async def watch():
+        await _wait_for_disconnect(request)
+        job.cancel()
+    task = asyncio.create_task(watch())
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+
+
+class _AuthMiddleware:
+    """``Authorization: Bearer <key>`` on every path but ``/health`` (pure ASGI: streaming-safe)."""
+
+    def __init__(self, app, api_key: str):
+        self.app = app
+        self.expected = f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"] != "/health":
+            given = Headers(scope=scope).get("authorization", "").encode()
+            if not hmac.compare_digest(given, self.expected):
+                msg = ("Missing API key: send 'Authorization: Bearer <key>'" if not given
+                       else "Incorrect API key provided")
+                err = APIError(401, msg, code="invalid_api_key")
+                await err.response(headers={"WWW-Authenticate": "Bearer"})(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+class Server:
+    """The state behind the routes: the engine's worker, the model's names."""
+
+    def __init__(self, engine, model_id: str | None = None, max_queue: int = DEFAULT_MAX_QUEUE):
+        self.engine = engine
+        path = Path(engine.path)
+        self.model_id = model_id or path.stem
+        self.model_names = {self.model_id, path.stem, path.name}
+        try:
+            self.created = int(os.path.getmtime(path))
+        except OSError:
+            self.created = int(time.time())
+        self.worker = EngineWorker(engine, max_queue=max_queue)
+
+    # helpers
+    def _model_card(self) -> dict:
+        return {"id": self.model_id, "object": "model", "created": self.created, "owned_by": "rosenblatt"}
+
+    def _check_model(self, req: OpenAIRequest) -> None:
+        if req.model is not None and req.model not in self.model_names:
+            raise APIError(404, f"The model '{req.model}' does not exist; this server has '{self.model_id}'",
+                           param="model", code="model_not_found")
+
+    async def _json(self, request: Request) -> dict:
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > MAX_BODY_BYTES:
+            raise APIError(413, f"request body larger than {MAX_BODY_BYTES} bytes", code="request_too_large")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > MAX_BODY_BYTES:
+                raise APIError(413, f"request body larger than {MAX_BODY_BYTES} bytes", code="request_too_large")
+            chunks.append(chunk)
+        raw = b"".join(chunks)
+        try:
+            body = json.loads(raw)
+        except (ValueError, RecursionError) as e:       # JSONDecodeError, UnicodeDecodeError, too deep
+            raise bad_request(f"the request body is not valid JSON: {e}", code="invalid_json") from None
+        if not isinstance(body, dict):
+            raise bad_request(f"the request body must be a JSON object, got {type(body).__name__}", code="invalid_json")
+        return body
+
+    # routes
+    async def health(self, request: Request) -> Response:
+        return JSONResponse({"status": "ok", "model": self.model_id, **self.worker.stats()})
+
+    async def models(self, request: Request) -> Response:
+        return JSONResponse({"object": "list", "data": [self._model_card()]})
+
+    async def model(self, request: Request) -> Response:
+        name = request.path_params["model"]
+        if name not in self.model_names:
+            raise APIError(404, f"The model '{name}' does not exist", param="model", code="model_not_found")
+        return JSONResponse(self._model_card())
+
+    async def chat_completions(self, request: Request) -> Response:
+        body = await self._json(request)
+        req = parse_request(ChatRequest, body)
+        self._check_model(req)
+        params = req.checked().generation(body)
+        messages = req.chat()
+        return await self._run(request, lambda e: e.chat_responses(messages, params=params), chat=True,
+                               stream=bool(req.stream), include_usage=req.include_usage)
+
+    async def completions(self, request: Request) -> Response:
+        body = await self._json(request)
+        req = parse_request(CompletionRequest, body)
+        self._check_model(req)
+        params = req.checked(self.engine.config.vocab_size).generation(body)
+        prompt = req.prompt
+        return await self._run(request, lambda e: e.responses(prompt, params), chat=False,
+                               stream=bool(req.stream), include_usage=req.include_usage)
+
+    async def _run(self, request: Request, start, chat: bool, stream: bool, include_usage: bool) -> Response:
+        job = self.worker.submit(start)
+        param = "messages" if chat else "prompt"
+        rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+        created = int(time.time())
+        handed_over = False
+        try:
+            if stream:
+                async with _cancel_on_disconnect(request, job):      # while queued
+                    kind, value = await job.next()
+                if kind == "error":
+                    return engine_error(value, param).response()
+                if kind == "cancelled":
+                    return Response(status_code=499)   # the client is gone; nobody reads this
+                handed_over = True
+                return _SSEResponse(self._events(job, rid, created, chat, include_usage), job)
+            pieces: list[str] = []
+            async with _cancel_on_disconnect(request, job):
+                while True:
+                    kind, value = await job.next()
+                    if kind == "piece":
+                        pieces.append(value)
+                    elif kind == "error":
+                        return engine_error(value, param).response()
+                    elif kind == "cancelled":
+                        return Response(status_code=499)
+                    elif kind == "done":
+                        break
+            usage: Usage = value
+            if usage.finish_reason == "cancelled":
+                return Response(status_code=499)
+            text = "".join(pieces)
+            choice = ChatChoice(message=AssistantMessage(content=text), finish_reason=usage.finish_reason) if chat \
+                else TextChoice(text=text, finish_reason=usage.finish_reason)
+            return JSONResponse(Completion(id=rid, object="chat.completion" if chat else "text_completion",
+                                           created=created, model=self.model_id, choices=[choice],
+                                           usage=usage.openai()).body())
+        finally:
+            if not handed_over:
+                job.cancel()
+
+    async def _events(self, job: Job, rid: str, created: int, chat: bool, include_usage: bool):
+        obj = "chat.completion.chunk" if chat else "text_completion"
+
+        def chunk(piece: str | None, finish: str | None = None, role: bool = False, choices=None,
+                  usage: UsageBody | None = None) -> dict:
+            if choices is None:
+                choices = [ChunkChoice(delta=Delta(role="assistant" if role else None, content=piece),
+                                       finish_reason=finish) if chat
+                           else TextChoice(text=piece or "", finish_reason=finish)]
+            return Completion(id=rid, object=obj, created=created, model=self.model_id, choices=choices,
+                              usage=usage).body()
+
+        try:
+            if chat:
+                yield _sse(chunk("", role=True))
+            while True:
+                kind, value = await job.next()
+                if kind == "piece":
+                    yield _sse(chunk(value))
+                elif kind == "done":
+                    usage: Usage = value
+                    if usage.finish_reason == "cancelled":
+                        return
+                    yield _sse(chunk(None if chat else "", finish=usage.finish_reason))
+                    if include_usage:
+                        yield _sse(chunk(None, choices=[], usage=usage.openai()))
+                    yield "data: [DONE]\n\n"
+                    return
+                elif kind == "error":
+                    yield _sse(engine_error(value, "messages" if chat else "prompt").body())
+                    return
+                else:                                   # cancelled
+                    return
+        finally:
+            job.cancel()                                # a no-op when the job ended by itself
+
+
+def _http_error(request: Request, exc: HTTPException) -> Response:
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+    return APIError(exc.status_code, str(exc.detail), code=code).response(headers=getattr(exc, "headers", None))
+
+
+def _api_error(request: Request, exc: APIError) -> Response:
+    return exc.response()
+
+
+def _client_gone(request: Request, exc: ClientDisconnect) -> Response:
+    return Response(status_code=499)
+
+
+def _internal_error(request: Request, exc: Exception) -> Response:
+    log.error("unexpected error", exc_info=exc)
+    return APIError(500, "internal server error", code="internal_error").response()
+
+
+def create_app(engine, api_key: str | None = None, model_id: str | None = None,
+               max_queue: int = DEFAULT_MAX_QUEUE) -> Starlette:
+    """The ASGI application serving ``engine`` (its worker thread starts with the app's lifespan).
+
+    ``app.state.server`` is the :class:`Server` (its ``worker`` has the counters of ``/health``).
+    """
+    srv = Server(engine, model_id=model_id, max_queue=max_queue)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        srv.worker.start()
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(srv.worker.stop)
+
+    routes = [
+        Route("/health", srv.health, methods=["GET"]),
+        Route("/v1/models", srv.models, methods=["GET"]),
+        Route("/v1/models/{model:path}", srv.model, methods=["GET"]),
+        Route("/v1/chat/completions", srv.chat_completions, methods=["POST"]),
+        Route("/v1/completions", srv.completions, methods=["POST"]),
+    ]
+    handlers = {HTTPException: _http_error, APIError: _api_error, ClientDisconnect: _client_gone,
+                Exception: _internal_error}
+    app = Starlette(routes=routes, exception_handlers=handlers, lifespan=lifespan)
+    app.state.server = srv
+    if api_key:
+        app.add_middleware(_AuthMiddleware, api_key=api_key)
+    return app
+
+
+# -- running it -------------------------------------------------------------------------------
+
+def url_for(host: str, port: int) -> str:
+    try:
+        if ipaddress.ip_address(host).version == 6:
+            host = f"[{host}]"
+    except ValueError:
+        pass
+    return f"http://{host}:{port}"
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def make_server(app, host: str = "127.0.0.1", port: int = 8080, on_ready: Callable[[str], None] | None = None,
+                log_level: str = "warning", graceful_timeout: float = 5.0):
+    """A :class:`uvicorn.Server` for ``app`` that calls ``on_ready(url)`` once it listens.
+
+    ``port=0`` picks a free port; ``on_ready`` gets the URL with the real one. Run it with
+    ``server.run()`` (blocks; Ctrl-C stops it) and stop it from another thread with
+    ``server.should_exit = True``.
+    """
+    import uvicorn
+
+    class _Server(uvicorn.Server):
+        async def startup(self, sockets=None):
+            await super().startup(sockets=sockets)
+            if self.started and not self.should_exit:
+                bound = port
+                for s in getattr(self, "servers", []):
+                    for sock in s.sockets or ():
+                        bound = sock.getsockname()[1]
+                        break
+                self.url = url_for(host, bound)
+                if on_ready is not None:
+                    on_ready(self.url)
+
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False,
+                            lifespan="on", timeout_graceful_shutdown=graceful_timeout)
+    return _Server(config)
+
+
+__all__ = ["MAX_BODY_BYTES", "Server", "create_app", "is_loopback", "make_server", "url_for"]

@@ -1,0 +1,261 @@
+"""The OpenAI wire format: errors, request models (the envelope; sampling fields go through
+:class:`~rosenblatt.params.GenerationParams`) and response bodies."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic_core import PydanticCustomError
+from starlette.responses import JSONResponse
+
+from ..text.chat_template import ChatTemplateError
+from ..errors import ModelFileError
+from ..params import GenerationParams, ParamError, parse
+
+
+log = logging.getLogger("rosenblatt.serve")
+
+
+# -- errors ---------------------------------------------------------------------------------
+
+class APIError(Exception):
+    """An error answered to the client in OpenAI's format."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 type: str | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+        self.type = type or _error_type(status)
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def response(self, headers: dict | None = None) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status, headers=headers)
+
+
+def _error_type(status: int) -> str:
+    if status == 401:
+        return "authentication_error"
+    if status == 404:
+        return "invalid_request_error"
+    if status == 429 or status == 503:
+        return "server_overloaded"
+    if status >= 500:
+        return "server_error"
+    return "invalid_request_error"
+
+
+def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
+    return APIError(400, message, param=param, code=code)
+
+
+def engine_error(e: Exception, param: str) -> APIError:
+    """What the engine raised when a job started, as the answer to the client."""
+    msg = " ".join(str(e).split())
+    if isinstance(e, ModelFileError):       # e.g. an unusable chat template: the model's fault, not the request's
+        return APIError(500, msg, code="model_error")
+    if isinstance(e, ChatTemplateError):
+        return bad_request(msg, param="messages", code="invalid_messages")
+    if isinstance(e, ValueError):
+        if "the context holds" in msg:
+            return bad_request(f"This model's context is too short for the prompt: {msg}", param=param,
+                        code="context_length_exceeded")
+        return bad_request(msg, param=param)
+    log.error("generation failed", exc_info=e)
+    return APIError(500, f"generation failed: {type(e).__name__}", code="internal_error")
+
+
+# -- requests and responses -------------------------------------------------------------------
+#
+# A request's OpenAI envelope (model, messages or prompt, stream, ...) is declared by the models
+# below; its sampling fields are the engine's own declaration, GenerationParams. Both raise a
+# ParamError naming the field, answered as OpenAI's invalid_request_error.
+
+_STRICT = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False)
+#: the envelope keeps the fields it does not declare, to refuse the unsupported ones by name
+_ENVELOPE = ConfigDict(strict=True, extra="allow", allow_inf_nan=False)
+
+
+class StreamOptions(BaseModel):
+    model_config = _STRICT
+    include_usage: bool | None = None
+
+
+class Message(BaseModel):
+    model_config = _STRICT
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_parts(cls, v: Any) -> Any:
+        """Content parts: only text is understood; they are joined into one string."""
+        if isinstance(v, list):
+            for j, part in enumerate(v):
+                if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
+                    raise PydanticCustomError("invalid_value", f"content[{j}]: only text parts are supported")
+            return "".join(part["text"] for part in v)
+        if v is None:
+            raise PydanticCustomError("missing_required_parameter", "is required")
+        return v
+
+
+class OpenAIRequest(BaseModel):
+    """What both endpoints share, besides the sampling fields."""
+    model_config = _ENVELOPE
+    model: str | None = None                 # optional here: there is one model
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
+    n: int | None = Field(None, ge=1)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    max_tokens: int | None = Field(None, ge=0)
+    max_completion_tokens: int | None = Field(None, ge=0)
+
+    def unsupported(self, name: str, ok: Callable[[Any], bool]) -> None:
+        value = (self.model_extra or {}).get(name, getattr(self, name, None))
+        if not ok(value):
+            raise APIError(400, f"'{name}' is not supported by this server", param=name, code="unsupported_parameter")
+
+    def generation(self, body: dict) -> GenerationParams:
+        """The engine's parameters from the request's sampling fields (llama.cpp's extensions
+        top_k, min_p, repeat_penalty, repeat_last_n included)."""
+        if self.n not in (None, 1):
+            raise APIError(400, "only n=1 is supported", param="n", code="unsupported_parameter")
+        for name in ("frequency_penalty", "presence_penalty", "logit_bias"):
+            self.unsupported(name, lambda v: not v)
+        fields = {k: body[k] for k in _SAMPLING_FIELDS if body.get(k) is not None}
+        if isinstance(fields.get("seed"), int) and not isinstance(fields["seed"], bool):
+            fields["seed"] %= 2**64          # OpenAI allows any int64; the sampler wants >= 0
+        max_name = "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"
+        max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+        # omitted: as many as the context holds (the engine caps it)
+        fields["max_new_tokens"] = max_tokens if max_tokens is not None else 1 << 30
+        try:
+            return GenerationParams(**fields)
+        except ParamError as e:
+            name = max_name if e.param == "max_new_tokens" else e.param.split("[")[0]
+            raise bad_request(f"'{name}' {e.problem}", param=name, code=e.kind) from None
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+#: the request fields handed to GenerationParams (max_tokens is mapped by hand)
+_SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repeat_penalty", "repeat_last_n", "seed", "stop")
+
+
+class ChatRequest(OpenAIRequest):
+    messages: list[Message] = Field(min_length=1)
+
+    def checked(self) -> ChatRequest:
+        self.unsupported("logprobs", lambda v: not v)
+        self.unsupported("top_logprobs", lambda v: not v)
+        self.unsupported("tools", lambda v: not v)
+        self.unsupported("functions", lambda v: not v)
+        self.unsupported("response_format", lambda v: v is None or (isinstance(v, dict) and v.get("type") == "text"))
+        return self
+
+    def chat(self) -> list[dict]:
+        return [{"role": "system" if m.role == "developer" else m.role, "content": m.content} for m in self.messages]
+
+
+class CompletionRequest(OpenAIRequest):
+    prompt: str | list[int]
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _one_prompt(cls, v: Any) -> Any:
+        if isinstance(v, list) and len(v) == 1 and isinstance(v[0], (str, list)):
+            v = v[0]                             # a batch of one
+        if isinstance(v, list) and len(v) > 1 and all(isinstance(x, (str, list)) for x in v):
+            raise PydanticCustomError("unsupported_parameter", "only one prompt per request is supported")
+        if isinstance(v, list) and v and all(isinstance(t, int) and not isinstance(t, bool) for t in v):
+            return v
+        if isinstance(v, str):
+            return v
+        raise PydanticCustomError("invalid_type", "must be a string, a list of token ids or a list holding one of those")
+
+    def checked(self, vocab_size: int) -> CompletionRequest:
+        if isinstance(self.prompt, list):
+            bad = [t for t in self.prompt if not 0 <= t < vocab_size]
+            if bad:
+                raise bad_request(f"token id {bad[0]} is outside the vocabulary [0, {vocab_size})", param="prompt",
+                           code="invalid_value")
+        self.unsupported("echo", lambda v: not v)
+        self.unsupported("logprobs", lambda v: v is None)
+        self.unsupported("suffix", lambda v: not v)
+        self.unsupported("best_of", lambda v: v in (None, 1))
+        return self
+
+
+def parse_request(model: type[OpenAIRequest], body: dict):
+    try:
+        return parse(model, body)
+    except ParamError as e:
+        raise bad_request(f"'{e.param}' {e.problem}", param=e.param, code=e.kind) from None
+
+
+class UsageBody(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int = 0
+    message: AssistantMessage
+    logprobs: None = None
+    finish_reason: str
+
+
+class TextChoice(BaseModel):
+    index: int = 0
+    text: str
+    logprobs: None = None
+    finish_reason: str | None = None
+
+
+class Delta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChunkChoice(BaseModel):
+    index: int = 0
+    delta: Delta
+    logprobs: None = None
+    finish_reason: str | None = None
+
+
+class Completion(BaseModel):
+    """A whole answer, or one streamed chunk of it (``object`` says which)."""
+    id: str
+    object: Literal["chat.completion", "chat.completion.chunk", "text_completion"]
+    created: int
+    model: str
+    choices: list[ChatChoice] | list[ChunkChoice] | list[TextChoice]
+    usage: UsageBody | None = None
+
+    def body(self) -> dict:
+        d = self.model_dump()
+        if d["usage"] is None:
+            del d["usage"]
+        for c in d["choices"]:
+            if "delta" in c:
+                c["delta"] = {k: v for k, v in c["delta"].items() if v is not None}
+        return d
+

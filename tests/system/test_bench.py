@@ -1,0 +1,55 @@
+"""`bench --json` smoke test on a tiny fixture (benchmarks are measured, never asserted on time)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from support import micro_path
+
+FIELDS = ("prefill_tok_s", "decode_tok_s", "ttft_s", "load_s", "peak_rss_mb", "threads", "model", "device")
+
+
+def test_bench_json_emits_every_field():
+    out = subprocess.run([sys.executable, "-m", "rosenblatt", "bench", "--model", str(micro_path("qwen2-micro-q4_k_m")),
+                          "--prompt-tokens", "16", "--gen-tokens", "4", "--repeat", "2", "--json"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    res = json.loads(out.stdout)
+    for key in FIELDS:
+        assert key in res, key
+    assert res["model"] == "qwen2-micro-q4_k_m.gguf" and res["device"] == "cpu" and res["threads"] >= 1
+    from rosenblatt import cpu as simd
+    assert res["isa"] == simd.host_isa() and isinstance(res["cpu_features"], list)
+    for key in ("prefill_tok_s", "decode_tok_s", "ttft_s", "load_s", "peak_rss_mb"):
+        assert isinstance(res[key], float) and res[key] > 0, key
+    lo, hi = res["decode_tok_s_range"]
+    assert lo <= res["decode_tok_s"] <= hi
+    assert isinstance(res["decode_step_s"], float) and res["decode_step_s"] > 0
+    split = res["decode_step_split_s"]
+    assert {"matmul", "attention", "norms/rope/act", "sampling", "python/other", "total"} <= set(split)
+    assert abs(sum(v for k, v in split.items() if k != "total") - split["total"]) < 1e-6 + 0.01 * split["total"]
+
+
+def test_bench_batch_reports_the_aggregate_and_the_single_sequence_rate():
+    out = subprocess.run([sys.executable, "-m", "rosenblatt", "bench", "--model", str(micro_path("qwen2-micro-q4_k_m")),
+                          "--prompt-tokens", "8", "--gen-tokens", "4", "--repeat", "1", "--batch", "3", "--json"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    res = json.loads(out.stdout)
+    assert res["batch"] == 3
+    assert res["decode_tok_s"] > 0 and res["decode_tok_s_single"] > 0
+    assert res["decode_tok_s"] != res["decode_tok_s_single"]      # two measurements, not one copied
+
+
+def test_batched_decode_generates_what_each_sequence_generates_alone():
+    from rosenblatt import Engine
+    from rosenblatt.bench import batched_decode
+    engine = Engine.load(micro_path("llama-micro-q8_0"), n_ctx=64)
+    prompts = [[1, 2, 3, 4], [5, 6], [7, 8, 9, 10, 11, 12]]
+    _, together = batched_decode(engine, prompts, 6)
+    for p, ids in zip(prompts, together):
+        engine.reset()
+        engine.generate(p, max_new_tokens=6, temperature=0, ignore_eos=True)
+        assert engine.stats.tokens == ids

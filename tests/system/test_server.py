@@ -1,0 +1,315 @@
+"""The OpenAI-compatible server: the real `openai` client against a real uvicorn on 127.0.0.1.
+
+One server runs in-process on a thread (random free port) for the module, serving the session's
+SmolLM2 engine; the `serve` command itself is tested once as a subprocess (with --api-key).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import sys
+import threading
+import time
+from types import SimpleNamespace
+
+import httpx          # the 'test' extra brings the server's packages and the clients: a missing
+import openai         # one fails the suite instead of skipping it
+import pytest
+import starlette      # noqa: F401
+import uvicorn        # noqa: F401
+
+from support import smollm2_path
+
+MODEL_ID = smollm2_path().stem
+FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
+COUNT = "1, 2, 3, 4, 5,"
+
+
+@pytest.fixture(scope="module")
+def server(smollm2_engine):
+    from rosenblatt.serve import create_app, make_server
+    app = create_app(smollm2_engine)
+    ready, urls = threading.Event(), []
+
+    def on_ready(url):
+        urls.append(url)
+        ready.set()
+
+    srv = make_server(app, host="127.0.0.1", port=0, on_ready=on_ready, graceful_timeout=2)
+    thread = threading.Thread(target=srv.run, name="test-uvicorn", daemon=True)
+    thread.start()
+    try:
+        assert ready.wait(60), "the server did not start"
+        assert urls[0].startswith("http://127.0.0.1:")
+        yield SimpleNamespace(url=urls[0], worker=app.state.server.worker, engine=smollm2_engine)
+    finally:
+        srv.should_exit = True
+        thread.join(30)
+    assert not thread.is_alive(), "the server did not shut down"
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120) as c:
+        yield c
+
+
+def health(server) -> dict:
+    r = httpx.get(server.url + "/health", timeout=10)
+    assert r.status_code == 200
+    return r.json()
+
+
+def wait_idle(server, timeout=60.0) -> dict:
+    """/health once the worker has nothing running or queued."""
+    deadline = time.monotonic() + timeout
+    while True:
+        h = health(server)
+        if not h["busy"] and h["queued"] == 0:
+            return h
+        assert time.monotonic() < deadline, f"the worker stayed busy: {h}"
+        time.sleep(0.05)
+
+
+def test_models_and_health(server, client):
+    assert [m.id for m in client.models.list().data] == [MODEL_ID]
+    assert client.models.retrieve(MODEL_ID).id == MODEL_ID
+    h = health(server)
+    assert h["status"] == "ok" and h["model"] == MODEL_ID
+
+
+def test_chat_completion_streamed_and_not(server, client):
+    eng = server.engine
+    r = client.chat.completions.create(model=MODEL_ID, messages=FRANCE, max_tokens=12, temperature=0)
+    wait_idle(server)                      # the engine is idle: ask it directly for the reference
+    expected = eng.chat(FRANCE, max_new_tokens=12, temperature=0)
+    n_prompt = len(eng.tokenize(eng.apply_chat_template(FRANCE), add_special=False))
+    assert expected.strip()      # (the first token's margin is 0.06 in llama.cpp: no content assertion)
+    assert r.choices[0].message.role == "assistant"
+    assert r.choices[0].message.content == expected
+    finish = eng.stats.finish_reason           # "stop" at <|im_end|> or "length": depends on the near tie
+    assert r.choices[0].finish_reason == finish in ("stop", "length")
+    assert r.usage.prompt_tokens == n_prompt
+    assert r.usage.completion_tokens == eng.stats.generated_tokens
+    assert r.usage.total_tokens == n_prompt + eng.stats.generated_tokens
+    assert r.model == MODEL_ID and r.object == "chat.completion"
+
+    # streamed: the pieces concatenate to the same text; usage comes in a last chunk
+    chunks = list(client.chat.completions.create(model=MODEL_ID, messages=FRANCE, max_tokens=12, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert text == expected and finishes == [finish]
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert chunks[-1].usage.prompt_tokens == n_prompt and chunks[-1].usage.total_tokens == r.usage.total_tokens
+
+    # max_tokens cuts it: finish_reason "length" (max_completion_tokens is the newer name)
+    short = client.chat.completions.create(model=MODEL_ID, messages=FRANCE, max_completion_tokens=3, temperature=0)
+    assert short.choices[0].finish_reason == "length" and short.usage.completion_tokens == 3
+    assert expected.startswith(short.choices[0].message.content)
+
+
+def test_completion_stop_seed_top_p(server, client):
+    eng = server.engine
+    r = client.completions.create(model=MODEL_ID, prompt=COUNT, max_tokens=6, temperature=0)
+    wait_idle(server)
+    expected = eng.generate(COUNT, max_new_tokens=6, temperature=0)
+    assert r.choices[0].text == expected and expected.startswith(" 6,")
+    assert r.choices[0].finish_reason == "length"
+    assert r.usage.completion_tokens == 6 and r.usage.prompt_tokens == len(eng.tokenize(COUNT))
+
+    streamed = list(client.completions.create(model=MODEL_ID, prompt=COUNT, max_tokens=6, temperature=0, stream=True))
+    assert "".join(c.choices[0].text for c in streamed) == expected
+    assert streamed[-1].choices[0].finish_reason == "length"
+
+    cut = client.completions.create(model=MODEL_ID, prompt=COUNT, max_tokens=16, temperature=0, stop=[" 8", "zzz"])
+    assert cut.choices[0].text == " 6, 7," and cut.choices[0].finish_reason == "stop"
+
+    # sampling: the same seed gives the same text; top_p is accepted
+    kw = dict(model=MODEL_ID, prompt="Once upon a time", max_tokens=6, temperature=1.0, top_p=0.9, seed=1234)
+    a = client.completions.create(**kw).choices[0].text
+    b = client.completions.create(**kw).choices[0].text
+    assert a == b and a
+
+
+async def _stream(aclient, req) -> str:
+    if "messages" in req:
+        s = await aclient.chat.completions.create(model=MODEL_ID, stream=True, temperature=0, max_tokens=8, **req)
+        return "".join([c.choices[0].delta.content or "" async for c in s if c.choices])
+    s = await aclient.completions.create(model=MODEL_ID, stream=True, temperature=0, max_tokens=8, **req)
+    return "".join([c.choices[0].text async for c in s])
+
+
+def test_concurrent_streams_are_served_one_after_another(server):
+    distinct = [
+        {"messages": [{"role": "user", "content": "Name a color."}]},
+        {"messages": [{"role": "user", "content": "What is 2 + 2?"}]},
+        {"prompt": "The capital of Italy is"},
+        {"prompt": COUNT},
+    ]
+    requests = distinct * 2                 # 8 at once, each text twice: any mixing shows
+    before = wait_idle(server)
+
+    async def main():
+        async with openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0,
+                                      timeout=120) as aclient:
+            together = await asyncio.gather(*(_stream(aclient, r) for r in requests))
+            alone = [await _stream(aclient, r) for r in distinct]
+        return together, alone
+
+    together, alone = asyncio.run(main())
+    assert len(set(alone)) == len(alone) and all(alone)
+    assert together == alone * 2
+    after = wait_idle(server)
+    assert after["served"] - before["served"] == 12 and after["failed"] == before["failed"]
+
+
+@pytest.mark.slow
+def test_disconnect_stops_generation(server, client):
+    """A client that hangs up stops its generation: non-streamed, streamed, or still queued."""
+    long = {"prompt": COUNT, "max_tokens": 480, "temperature": 0}       # counting goes on and on
+    before = wait_idle(server)
+    # a non-streamed request whose client gives up while it is being generated
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server.url + "/v1/completions", json=long, timeout=httpx.Timeout(30, read=1.0))
+    after = wait_idle(server)
+    assert after["cancelled"] == before["cancelled"] + 1 and after["served"] == before["served"]
+    assert after["last"]["finish_reason"] == "cancelled" and after["last"]["completion_tokens"] < 240
+
+    # a stream whose client reads a few pieces and hangs up ...
+    stream = client.completions.create(model=MODEL_ID, stream=True, **long)
+    pieces = iter(stream)
+    first = [next(pieces).choices[0].text for _ in range(3)]
+    assert "".join(first).strip().startswith("6")
+    # ... while a second client gives up waiting behind it: it is dropped from the queue
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server.url + "/v1/completions", json=long, timeout=httpx.Timeout(30, read=0.5))
+    stream.close()
+    after = wait_idle(server)
+    assert after["cancelled"] == before["cancelled"] + 3 and after["served"] == before["served"]
+    assert after["last"]["finish_reason"] == "cancelled"
+    assert 3 <= after["last"]["completion_tokens"] < 240        # stopped long before max_tokens
+
+    # the next request is served normally
+    r = client.chat.completions.create(model=MODEL_ID, messages=FRANCE, max_tokens=4, temperature=0)
+    assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 4
+    assert wait_idle(server)["served"] == before["served"] + 1
+
+
+LONG = "hello " * 600               # longer than the test engine's 512-token context
+
+BAD = [
+    ("malformed json", "/v1/chat/completions", b'{"messages": [', 400, None, "invalid_json"),
+    ("not an object", "/v1/completions", [1, 2], 400, None, "invalid_json"),
+    ("nested too deep", "/v1/completions", b"[" * 100_000, 400, None, "invalid_json"),
+    ("max_tokens text", "/v1/completions", {"prompt": "Hi", "max_tokens": "ten"}, 400, "max_tokens", "invalid_type"),
+    ("max_tokens negative", "/v1/completions", {"prompt": "Hi", "max_tokens": -1}, 400, "max_tokens", "invalid_value"),
+    ("messages not a list", "/v1/chat/completions", {"messages": "Hi"}, 400, "messages", "invalid_type"),
+    ("message without content", "/v1/chat/completions", {"messages": [{"role": "user"}]}, 400,
+     "messages[0].content", "missing_required_parameter"),
+    ("unknown role", "/v1/chat/completions", {"messages": [{"role": "wizard", "content": "Hi"}]}, 400,
+     "messages[0].role", "invalid_value"),
+    ("no prompt", "/v1/completions", {"max_tokens": 3}, 400, "prompt", "missing_required_parameter"),
+    ("token id out of range", "/v1/completions", {"prompt": [1, 10**9]}, 400, "prompt", "invalid_value"),
+    ("unknown model", "/v1/chat/completions", {"model": "gpt-4o", "messages": FRANCE}, 404, "model",
+     "model_not_found"),
+    ("n=2", "/v1/completions", {"prompt": "Hi", "n": 2}, 400, "n", "unsupported_parameter"),
+    ("logprobs", "/v1/chat/completions", {"messages": FRANCE, "logprobs": True}, 400, "logprobs",
+     "unsupported_parameter"),
+    ("tools", "/v1/chat/completions", {"messages": FRANCE, "tools": [{"type": "function"}]}, 400, "tools",
+     "unsupported_parameter"),
+    ("two prompts", "/v1/completions", {"prompt": ["a", "b"]}, 400, "prompt", "unsupported_parameter"),
+    ("image part", "/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
+     400, "messages[0].content", "invalid_value"),
+    ("max_completion_tokens", "/v1/completions", {"prompt": "Hi", "max_completion_tokens": 1.5}, 400,
+     "max_completion_tokens", "invalid_type"),
+    ("too many stops", "/v1/completions", {"prompt": "Hi", "stop": ["x"] * 17}, 400, "stop", "invalid_value"),
+    ("stop not text", "/v1/completions", {"prompt": "Hi", "stop": ["x", 3]}, 400, "stop", "invalid_type"),
+    ("unknown top_k type", "/v1/completions", {"prompt": "Hi", "top_k": "5"}, 400, "top_k", "invalid_type"),
+    ("temperature", "/v1/completions", {"prompt": "Hi", "temperature": -1}, 400, "temperature", "invalid_value"),
+    ("top_p", "/v1/completions", {"prompt": "Hi", "top_p": True}, 400, "top_p", "invalid_type"),
+    ("stop", "/v1/completions", {"prompt": "Hi", "stop": 5}, 400, "stop", "invalid_type"),
+    ("stream not a bool", "/v1/completions", {"prompt": "Hi", "stream": "yes"}, 400, "stream", "invalid_type"),
+    ("prompt too long", "/v1/completions", {"prompt": LONG, "max_tokens": 2}, 400, "prompt",
+     "context_length_exceeded"),
+    ("chat too long, streamed", "/v1/chat/completions",
+     {"messages": [{"role": "user", "content": LONG}], "stream": True}, 400, "messages", "context_length_exceeded"),
+]
+
+
+@pytest.mark.parametrize("path, body, status, param, code", [b[1:] for b in BAD], ids=[b[0] for b in BAD])
+def test_bad_requests_get_openai_errors(server, path, body, status, param, code):
+    kw = {"content": body} if isinstance(body, bytes) else {"json": body}
+    r = httpx.post(server.url + path, timeout=60, headers={"Content-Type": "application/json"}, **kw)
+    assert r.status_code == status, r.text
+    assert r.headers["content-type"].startswith("application/json")
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    assert err["param"] == param and err["code"] == code and err["message"]
+    assert err["type"] == "invalid_request_error"
+
+
+def test_unknown_paths_and_methods_and_client_errors(server, client):
+    for method, path, status in [("GET", "/v1/nothing", 404), ("GET", "/v1/chat/completions", 405),
+                                 ("GET", "/v1/models/gpt-4o", 404)]:
+        r = httpx.request(method, server.url + path, timeout=10)
+        assert r.status_code == status and set(r.json()["error"]) == {"message", "type", "param", "code"}
+    # the openai client sees the typed errors
+    with pytest.raises(openai.NotFoundError) as e:
+        client.chat.completions.create(model="gpt-4o", messages=FRANCE, max_tokens=2)
+    assert e.value.code == "model_not_found"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=MODEL_ID, prompt=LONG, max_tokens=2, stream=True)
+    assert e.value.code == "context_length_exceeded"
+    # and the server is still fine
+    r = client.completions.create(model=MODEL_ID, prompt=COUNT, max_tokens=2, temperature=0)
+    assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 2
+    assert health(server)["status"] == "ok"
+
+
+@pytest.mark.slow
+def test_serve_command_with_api_key():
+    """`python -m rosenblatt serve` prints its URL, checks the key, stops on Ctrl-C (SIGINT)."""
+    import pexpect
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("ROSENBLATT_API_KEY", None)
+    child = pexpect.spawn(sys.executable, ["-m", "rosenblatt", "serve", "--model", str(smollm2_path()),
+                                           "--port", "0", "--ctx", "256", "--threads", "1", "--api-key", "sekrit"],
+                          env=env, encoding="utf-8", timeout=120)
+    try:
+        child.expect(r"at (http://127\.0\.0\.1:\d+)/v1")
+        url = child.match.group(1)
+        assert MODEL_ID in child.before
+        # no key, a wrong key: 401 with an OpenAI error body; /health needs none
+        for headers in ({}, {"Authorization": "Bearer wrong"}):
+            r = httpx.get(url + "/v1/models", headers=headers, timeout=10)
+            assert r.status_code == 401
+            assert r.json()["error"]["code"] == "invalid_api_key"
+        r = httpx.post(url + "/v1/completions", json={"prompt": "Hi", "max_tokens": 2}, timeout=10)
+        assert r.status_code == 401
+        assert httpx.get(url + "/health", timeout=10).json()["status"] == "ok"
+        with openai.OpenAI(base_url=url + "/v1", api_key="wrong", max_retries=0, timeout=60) as bad:
+            with pytest.raises(openai.AuthenticationError):
+                bad.models.list()
+        with openai.OpenAI(base_url=url + "/v1", api_key="sekrit", max_retries=0, timeout=60) as good:
+            assert [m.id for m in good.models.list().data] == [MODEL_ID]
+            r = good.completions.create(model=MODEL_ID, prompt=COUNT, max_tokens=2, temperature=0)
+            assert r.usage.completion_tokens == 2
+        child.kill(signal.SIGINT)
+        child.expect("server stopped", timeout=30)
+        child.expect(pexpect.EOF, timeout=30)
+        child.close()
+        assert child.exitstatus == 0, child.before
+    finally:
+        if child.isalive():
+            child.terminate(force=True)
+
+
+def test_serve_refuses_a_missing_model():
+    import subprocess
+    out = subprocess.run([sys.executable, "-m", "rosenblatt", "serve", "--model", "no-such-model.gguf", "--port", "0"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and re.search(r"no-such-model\.gguf: no such file", out.stderr)

@@ -1,0 +1,237 @@
+"""Bad model files give one ModelFileError naming the file and the field or tensor."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter
+
+from rosenblatt import Engine, ModelFileError
+
+from support import micro_path
+
+SRC = micro_path("qwen2-micro-q8_0")
+
+
+def rewrite(src, dst, meta=None, drop_meta=(), tensors=None, drop_tensors=()):
+    """Copy a GGUF with metadata overrides {key: (GGUFValueType, value)} and tensor overrides
+    {name: (numpy array, raw GGMLQuantizationType or None)}."""
+    meta, tensors = dict(meta or {}), tensors or {}
+    r = GGUFReader(src)
+    arch = meta.pop("general.architecture", (None, r.fields["general.architecture"].contents()))[1]
+    w = GGUFWriter(str(dst), arch=arch)
+    for key, f in r.fields.items():
+        if key.startswith("GGUF.") or key == "general.architecture" or key in drop_meta or key in meta:
+            continue
+        vtype = f.types[0]
+        if vtype == GGUFValueType.ARRAY:
+            w.add_key_value(key, f.contents(), vtype, sub_type=f.types[-1])
+        else:
+            w.add_key_value(key, f.contents(), vtype)
+    for key, (vtype, value) in meta.items():
+        w.add_key_value(key, value, vtype)
+    for t in r.tensors:
+        if t.name in drop_tensors:
+            continue
+        if t.name in tensors:
+            data, raw = tensors[t.name]
+            w.add_tensor(t.name, data, raw_dtype=raw)
+        else:
+            w.add_tensor(t.name, np.asarray(t.data), raw_dtype=t.tensor_type)  # data already in byte shape
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return dst
+
+
+def expect_error(path, *fragments):
+    with pytest.raises(ModelFileError) as ei:
+        Engine.load(path, n_ctx=32)
+    msg = str(ei.value)
+    assert "\n" not in msg and str(path) in msg, msg
+    for f in fragments:
+        assert f in msg, f"{f!r} not in {msg!r}"
+    return msg
+
+
+def test_rewrite_helper_roundtrip(tmp_path):
+    p = rewrite(SRC, tmp_path / "same.gguf")
+    a = Engine.load(SRC, n_ctx=32).logits([1, 2, 3])
+    b = Engine.load(p, n_ctx=32).logits([1, 2, 3])
+    assert np.array_equal(a, b)
+
+
+def test_missing_file(tmp_path):
+    expect_error(tmp_path / "nope.gguf", "cannot open")
+
+
+def test_not_a_gguf(tmp_path):
+    p = tmp_path / "text.gguf"
+    p.write_text("hello, I am not a model\n")
+    expect_error(p, "not a GGUF")
+
+
+def test_empty_file(tmp_path):
+    p = tmp_path / "empty.gguf"
+    p.write_bytes(b"")
+    expect_error(p, "not a GGUF")
+
+
+@pytest.mark.parametrize("cut", [8, 100, 5000, 1_000_000])
+def test_truncated(tmp_path, cut):
+    p = tmp_path / "cut.gguf"
+    p.write_bytes(SRC.read_bytes()[:cut])
+    expect_error(p)
+
+
+def test_tensor_data_past_end_names_the_tensor(tmp_path):
+    data = SRC.read_bytes()
+    p = tmp_path / "short.gguf"
+    p.write_bytes(data[:-1000])
+    last = max(GGUFReader(SRC).tensors, key=lambda t: t.data_offset).name
+    expect_error(p, f"tensor {last!r}", "past the end")
+
+
+def test_unknown_architecture(tmp_path):
+    p = rewrite(SRC, tmp_path / "a.gguf", meta={"general.architecture": (GGUFValueType.STRING, "gptj")})
+    expect_error(p, "general.architecture", "gptj")
+
+
+@pytest.mark.parametrize("key,value,fragment", [
+    ("qwen2.attention.head_count", 0, "below the minimum"),
+    ("qwen2.attention.head_count_kv", 3, "does not divide"),
+    ("qwen2.block_count", 10**6, "above the maximum"),
+    ("qwen2.embedding_length", 300, "token_embd"),
+])
+def test_absurd_metadata(tmp_path, key, value, fragment):
+    p = rewrite(SRC, tmp_path / "m.gguf", meta={key: (GGUFValueType.UINT32, value)})
+    expect_error(p, fragment)
+
+
+def test_metadata_of_wrong_type(tmp_path):
+    p = rewrite(SRC, tmp_path / "t.gguf", meta={"qwen2.block_count": (GGUFValueType.STRING, "two")})
+    expect_error(p, "qwen2.block_count", "integer")
+
+
+def test_missing_metadata(tmp_path):
+    p = rewrite(SRC, tmp_path / "k.gguf", drop_meta=("qwen2.embedding_length",))
+    expect_error(p, "qwen2.embedding_length", "missing")
+
+
+def test_missing_tensor(tmp_path):
+    p = rewrite(SRC, tmp_path / "t.gguf", drop_tensors=("blk.1.ffn_up.weight",))
+    expect_error(p, "blk.1.ffn_up.weight", "missing")
+
+
+def test_wrong_tensor_shape(tmp_path):
+    p = rewrite(SRC, tmp_path / "s.gguf", tensors={"blk.0.attn_q.weight": (np.zeros((200, 256), np.float32), None)})
+    expect_error(p, "blk.0.attn_q.weight", "[256, 200]", "expected [256, 256]")
+
+
+def test_unsupported_tensor_type(tmp_path):
+    blocks = np.zeros((256, 256 // 32 * 18), np.uint8)   # IQ4_NL: 32-element blocks of 18 bytes
+    p = rewrite(SRC, tmp_path / "u.gguf",
+                tensors={"blk.0.attn_q.weight": (blocks, GGMLQuantizationType.IQ4_NL)})
+    expect_error(p, "blk.0.attn_q.weight", "IQ4_NL", "not supported")
+
+
+def test_unknown_tensor_type_code(tmp_path):
+    data = bytearray(SRC.read_bytes())
+    name = b"blk.0.attn_q.weight"
+    i = data.index(name) + len(name)
+    n_dims = int.from_bytes(data[i:i + 4], "little")
+    type_at = i + 4 + 8 * n_dims
+    data[type_at:type_at + 4] = (200).to_bytes(4, "little")
+    p = tmp_path / "code.gguf"
+    p.write_bytes(bytes(data))
+    expect_error(p, "blk.0.attn_q.weight", "unknown tensor type code 200")
+
+
+def test_source_file_is_never_modified(tmp_path):
+    before = SRC.stat().st_mtime_ns, SRC.read_bytes()
+    Engine.load(SRC, n_ctx=32).logits([1, 2])
+    assert (SRC.stat().st_mtime_ns, SRC.read_bytes()) == before
+
+
+MUTATION_SCRIPT = textwrap.dedent("""
+    import json, sys, tracemalloc, numpy as np
+    from rosenblatt import Engine, ModelFileError
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+    src, workdir, n, seed = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+    original = open(src, 'rb').read()
+    data_start = GGUFReader(src).data_offset
+    rng = np.random.default_rng(seed)
+    Engine.load(src, n_ctx=8).logits([1, 2, 3])   # compile/load the kernels before measuring
+    results = {'loaded': 0, 'refused': 0, 'nonfinite_with_bad_weights': 0, 'max_alloc_ratio': 0.0}
+    for i in range(n):
+        buf = bytearray(original)
+        kind = i % 3
+        if kind == 0:
+            buf = buf[:int(rng.integers(0, len(buf)))]
+        else:
+            # flips land in the header (metadata + tensor infos) two times out of three
+            hi = data_start if kind == 1 else len(buf)
+            for pos in rng.integers(0, hi, size=int(rng.integers(1, 9))):
+                buf[pos] ^= 1 << int(rng.integers(0, 8))
+        path = f"{workdir}/m{i}.gguf"
+        open(path, 'wb').write(bytes(buf))
+        tracemalloc.start()
+        try:
+            e = Engine.load(path, n_ctx=8)
+            _, peak = tracemalloc.get_traced_memory()
+            tracemalloc.stop()
+            results['max_alloc_ratio'] = max(results['max_alloc_ratio'], peak / len(buf))
+            out = e.logits([1, 2, 3])
+            results['loaded'] += 1
+            if not np.isfinite(out).all():
+                # acceptable only when the flipped bytes made a weight non-finite
+                r = GGUFReader(path)
+                bad = any(not np.isfinite(np.asarray(dequantize(t.data, t.tensor_type))).all() for t in r.tensors)
+                assert bad, f"mutation {i}: non-finite logits from finite weights"
+                results['nonfinite_with_bad_weights'] += 1
+        except ModelFileError as err:
+            tracemalloc.stop()
+            assert '\\n' not in str(err)
+            results['refused'] += 1
+    print(json.dumps(results))
+""")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("src", ["qwen2-micro-q4_k_m", "llama-micro-q4_0"])
+@pytest.mark.slow
+def test_mutated_files_load_or_refuse_cleanly(tmp_path, src):
+    """>= 200 truncated/bit-flipped copies: each loads and runs, or raises ModelFileError;
+    no crash, no hang (subprocess with a time limit), and loading allocates less than the file size."""
+    proc = subprocess.run([sys.executable, "-c", MUTATION_SCRIPT, str(micro_path(src)), str(tmp_path), "120", "11"],
+                          capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert res["loaded"] + res["refused"] == 120
+    assert res["refused"] >= 40 and res["loaded"] >= 10, res
+    assert res["max_alloc_ratio"] < 1.0, res
+
+
+def test_broken_chat_template_loads_but_chat_names_the_field(tmp_path):
+    p = rewrite(SRC, tmp_path / "tpl.gguf",
+                meta={"tokenizer.chat_template": (GGUFValueType.STRING, "{% if messages %}{{ oops }")})
+    e = Engine.load(p, n_ctx=32)
+    assert e.logits([1, 2]).shape == (2, e.config.vocab_size)
+    # plain generation does not use the template: the same text as the untouched file's
+    assert e.generate("hi", max_new_tokens=2, temperature=0) == \
+        Engine.load(SRC, n_ctx=32).generate("hi", max_new_tokens=2, temperature=0)
+    with pytest.raises(ModelFileError, match="tokenizer.chat_template"):
+        e.chat([{"role": "user", "content": "hi"}])
+
+
+def test_bad_tokenizer_metadata_is_a_model_file_error(tmp_path):
+    p = rewrite(SRC, tmp_path / "tok.gguf", meta={"tokenizer.ggml.pre": (GGUFValueType.STRING, "no-such-pre")})
+    expect_error(p, "no-such-pre")
