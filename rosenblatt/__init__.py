@@ -8,7 +8,7 @@ import os as _os
 # Must be set before numba starts its thread pool; a user's own setting wins.
 _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-# numba's cache must key this package's compiled functions on the whole package (see jit.py)
+# numba's cache must key this package's compiled functions on the whole package (see cpu/jit.py)
 # before any of them is decorated
 from .cpu import jit as _jit  # noqa: E402,F401
 
@@ -16,10 +16,12 @@ from .text.chat_template import ChatTemplate  # noqa: E402
 from .engine import Engine  # noqa: E402
 from .generate import GenerationResponse, GenerationStats  # noqa: E402
 from .errors import ModelFileError, RosenblattError  # noqa: E402
+from .params import GenerationParams, ParamError  # noqa: E402
 from .sampling import Sampler, SamplingParams  # noqa: E402
 from .text.tokenizer import Tokenizer  # noqa: E402
 
 __version__ = "0.1.0"
 
-__all__ = ["ChatTemplate", "Engine", "GenerationResponse", "GenerationStats", "ModelFileError", "RosenblattError", "Sampler",
+__all__ = ["ChatTemplate", "Engine", "GenerationParams", "GenerationResponse", "GenerationStats", "ModelFileError",
+           "ParamError", "RosenblattError", "Sampler",
            "SamplingParams", "Tokenizer", "__version__"]
