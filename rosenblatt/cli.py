@@ -378,18 +378,29 @@ def probe(sim, as_json, board_name):
 @click.option("--ctx", "n_ctx", type=click.IntRange(min=16), default=4096, show_default=True,
               help="Context size in tokens (capped by the model's).")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads (default: all cores).")
+@click.option("--read-timeout", type=click.FloatRange(min=0.1), default=30.0, show_default=True,
+              help="Seconds a request's headers and body may take to arrive; a slower connection is closed.")
+@click.option("--queue-timeout", type=click.FloatRange(min=0.1), default=600.0, show_default=True,
+              help="Seconds a request may wait for the model; after that it gets 503.")
+@click.option("--max-queue", type=click.IntRange(min=1), default=64, show_default=True,
+              help="Requests waiting for the model at most; more get 503.")
+@click.option("--max-connections", type=click.IntRange(min=1), default=128, show_default=True,
+              help="Connections served at once; a request beyond them gets 503.")
 @user_errors
-def serve(model, host, port, device, api_key, n_ctx, threads):
+def serve(model, host, port, device, api_key, n_ctx, threads, read_timeout, queue_timeout, max_queue,
+          max_connections):
     """OpenAI-compatible HTTP server: /v1/chat/completions, /v1/completions, /v1/models, /health.
 
     Requests are answered one at a time, in arrival order (streaming with "stream": true).
+    Limits: request bodies up to 4 MiB, --read-timeout for a request to arrive, --max-queue
+    waiting requests for at most --queue-timeout seconds, --max-connections at once.
     """
     try:
         from .serve import create_app, is_loopback, make_server
     except ImportError as e:
         _fail(f"the server needs starlette and uvicorn: pip install 'rosenblatt[server]' ({e})")
     engine = load_engine(model, n_ctx, threads, device=device)
-    app = create_app(engine, api_key=api_key)
+    app = create_app(engine, api_key=api_key, max_queue=max_queue, queue_timeout=queue_timeout)
     model_id = app.state.server.model_id
     if not is_loopback(host) and not api_key:
         click.echo(f"warning: listening on {host} without --api-key: anyone who can reach it can use it", err=True)
@@ -398,7 +409,8 @@ def serve(model, host, port, device, api_key, n_ctx, threads):
         click.echo(f"serving {model_id} ({engine.config.arch}, {engine.device}, ctx {engine.n_ctx}) "
                    f"at {url}/v1  (Ctrl-C to stop)")
 
-    server = make_server(app, host=host, port=port, on_ready=ready)
+    server = make_server(app, host=host, port=port, on_ready=ready, read_timeout=read_timeout,
+                         max_connections=max_connections)
     try:
         server.run()
     except KeyboardInterrupt:           # uvicorn re-raises the Ctrl-C it handled

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 import os
 from collections.abc import Iterator, Mapping, Sequence
 
@@ -14,8 +15,9 @@ from .cpu import jit
 from .errors import ModelFileError
 from .generate import GenerationResponse, GenerationStats, stream_generate
 from .gguf.file import GGUFFile
+from .gguf.quants import nonfinite
 from .models import build_model
-from .params import GenerationParams
+from .params import GenerationParams, ParamError
 from .sampling import Sampler
 from .text.tokenizer import Tokenizer
 
@@ -102,12 +104,39 @@ class Engine:
                 self.tokenizer.encode("Hello", add_special=False)
         self.reset()
 
-    def _check_tokens(self, token_ids: Sequence[int]) -> np.ndarray:
-        ids = np.asarray(token_ids, dtype=np.int64).reshape(-1)
-        if ids.size and (ids.min() < 0 or ids.max() >= self.config.vocab_size):
-            bad = int(ids[(ids < 0) | (ids >= self.config.vocab_size)][0])
-            raise ValueError(f"token id {bad} is outside the vocabulary [0, {self.config.vocab_size})")
-        return ids
+    def _check_tokens(self, token_ids, name: str = "token_ids") -> np.ndarray:
+        """Token ids as int64, or a :class:`ParamError` naming ``name``: a sequence (or 1-D integer
+        array) of integers inside the vocabulary; bools, floats and strings are refused, not cast."""
+        vocab = self.config.vocab_size
+        if isinstance(token_ids, np.ndarray):
+            if token_ids.ndim != 1 or token_ids.dtype.kind not in "iu":
+                raise ParamError(name, f"must be a 1-D array of integer token ids, got {token_ids.dtype} "
+                                 f"with shape {token_ids.shape}", "invalid_type")
+            values = token_ids
+        elif isinstance(token_ids, Sequence) and not isinstance(token_ids, (str, bytes)):
+            for t in token_ids:
+                if isinstance(t, (bool, np.bool_)) or not isinstance(t, numbers.Integral):
+                    raise ParamError(name, f"token ids are integers, got {t!r}", "invalid_type")
+            values = token_ids
+        else:
+            raise ParamError(name, f"must be a list of token ids, got {type(token_ids).__name__}", "invalid_type")
+        bad = next((int(t) for t in values if not 0 <= int(t) < vocab), None)
+        if bad is not None:
+            raise ParamError(name, f"token id {bad} is outside the vocabulary [0, {vocab}) of "
+                             f"{os.path.basename(self.path)}")
+        return np.asarray(values, dtype=np.int64)
+
+    def _check_finite(self, out: np.ndarray, start: int) -> None:
+        """Non-finite logits come from a weight with NaN or infinite values: name it."""
+        if np.isfinite(out).all():
+            return
+        g = self.gguf
+        bad = next((n for n, t in g.tensors.items() if nonfinite(int(t.qtype), t.data)), None)
+        self.reset()
+        if bad is not None:
+            raise ModelFileError(self.path, f"tensor {bad!r}", "holds NaN or infinite values (the logits are not finite)")
+        raise ModelFileError(self.path, "weights", f"the forward's logits are not finite from position {start} "
+                             "(every tensor's stored values are finite: an overflow)")
 
     def eval(self, token_ids: Sequence[int], logits: str = "last") -> np.ndarray | None:
         """Append ``token_ids`` to the context (KV cache) and return logits ("all", "last" or "none")."""
@@ -120,8 +149,10 @@ class Engine:
             chunk = ids[s:s + step]
             last = s + step >= len(ids)
             mode = logits if (logits == "all" or last) else "none"
+            start = self.cache.length
             out = self.model.forward(chunk, self.cache, logits=mode)
             if out is not None:
+                self._check_finite(out, start)
                 parts.append(out)
         if logits == "none" or not parts:
             return None
@@ -129,11 +160,12 @@ class Engine:
 
     def logits(self, token_ids: Sequence[int]) -> np.ndarray:
         """Logits after every position of ``token_ids``, [len, vocab] float32, in a fresh context."""
+        ids = self._check_tokens(token_ids)
         self.reset()
-        if len(token_ids) == 0:
+        if ids.size == 0:
             return np.zeros((0, self.config.vocab_size), dtype=np.float32)
-        out = self.eval(token_ids, logits="all")
-        self._context = [int(t) for t in token_ids]
+        out = self.eval(ids, logits="all")
+        self._context = ids.tolist()
         return out
 
     def reset(self) -> None:
@@ -209,9 +241,9 @@ class Engine:
             raise TypeError(f"params must be a GenerationParams, got {type(p).__name__}")
         tok = self._tok()
         ids = tok.encode(prompt, add_special=add_special, parse_special=True) if isinstance(prompt, str) \
-            else [int(t) for t in prompt]
+            else self._check_tokens(prompt, "prompt").tolist()
         if not ids:
-            raise ValueError("the prompt is empty (no tokens)")
+            raise ParamError("prompt", f"is empty (no tokens for {os.path.basename(self.path)})")
         max_new_tokens = p.max_new_tokens
         if len(ids) + max_new_tokens > self.n_ctx:
             if len(ids) >= self.n_ctx:

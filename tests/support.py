@@ -7,7 +7,7 @@ from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T, GGUFReader, GGUFValueType, GGUFWriter
 
 FIXTURES = Path(__file__).parent / "fixtures"
 MODELS = FIXTURES / "models"
@@ -92,3 +92,35 @@ def random_blocks(rng, qtype, n_blocks, small=False):
     for off in FP16_FIELDS[qtype]:
         raw[:, off:off + 2] = finite_f16_bits(rng, n_blocks, small).view(np.uint8).reshape(n_blocks, 2)
     return raw.reshape(-1)
+
+
+def rewrite(src, dst, meta=None, drop_meta=(), tensors=None, drop_tensors=()):
+    """Copy a GGUF with metadata overrides {key: (GGUFValueType, value)} and tensor overrides
+    {name: (numpy array, raw GGMLQuantizationType or None)}."""
+    meta, tensors = dict(meta or {}), tensors or {}
+    r = GGUFReader(src)
+    arch = meta.pop("general.architecture", (None, r.fields["general.architecture"].contents()))[1]
+    w = GGUFWriter(str(dst), arch=arch)
+    for key, f in r.fields.items():
+        if key.startswith("GGUF.") or key == "general.architecture" or key in drop_meta or key in meta:
+            continue
+        vtype = f.types[0]
+        if vtype == GGUFValueType.ARRAY:
+            w.add_key_value(key, f.contents(), vtype, sub_type=f.types[-1])
+        else:
+            w.add_key_value(key, f.contents(), vtype)
+    for key, (vtype, value) in meta.items():
+        w.add_key_value(key, value, vtype)
+    for t in r.tensors:
+        if t.name in drop_tensors:
+            continue
+        if t.name in tensors:
+            data, raw = tensors[t.name]
+            w.add_tensor(t.name, data, raw_dtype=raw)
+        else:
+            w.add_tensor(t.name, np.asarray(t.data), raw_dtype=t.tensor_type)  # data already in byte shape
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return dst

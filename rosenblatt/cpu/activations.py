@@ -44,7 +44,9 @@ def quantize_activations(x: np.ndarray, fmt: int = Q8_32) -> Activations:
     As llama.cpp's SIMD paths do: per 32 values (ggml's Q8_0), q = rint(x * 127 / max|x|) and
     d = max|x| / 127, with sums d * sum(q); per 256 (ggml's Q8_K), q = rint(x * -127 / m) and
     d = 1 / (-127 / m) with m the value of largest magnitude (so d < 0 when m > 0), with the
-    integer sums of every 16 quants. rint rounds half to even."""
+    integer sums of every 16 quants. rint rounds half to even. A block holding a NaN or an infinity
+    gets a NaN scale, so non-finite activations stay non-finite through the integer kernels (the
+    engine then names the weight at fault) instead of turning into finite noise."""
     m, k = x.shape
     buf = np.empty((m, k // fmt * ACT_BLOCK[fmt]), dtype=np.uint8)
     acts = Activations(buf, fmt, k)
@@ -60,8 +62,12 @@ def _q32_row(x, buf):
         o = 64 * b
         q = buf[o:o + 32].view(np.int8)
         amax = np.float32(0.0)
+        bad = np.float32(0.0)          # 0, or NaN once a value is NaN or infinite
         for i in range(32):
             amax = max(amax, abs(x[32 * b + i]))
+            bad += x[32 * b + i] * np.float32(0.0)
+        if bad != 0:                   # a non-finite activation gives a NaN scale, not finite noise
+            amax = bad
         inv = np.float32(127.0) / amax if amax > 0 else np.float32(0.0)
         total = 0
         for i in range(32):
@@ -82,11 +88,16 @@ def _q256_row(x, buf):
         s = buf[o + 260:o + 292].view(np.int16)
         amax = np.float32(0.0)
         top = np.float32(0.0)
+        bad = np.float32(0.0)
         for i in range(256):
             v = x[256 * b + i]
+            bad += v * np.float32(0.0)
             if abs(v) > amax:
                 amax = abs(v)
                 top = v
+        if bad != 0:
+            amax = bad
+            top = bad
         inv = np.float32(-127.0) / top if amax > 0 else np.float32(0.0)
         for g in range(16):
             total = 0
@@ -95,7 +106,7 @@ def _q256_row(x, buf):
                 q[i] = qi
                 total += qi
             s[g] = total
-        buf[o + 256:o + 260].view(np.float32)[0] = np.float32(1.0) / inv if amax > 0 else np.float32(0.0)
+        buf[o + 256:o + 260].view(np.float32)[0] = np.float32(1.0) / inv if amax > 0 else amax * np.float32(0.0)
 
 
 @njit(nogil=True, cache=True)

@@ -28,6 +28,36 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, GGUFValueTy
 from ..errors import ModelFileError
 
 GGUF_MAGIC = b"GGUF"
+#: the fixed header: magic, version (u32), tensor count (u64), metadata count (u64)
+HEADER_BYTES = 24
+#: the fewest bytes one metadata entry takes (key length u64, a 1-byte key, type u32, a u8 value)
+MIN_KV_BYTES = 14
+#: the fewest bytes one tensor description takes (name length u64, a 1-byte name, n_dims u32,
+#: one u64 dimension, type u32, offset u64)
+MIN_TENSOR_INFO_BYTES = 33
+#: ggml's limits: a tensor has at most 4 dimensions and a name shorter than 64 bytes
+MAX_DIMS = 4
+MAX_NAME_BYTES = 63
+#: the fewest bytes one element of an array of each type takes (strings: their u64 length)
+_MIN_ITEM_BYTES = {GGUFValueType.STRING: 8, GGUFValueType.ARRAY: 12}
+_TYPE_CODES = frozenset(int(t) for t in GGMLQuantizationType)
+
+
+def _check_counts(path: str, head: bytes, file_size: int) -> None:
+    """The header's counts against the bytes that follow it: a file that claims more metadata
+    entries or tensors than its size can hold is refused before anything walks them (a count of
+    2**64 - 1 would otherwise have the reader create records until memory runs out)."""
+    if len(head) < HEADER_BYTES:
+        raise ModelFileError(path, "header", f"truncated: {len(head)} bytes, a GGUF header has {HEADER_BYTES}")
+    n_tensors, n_kv = struct.unpack_from("<QQ", head, 8)
+    room = file_size - HEADER_BYTES
+    if n_kv > room // MIN_KV_BYTES:
+        raise ModelFileError(path, "header", f"claims {n_kv} metadata entries; the file's {file_size} bytes "
+                             f"hold at most {room // MIN_KV_BYTES}")
+    room -= n_kv * MIN_KV_BYTES
+    if n_tensors > room // MIN_TENSOR_INFO_BYTES:
+        raise ModelFileError(path, "header", f"claims {n_tensors} tensors; the file's {file_size} bytes "
+                             f"hold at most {room // MIN_TENSOR_INFO_BYTES} next to its metadata")
 
 
 @dataclass(frozen=True)
@@ -167,6 +197,7 @@ class _CheckedReader(GGUFReader):
     def __init__(self, path: str):
         self._path = path
         self._plain: np.ndarray | None = None
+        self._tensor_names: set[str] = set()
         self.array_values: dict[int, Any] = {}  # id(part) -> decoded array value (see below)
         super().__init__(path, "r")
 
@@ -195,8 +226,10 @@ class _CheckedReader(GGUFReader):
         count = int(alen[0])
         start = orig_offs + 12
         buf = self._plain
-        if count > buf.shape[0] - start:
-            raise ValueError(f"array of {count} items cannot fit in the file")
+        min_item = _MIN_ITEM_BYTES.get(itype) or np.dtype(self.gguf_scalar_to_np.get(itype, np.uint8)).itemsize
+        if count > (buf.shape[0] - start) // min_item:
+            raise ValueError(f"an array of {count} {itype.name} items cannot fit in the "
+                             f"{buf.shape[0] - start} bytes left in the file")
         if itype == GGUFValueType.STRING:
             # Only the offsets of the length fields are kept (see StringArray); the strings are
             # checked to be UTF-8 here, all at once, so that a bad file is refused at open.
@@ -227,6 +260,31 @@ class _CheckedReader(GGUFReader):
             off = start + blob.nbytes
         self.array_values[id(blob)] = values
         return off - orig_offs, [raw_itype, alen, blob], [2], [GGUFValueType.ARRAY, itype]
+
+    def _get_tensor_info_field(self, orig_offs: int):
+        """One tensor description, checked as it is read: the first nonsense record (an empty or
+        overlong name, a repeated name, 0 or more than 4 dimensions, an unknown type) ends the
+        parse, instead of the reader walking every record a corrupt count claims."""
+        index = len(self._tensor_names)
+        try:
+            field = super()._get_tensor_info_field(orig_offs)
+        except ValueError as e:     # a read past the end
+            raise ModelFileError(self._path, f"tensor info {index}", " ".join(str(e).split())) from None
+        name_len, name_data, n_dims, dims, raw_dtype, _offset = field.parts
+        name = bytes(name_data).decode("utf-8", errors="replace")
+        where = f"tensor info {index} ({name!r})" if name else f"tensor info {index}"
+        if not 0 < int(name_len[0]) <= MAX_NAME_BYTES:
+            raise ModelFileError(self._path, where, f"name of {int(name_len[0])} bytes (1 to {MAX_NAME_BYTES} allowed)")
+        if name in self._tensor_names:
+            raise ModelFileError(self._path, where, "a second tensor of that name")
+        if not 1 <= int(n_dims[0]) <= MAX_DIMS:
+            raise ModelFileError(self._path, where, f"{int(n_dims[0])} dimensions (1 to {MAX_DIMS} allowed)")
+        if int(raw_dtype[0]) not in _TYPE_CODES:
+            raise ModelFileError(self._path, f"tensor {name!r}", f"unknown tensor type code {int(raw_dtype[0])}")
+        if any(int(d) == 0 for d in dims):
+            raise ModelFileError(self._path, f"tensor {name!r}", f"invalid shape {[int(d) for d in dims]}")
+        self._tensor_names.add(name)
+        return field
 
     def _build_tensors(self, start_offs: int, fields: list) -> None:  # noqa: D401 (gguf hook)
         file_size = int(self.data.shape[0])
@@ -289,11 +347,13 @@ class GGUFFile:
         try:
             self.file_size = os.path.getsize(self.path)
             with open(self.path, "rb") as fh:
-                magic = fh.read(4)
+                head = fh.read(HEADER_BYTES)
         except OSError as e:
             raise ModelFileError(self.path, "", f"cannot open: {e.strerror or e}") from None
+        magic = head[:4]
         if magic != GGUF_MAGIC:
             raise ModelFileError(self.path, "header", f"not a GGUF file (magic {magic!r}, expected b'GGUF')")
+        _check_counts(self.path, head, self.file_size)
         try:
             reader = _CheckedReader(self.path)
         except ModelFileError:

@@ -349,3 +349,26 @@ def dequantize(data: np.ndarray, qtype: int, row_len: int) -> np.ndarray:
     out = np.empty((rows.shape[0], row_len), dtype=np.float32)
     dequant_row_range(qtype, rows, 0, out)
     return out
+
+
+#: byte offsets of the float16 scale fields inside one block of each quantized type
+SCALE_FIELDS = {Q4_0: (0,), Q4_1: (0, 2), Q5_0: (0,), Q5_1: (0, 2), Q8_0: (0,),
+                Q2_K: (80, 82), Q3_K: (108,), Q4_K: (0, 2), Q5_K: (0, 2), Q6_K: (208,)}
+
+
+def nonfinite(qtype: int, data: np.ndarray) -> bool:
+    """Whether a tensor's stored values hold a NaN or an infinity: the elements of F32/F16/BF16
+    tensors, the float16 scales of quantized blocks (their quants are integers). One strided read
+    of the tensor; meant for diagnosing a forward that produced non-finite logits."""
+    if qtype == F32:
+        return not np.isfinite(data.view(np.float32)).all()
+    if qtype == F16:
+        return not np.isfinite(data.view(np.float16)).all()
+    if qtype == BF16:
+        return bool(((data.view(np.uint16) & 0x7F80) == 0x7F80).any())
+    fields = SCALE_FIELDS.get(qtype)
+    if fields is None:
+        return False
+    blocks = data.reshape(-1, type_size(qtype))
+    # a float16 is NaN or infinite when its exponent bits are all ones: bits 2-6 of the high byte
+    return any(((blocks[:, o + 1] & 0x7C) == 0x7C).any() for o in fields)

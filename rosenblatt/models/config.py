@@ -81,6 +81,10 @@ class ModelConfig:
             raise ModelFileError(g.path, f"metadata {a + 'attention.head_count_kv'!r}",
                                  f"{n_kv} does not divide the head count {n_heads}")
         default_hd = d_model // n_heads if d_model % n_heads == 0 else 0
+        if not default_hd and g.get(a + "attention.key_length") is None:
+            raise ModelFileError(g.path, f"metadata {a + 'embedding_length'!r}",
+                                 f"{d_model} is not a multiple of the head count {n_heads}, and no "
+                                 f"{a + 'attention.key_length'!r} gives the head size")
         head_dim = g.get_int(a + "attention.key_length", default_hd or None, minimum=2, maximum=4096)
         head_dim_v = g.get_int(a + "attention.value_length", head_dim, minimum=1, maximum=4096)
         rope_dim = g.get_int(a + "rope.dimension_count", head_dim, minimum=2, maximum=head_dim)

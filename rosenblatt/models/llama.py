@@ -35,7 +35,10 @@ def _vector(g: GGUFFile, name: str, length: int) -> np.ndarray:
         raise ModelFileError(g.path, f"tensor {name!r}", f"shape {list(t.shape)}, expected [{length}]")
     if int(t.qtype) not in (F32, F16):
         raise ModelFileError(g.path, f"tensor {name!r}", f"type {t.qtype.name}, expected F32 or F16")
-    return dequantize(t.data, int(t.qtype), length).reshape(length)
+    v = dequantize(t.data, int(t.qtype), length).reshape(length)
+    if not np.isfinite(v).all():
+        raise ModelFileError(g.path, f"tensor {name!r}", "holds NaN or infinite values")
+    return v
 
 
 def _matrix(g: GGUFFile, name: str, n_in: int, n_out: int, backend: MatmulBackend):

@@ -24,7 +24,7 @@ from starlette.routing import Route
 
 from .protocol import (APIError, AssistantMessage, ChatChoice, ChatRequest, ChunkChoice, Completion, CompletionRequest,
                        Delta, OpenAIRequest, TextChoice, UsageBody, bad_request, engine_error, parse_request)
-from .worker import DEFAULT_MAX_QUEUE, EngineWorker, Job, Usage
+from .worker import DEFAULT_MAX_QUEUE, DEFAULT_QUEUE_TIMEOUT, EngineWorker, Job, Usage
 
 
 log = logging.getLogger("rosenblatt.serve")
@@ -32,6 +32,11 @@ log = logging.getLogger("rosenblatt.serve")
 
 #: request bodies larger than this are refused (413)
 MAX_BODY_BYTES = 4 * 2**20
+#: a request's headers and body must arrive within this many seconds of the connection (or of the
+#: previous request's end); a connection that stalls longer is closed
+DEFAULT_READ_TIMEOUT = 30.0
+#: at most this many connections at once; a request beyond them gets 503 (uvicorn's limit)
+DEFAULT_MAX_CONNECTIONS = 128
 
 
 # -- the application --------------------------------------------------------------------------
@@ -112,7 +117,8 @@ class _AuthMiddleware:
 class Server:
     """The state behind the routes: the engine's worker, the model's names."""
 
-    def __init__(self, engine, model_id: str | None = None, max_queue: int = DEFAULT_MAX_QUEUE):
+    def __init__(self, engine, model_id: str | None = None, max_queue: int = DEFAULT_MAX_QUEUE,
+                 queue_timeout: float = DEFAULT_QUEUE_TIMEOUT):
         self.engine = engine
         path = Path(engine.path)
         self.model_id = model_id or path.stem
@@ -121,7 +127,7 @@ class Server:
             self.created = int(os.path.getmtime(path))
         except OSError:
             self.created = int(time.time())
-        self.worker = EngineWorker(engine, max_queue=max_queue)
+        self.worker = EngineWorker(engine, max_queue=max_queue, queue_timeout=queue_timeout)
 
     # helpers
     def _model_card(self) -> dict:
@@ -279,12 +285,12 @@ def _internal_error(request: Request, exc: Exception) -> Response:
 
 
 def create_app(engine, api_key: str | None = None, model_id: str | None = None,
-               max_queue: int = DEFAULT_MAX_QUEUE) -> Starlette:
+               max_queue: int = DEFAULT_MAX_QUEUE, queue_timeout: float = DEFAULT_QUEUE_TIMEOUT) -> Starlette:
     """The ASGI application serving ``engine`` (its worker thread starts with the app's lifespan).
 
     ``app.state.server`` is the :class:`Server` (its ``worker`` has the counters of ``/health``).
     """
-    srv = Server(engine, model_id=model_id, max_queue=max_queue)
+    srv = Server(engine, model_id=model_id, max_queue=max_queue, queue_timeout=queue_timeout)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -330,13 +336,60 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def _timed_protocol(read_timeout: float):
+    """uvicorn's h11 protocol with a read deadline: from a connection's start, or from the first
+    byte of a further request on it, the whole request (headers and body) must arrive within
+    ``read_timeout`` seconds, else the connection is closed (uvicorn itself waits for slow headers
+    and bodies forever; a client sending a byte a minute held its socket as long as it liked)."""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class TimedH11Protocol(H11Protocol):
+        _deadline: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._arm()
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            state = self.conn.their_state
+            if state is h11.SEND_BODY or (state is h11.IDLE and self.conn.trailing_data[0]):
+                self._arm()                 # a request is on its way
+            else:
+                self._disarm()              # it has arrived (or the connection is closing)
+
+        def connection_lost(self, exc) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+        def _arm(self) -> None:
+            if self._deadline is None:
+                self._deadline = self.loop.call_later(read_timeout, self._expired)
+
+        def _disarm(self) -> None:
+            if self._deadline is not None:
+                self._deadline.cancel()
+                self._deadline = None
+
+        def _expired(self) -> None:
+            self._deadline = None
+            if self.conn.their_state in (h11.IDLE, h11.SEND_BODY) and not self.transport.is_closing():
+                log.info("closing a connection whose request did not arrive within %g s", read_timeout)
+                self.transport.close()
+
+    return TimedH11Protocol
+
+
 def make_server(app, host: str = "127.0.0.1", port: int = 8080, on_ready: Callable[[str], None] | None = None,
-                log_level: str = "warning", graceful_timeout: float = 5.0):
+                log_level: str = "warning", graceful_timeout: float = 5.0,
+                read_timeout: float = DEFAULT_READ_TIMEOUT, max_connections: int = DEFAULT_MAX_CONNECTIONS):
     """A :class:`uvicorn.Server` for ``app`` that calls ``on_ready(url)`` once it listens.
 
     ``port=0`` picks a free port; ``on_ready`` gets the URL with the real one. Run it with
     ``server.run()`` (blocks; Ctrl-C stops it) and stop it from another thread with
-    ``server.should_exit = True``.
+    ``server.should_exit = True``. ``read_timeout``: seconds a request may take to arrive;
+    ``max_connections``: connections served at once (more get 503).
     """
     import uvicorn
 
@@ -354,8 +407,9 @@ def make_server(app, host: str = "127.0.0.1", port: int = 8080, on_ready: Callab
                     on_ready(self.url)
 
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False,
-                            lifespan="on", timeout_graceful_shutdown=graceful_timeout)
+                            lifespan="on", timeout_graceful_shutdown=graceful_timeout,
+                            http=_timed_protocol(read_timeout), limit_concurrency=max_connections)
     return _Server(config)
 
 
-__all__ = ["MAX_BODY_BYTES", "Server", "create_app", "is_loopback", "make_server", "url_for"]
+__all__ = ["DEFAULT_MAX_CONNECTIONS", "DEFAULT_READ_TIMEOUT", "MAX_BODY_BYTES", "Server", "create_app", "is_loopback", "make_server", "url_for"]

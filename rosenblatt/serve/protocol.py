@@ -58,6 +58,8 @@ def bad_request(message: str, param: str | None = None, code: str | None = None)
 
 def engine_error(e: Exception, param: str) -> APIError:
     """What the engine raised when a job started, as the answer to the client."""
+    if isinstance(e, APIError):             # decided by the server itself (e.g. a queue timeout)
+        return e
     msg = " ".join(str(e).split())
     if isinstance(e, ModelFileError):       # e.g. an unusable chat template: the model's fault, not the request's
         return APIError(500, msg, code="model_error")

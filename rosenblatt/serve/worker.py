@@ -8,6 +8,7 @@ import contextlib
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -19,6 +20,8 @@ log = logging.getLogger("rosenblatt.serve")
 
 #: at most this many requests wait for the engine; more get 503
 DEFAULT_MAX_QUEUE = 64
+#: a request that waited this many seconds for the engine gets 503 instead of running
+DEFAULT_QUEUE_TIMEOUT = 600.0
 
 # -- the worker thread ------------------------------------------------------------------------
 
@@ -41,6 +44,7 @@ class Job:
         self.loop = loop
         self.events: asyncio.Queue = asyncio.Queue()
         self.cancelled = threading.Event()
+        self.queued_at = time.monotonic()
 
     def cancel(self) -> None:
         self.cancelled.set()
@@ -59,9 +63,11 @@ class Job:
 class EngineWorker:
     """Runs every generation of one engine on one thread, first come first served."""
 
-    def __init__(self, engine, max_queue: int = DEFAULT_MAX_QUEUE):
+    def __init__(self, engine, max_queue: int = DEFAULT_MAX_QUEUE, queue_timeout: float = DEFAULT_QUEUE_TIMEOUT):
         self.engine = engine
         self.max_queue = max_queue
+        self.queue_timeout = queue_timeout
+        self.timed_out = 0       # jobs that waited longer than queue_timeout
         self._jobs: queue.Queue[Job | None] = queue.Queue()
         self._thread: threading.Thread | None = None
         self._current: Job | None = None
@@ -110,7 +116,7 @@ class EngineWorker:
         return job
 
     def stats(self) -> dict:
-        return {"served": self.served, "cancelled": self.cancelled, "failed": self.failed,
+        return {"served": self.served, "cancelled": self.cancelled, "failed": self.failed, "timed_out": self.timed_out,
                 "queued": self.queued, "busy": self.busy, "last": asdict(self.last)}
 
     # worker-thread side
@@ -122,6 +128,12 @@ class EngineWorker:
             if job.cancelled.is_set():      # its client left while it was queued
                 self.cancelled += 1
                 job.post("cancelled")
+                continue
+            waited = time.monotonic() - job.queued_at
+            if waited > self.queue_timeout:
+                self.timed_out += 1
+                job.post("error", APIError(503, f"waited {waited:.0f} s for the model, more than the server's "
+                                                f"{self.queue_timeout:g} s; try again later", code="queue_timeout"))
                 continue
             self._current = job
             try:

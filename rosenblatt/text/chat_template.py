@@ -92,6 +92,45 @@ def _environment() -> ImmutableSandboxedEnvironment:
     return env
 
 
+#: the longest template accepted (real ones are 1-20 KiB; llama.cpp's largest tested ~12 KiB)
+MAX_TEMPLATE_BYTES = 256 * 1024
+#: the deepest nesting of blocks ({% for/if/macro/... %}) and brackets accepted (real ones: < 10)
+MAX_TEMPLATE_DEPTH = 64
+_BLOCK_TAGS = {"for", "if", "macro", "call", "filter", "with", "block", "generation"}
+_OPEN, _CLOSE = "([{", ")]}"
+
+
+def _check_shape(env, source: str, name: str) -> None:
+    """Refuse a template too long or nested too deeply before jinja2 compiles it: its parser and
+    code generator recurse once per level and a template nested 100,000 deep escaped as a
+    RecursionError. The lexer is a flat loop, so this scan is linear in the template's length."""
+    size = len(source.encode("utf-8", errors="replace"))
+    if size > MAX_TEMPLATE_BYTES:
+        raise ChatTemplateError(f"{name}: {size} bytes, more than the {MAX_TEMPLATE_BYTES} a chat template may have")
+    depth = top = 0
+    tag_next = False
+    for lineno, kind, value in env.lex(source):
+        if kind == "whitespace":
+            continue
+        if kind in ("block_begin", "variable_begin"):
+            tag_next = kind == "block_begin"
+            continue
+        if tag_next and kind == "name":
+            if value in _BLOCK_TAGS:
+                depth += 1
+            elif value.startswith("end") and value[3:] in _BLOCK_TAGS:
+                depth -= 1
+        tag_next = False
+        if kind == "operator" and value in _OPEN:
+            depth += 1
+        elif kind == "operator" and value in _CLOSE:
+            depth -= 1
+        if depth > top:
+            top = depth
+            if top > MAX_TEMPLATE_DEPTH:
+                raise ChatTemplateError(f"{name}: nested more than {MAX_TEMPLATE_DEPTH} deep (template line {lineno})")
+
+
 def _describe(exc: BaseException) -> str:
     lineno = getattr(exc, "lineno", None)
     where = f" (template line {lineno})" if lineno else ""
@@ -119,11 +158,15 @@ class ChatTemplate:
         self.name = name or ("ChatML (built-in)" if self.is_fallback else "chat template")
         self.special_tokens: dict[str, str] = {k: v for k, v in (special_tokens or {}).items() if v is not None}
         try:
-            self._template = _environment().from_string(self.source)
+            env = _environment()
+            _check_shape(env, self.source, self.name)
+            self._template = env.from_string(self.source)
         except jinja2.exceptions.TemplateSyntaxError as e:
             raise ChatTemplateError(f"{self.name}: syntax error: {_describe(e)}") from e
         except jinja2.exceptions.TemplateError as e:
             raise ChatTemplateError(f"{self.name}: cannot compile: {_describe(e)}") from e
+        except (RecursionError, MemoryError) as e:     # what the depth check did not foresee
+            raise ChatTemplateError(f"{self.name}: cannot compile: {type(e).__name__}") from None
 
         end = next((m for m in _END_OF_TURN_MARKERS if m in self.source), None)
         self.end_of_turn: str | None = end
@@ -202,7 +245,7 @@ class ChatTemplate:
         except jinja2.exceptions.TemplateError as e:
             raise ChatTemplateError(f"{self.name}: {type(e).__name__}: {_describe(e)}") from e
         except (TypeError, ValueError, KeyError, IndexError, AttributeError, ZeroDivisionError,
-                OverflowError, RecursionError) as e:
+                OverflowError, RecursionError, MemoryError) as e:
             raise ChatTemplateError(f"{self.name}: rendering failed: {type(e).__name__}: {_describe(e)}") from e
 
     def __repr__(self) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -141,6 +142,38 @@ def test_bad_keywords_name_the_parameter(smollm2_engine, kw, param):
     with pytest.raises(ParamError) as e:
         smollm2_engine.generate("hi", **kw)
     assert e.value.param == param and str(e.value).startswith(param + ":")
+
+
+@pytest.mark.parametrize("call, param, fragment", [
+    (lambda e: e.logits([2**63]), "token_ids", "outside the vocabulary"),
+    (lambda e: e.logits([-1]), "token_ids", "outside the vocabulary"),
+    (lambda e: e.logits([1.5]), "token_ids", "integers, got 1.5"),
+    (lambda e: e.logits([True]), "token_ids", "integers, got True"),
+    (lambda e: e.logits("hello"), "token_ids", "list of token ids"),
+    (lambda e: e.logits(np.array([1.0, 2.0])), "token_ids", "integer token ids"),
+    (lambda e: e.generate([1, 2**40]), "prompt", "outside the vocabulary"),
+    (lambda e: e.generate([]), "prompt", "empty"),
+    (lambda e: e.generate(""), "prompt", "empty"),
+])
+def test_bad_token_ids_name_the_argument_and_the_model(smollm2_engine, call, param, fragment):
+    """Token ids are integers inside the vocabulary: anything else is refused by name (never cast:
+    1.5 used to become id 1), with the model's file named where the vocabulary is the reason."""
+    with pytest.raises(ParamError) as e:
+        call(smollm2_engine)
+    assert e.value.param == param and fragment in str(e.value), str(e.value)
+    if fragment in ("outside the vocabulary", "empty"):
+        assert os.path.basename(smollm2_engine.path) in str(e.value)
+    # numpy integer ids are ids
+    assert smollm2_engine.logits(np.array([1, 2], np.int32)).shape[0] == 2
+
+
+def test_empty_stop_strings_stop_nothing(smollm2_engine):
+    """``stop=""`` and ``stop=[""]`` mean the same thing: no stop string (one returned '', the other
+    was ignored)."""
+    kw = dict(max_new_tokens=5, temperature=0)
+    plain = smollm2_engine.generate("The sky is", **kw)
+    assert plain and smollm2_engine.generate("The sky is", stop="", **kw) == plain
+    assert smollm2_engine.generate("The sky is", stop=[""], **kw) == plain
 
 
 def test_params_object_and_keywords_agree(smollm2_engine):

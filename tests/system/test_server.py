@@ -7,9 +7,11 @@ SmolLM2 engine; the `serve` command itself is tested once as a subprocess (with 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import signal
+import socket
 import sys
 import threading
 import time
@@ -313,3 +315,74 @@ def test_serve_refuses_a_missing_model():
     out = subprocess.run([sys.executable, "-m", "rosenblatt", "serve", "--model", "no-such-model.gguf", "--port", "0"],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and re.search(r"no-such-model\.gguf: no such file", out.stderr)
+
+
+@contextlib.contextmanager
+def running(engine, app_kw=None, **server_kw):
+    """A second server on a free loopback port, with its own limits."""
+    from rosenblatt.serve import create_app, make_server
+    app = create_app(engine, **(app_kw or {}))
+    ready, urls = threading.Event(), []
+    srv = make_server(app, host="127.0.0.1", port=0, on_ready=lambda u: (urls.append(u), ready.set()),
+                      graceful_timeout=2, **server_kw)
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    try:
+        assert ready.wait(60), "the server did not start"
+        yield SimpleNamespace(url=urls[0], worker=app.state.server.worker)
+    finally:
+        srv.should_exit = True
+        thread.join(30)
+
+
+def test_stalled_connections_are_closed_and_others_served(smollm2_engine):
+    """Slow clients (headers a byte at a time and then nothing, a body that stops half-way, a
+    connection that never sends) are closed once --read-timeout passes; requests from others are
+    answered meanwhile and afterwards. Loopback only, every wait bounded."""
+    with running(smollm2_engine, read_timeout=1.0) as srv:
+        host, port = srv.url.removeprefix("http://").split(":")
+        body = b'{"prompt": "Hi", "max_tokens": 2}'
+        stalls = [b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Ty",           # headers cut
+                  b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: %d\r\n\r\n" % len(body) + body[:10],                  # body cut
+                  b""]                                                                    # silence
+        socks = []
+        for data in stalls:
+            s = socket.create_connection((host, int(port)), timeout=10)
+            if data:
+                s.sendall(data)
+            socks.append(s)
+        t0 = time.monotonic()
+        r = httpx.post(srv.url + "/v1/completions", json={"prompt": "Hi", "max_tokens": 2, "temperature": 0},
+                       timeout=60)
+        assert r.status_code == 200, r.text                 # served while the stalled ones wait
+        for s in socks:
+            try:
+                assert s.recv(4096) == b""                  # the server closed it: EOF (or a reset)
+            except ConnectionResetError:
+                pass
+            s.close()
+        assert time.monotonic() - t0 < 10                   # closed after ~1 s, not held
+        r = httpx.post(srv.url + "/v1/completions", json={"prompt": "Hi", "max_tokens": 2}, timeout=60)
+        assert r.status_code == 200, r.text
+
+
+def test_a_request_that_waited_too_long_gets_503(smollm2_engine):
+    """One long generation holds the engine; a request queued behind it past --queue-timeout is
+    answered 503 (queue_timeout) when its turn comes, and the next one is served."""
+    with running(smollm2_engine, app_kw={"queue_timeout": 0.5}) as srv:
+        def long():
+            return httpx.post(srv.url + "/v1/completions", timeout=120,
+                              json={"prompt": COUNT, "max_tokens": 300, "temperature": 0})
+        t = threading.Thread(target=long)
+        t.start()
+        deadline = time.monotonic() + 30
+        while not srv.worker.busy:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        r = httpx.post(srv.url + "/v1/completions", json={"prompt": "Hi", "max_tokens": 2}, timeout=120)
+        t.join(120)
+        assert r.status_code == 503 and r.json()["error"]["code"] == "queue_timeout", r.text
+        assert srv.worker.stats()["timed_out"] == 1
+        r = httpx.post(srv.url + "/v1/completions", json={"prompt": "Hi", "max_tokens": 2}, timeout=120)
+        assert r.status_code == 200

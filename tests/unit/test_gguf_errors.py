@@ -10,45 +10,13 @@ import textwrap
 
 import numpy as np
 import pytest
-from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter
+from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType
 
 from rosenblatt import Engine, ModelFileError
 
-from support import micro_path
+from support import micro_path, rewrite
 
 SRC = micro_path("qwen2-micro-q8_0")
-
-
-def rewrite(src, dst, meta=None, drop_meta=(), tensors=None, drop_tensors=()):
-    """Copy a GGUF with metadata overrides {key: (GGUFValueType, value)} and tensor overrides
-    {name: (numpy array, raw GGMLQuantizationType or None)}."""
-    meta, tensors = dict(meta or {}), tensors or {}
-    r = GGUFReader(src)
-    arch = meta.pop("general.architecture", (None, r.fields["general.architecture"].contents()))[1]
-    w = GGUFWriter(str(dst), arch=arch)
-    for key, f in r.fields.items():
-        if key.startswith("GGUF.") or key == "general.architecture" or key in drop_meta or key in meta:
-            continue
-        vtype = f.types[0]
-        if vtype == GGUFValueType.ARRAY:
-            w.add_key_value(key, f.contents(), vtype, sub_type=f.types[-1])
-        else:
-            w.add_key_value(key, f.contents(), vtype)
-    for key, (vtype, value) in meta.items():
-        w.add_key_value(key, value, vtype)
-    for t in r.tensors:
-        if t.name in drop_tensors:
-            continue
-        if t.name in tensors:
-            data, raw = tensors[t.name]
-            w.add_tensor(t.name, data, raw_dtype=raw)
-        else:
-            w.add_tensor(t.name, np.asarray(t.data), raw_dtype=t.tensor_type)  # data already in byte shape
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return dst
 
 
 def expect_error(path, *fragments):
@@ -235,3 +203,126 @@ def test_broken_chat_template_loads_but_chat_names_the_field(tmp_path):
 def test_bad_tokenizer_metadata_is_a_model_file_error(tmp_path):
     p = rewrite(SRC, tmp_path / "tok.gguf", meta={"tokenizer.ggml.pre": (GGUFValueType.STRING, "no-such-pre")})
     expect_error(p, "no-such-pre")
+
+
+STRUCTURED_SCRIPT = textwrap.dedent("""
+    import json, struct, sys, time, tracemalloc
+    import numpy as np
+    from rosenblatt import Engine, ModelFileError
+    src, workdir = sys.argv[1], sys.argv[2]
+    data = open(src, 'rb').read()
+    u32 = lambda o: struct.unpack_from('<I', data, o)[0]
+    u64 = lambda o: struct.unpack_from('<Q', data, o)[0]
+    SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+    fields, bounds = [('tensor count', 8, 8), ('metadata count', 16, 8)], [4, 8, 16, 24]
+
+    def value(o, t, where):
+        if t == 8:                                          # string: u64 length, bytes
+            fields.append((where + ' string length', o, 8))
+            return o + 8 + u64(o)
+        if t == 9:                                          # array: item type, count, items
+            fields.append((where + ' array item type', o, 4)); fields.append((where + ' array count', o + 4, 8))
+            it, n = u32(o), u64(o + 4)
+            o += 12
+            if it in SIZES:
+                return o + n * SIZES[it]
+            for k in range(n):                              # the first items' fields, then skip
+                start = len(fields)
+                o = value(o, it, where + f'[{k}]')
+                if k >= 2:
+                    del fields[start:]
+            return o
+        return o + SIZES[t]
+
+    # the file's structure, read independently of any GGUF library
+    o = 24
+    for i in range(u64(16)):
+        fields.append((f'metadata {i} key length', o, 8)); o += 8 + u64(o)
+        fields.append((f'metadata {i} type', o, 4)); t = u32(o); o += 4
+        o = value(o, t, f'metadata {i}'); bounds.append(o)
+    for i in range(u64(8)):
+        fields.append((f'tensor {i} name length', o, 8)); o += 8 + u64(o)
+        fields.append((f'tensor {i} dims', o, 4)); nd = u32(o); o += 4
+        for d in range(nd):
+            fields.append((f'tensor {i} dim {d}', o, 8)); o += 8
+        fields.append((f'tensor {i} type', o, 4)); o += 4
+        fields.append((f'tensor {i} offset', o, 8)); o += 8
+        bounds.append(o)
+
+    cases = []
+    for b in bounds:                                        # truncated at and around every boundary
+        for cut in (b - 1, b, b + 1):
+            cases.append((f'truncated at {cut}', data[:cut]))
+    for name, off, width in fields:                         # counts, lengths, types set to absurd values
+        values = (2**64 - 1, 2**63 + 1, 2**32 + 7, len(data)) if width == 8 else (2**32 - 1, 255, 13)
+        for v in values:
+            buf = bytearray(data)
+            buf[off:off + width] = v.to_bytes(width, 'little')
+            cases.append((f'{name} = {v}', bytes(buf)))
+
+    Engine.load(src, n_ctx=8).logits([1, 2, 3])            # compile / load the kernels before timing
+    out = {'cases': len(cases), 'loaded': 0, 'refused': 0, 'max_seconds': 0.0, 'max_growth': 0.0, 'slowest': '', 'biggest': ''}
+    for i, (name, buf) in enumerate(cases):
+        path = f'{workdir}/c{i}.gguf'
+        open(path, 'wb').write(buf)
+        tracemalloc.start()
+        t0 = time.perf_counter()
+        try:
+            e = Engine.load(path, n_ctx=8)
+            logits = e.logits([1, 2, 3])
+            out['loaded'] += 1
+            assert np.isfinite(logits).all(), name
+        except ModelFileError as err:
+            msg = str(err)
+            assert '\\n' not in msg and path in msg, (name, msg)
+            out['refused'] += 1
+            seconds = time.perf_counter() - t0
+            if seconds > out['max_seconds']:         # a refusal; a load may compile a new decoder
+                out['max_seconds'], out['slowest'] = seconds, name
+        _, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        if peak / len(data) > out['max_growth']:
+            out['max_growth'], out['biggest'] = peak / len(data), name
+    print(json.dumps(out))
+""")
+
+
+@pytest.mark.parametrize("src", ["qwen2-micro-q4_k_m", "llama-micro-q4_0"])
+@pytest.mark.slow
+def test_structured_corpus_is_refused_fast_and_small(tmp_path, src):
+    """Every header field of a real file set to absurd values (2**64 - 1, 2**63 + 1, 2**32 + 7, the
+    file's size; bad type codes) and the file cut at and around every record boundary: each case
+    loads and gives finite logits, or is one ModelFileError line naming the file within 2 s (a
+    load may first compile the decoder of a type the mutation chose, so only refusals are timed),
+    with the memory it allocates under twice the file's size (a count of 2**64 - 1 used to walk
+    millions of empty records for minutes)."""
+    proc = subprocess.run([sys.executable, "-c", STRUCTURED_SCRIPT, str(micro_path(src)), str(tmp_path)],
+                          capture_output=True, text=True, timeout=900, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert res["cases"] > 300 and res["refused"] > 200, res
+    assert res["max_seconds"] < 2.0, res
+    assert res["max_growth"] < 2.0, res
+
+
+def test_embedding_length_not_a_multiple_of_the_heads_says_so(tmp_path):
+    p = rewrite(SRC, tmp_path / "e.gguf", meta={"qwen2.embedding_length": (GGUFValueType.UINT32, 250)},
+                drop_meta=("qwen2.attention.key_length", "qwen2.attention.value_length"))
+    expect_error(p, "qwen2.embedding_length", "not a multiple of the head count")
+
+
+def test_nan_norm_weight_is_named_at_load(tmp_path):
+    norm = np.full(256, np.nan, np.float32)
+    p = rewrite(SRC, tmp_path / "n.gguf", tensors={"blk.0.attn_norm.weight": (norm, None)})
+    expect_error(p, "blk.0.attn_norm.weight", "NaN")
+
+
+def test_nan_scales_in_a_matrix_are_named_instead_of_giving_noise(tmp_path):
+    """A Q8_0 block scale set to NaN: the first forward (the load's warm-up) names the tensor,
+    instead of the int8 path turning the NaN activations into finite noise (as it did)."""
+    r = GGUFReader(SRC)
+    t = next(t for t in r.tensors if t.name == "blk.0.ffn_down.weight")
+    blocks = np.array(t.data, np.uint8).reshape(-1, 34)
+    blocks[3, 0:2] = np.array([np.nan], np.float16).view(np.uint8)
+    p = rewrite(SRC, tmp_path / "s.gguf", tensors={t.name: (blocks.reshape(t.data.shape), t.tensor_type)})
+    expect_error(p, "blk.0.ffn_down.weight", "NaN")

@@ -76,8 +76,8 @@ def test_engine_reads_token_texts_after_evicting_the_header():
 
 
 def test_the_private_reader_hooks_we_override_are_still_there(monkeypatch):
-    """gguf_file.py overrides three private methods of gguf's GGUFReader (_get, _get_field_parts,
-    _build_tensors) and pyproject pins gguf to the range tested. A gguf release that renames
+    """gguf/file.py overrides four private methods of gguf's GGUFReader (_get, _get_field_parts,
+    _get_tensor_info_field, _build_tensors) and pyproject pins gguf to the range tested. A gguf release that renames
     them or changes their parameters, or stops calling them, fails here, not in a user's load."""
     import inspect
     import tomllib
@@ -93,6 +93,7 @@ def test_the_private_reader_hooks_we_override_are_still_there(monkeypatch):
     assert spec.specifier and version("gguf") in spec.specifier, (version("gguf"), str(spec.specifier))
     expected = {"_get": ["self", "offset", "dtype", "count", "override_order"],
                 "_get_field_parts": ["self", "orig_offs", "raw_type"],
+                "_get_tensor_info_field": ["self", "orig_offs"],
                 "_build_tensors": ["self", "start_offs", "fields"]}
     for name, params in expected.items():
         assert list(inspect.signature(getattr(GGUFReader, name)).parameters) == params, name

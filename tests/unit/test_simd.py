@@ -41,6 +41,23 @@ def test_sdot_kernels_compile_for_the_a76():
     assert body.count("sdot") >= 16 and body.count("smull") <= 8
 
 
+@pytest.mark.parametrize("fmt", [simd.Q8_32, simd.Q8_256], ids=["q8_32", "q8_256"])
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_a_non_finite_activation_gives_its_block_a_nan_scale(fmt, bad):
+    """NaN or inf in a block: that block's scale is NaN (products stay non-finite instead of
+    becoming finite noise); every other block is quantized exactly as without it."""
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((2, 1024)).astype(np.float32)
+    clean = simd.quantize_activations(x, fmt)
+    x[1, fmt + 5] = bad                              # block 1 of row 1
+    a = simd.quantize_activations(x, fmt)
+    assert np.isnan(a.d[1, 1])
+    keep = np.ones(a.d.shape, bool)
+    keep[1, 1] = False
+    assert np.array_equal(a.d[keep], clean.d[keep])
+    assert np.array_equal(a.q.reshape(2, -1, fmt)[keep], clean.q.reshape(2, -1, fmt)[keep])
+
+
 def test_activation_quantization_is_llamacpps():
     """ggml's Q8_0 (per 32) and Q8_K (per 256) activation quantization as its SIMD paths do it,
     written out in float32 numpy: scale 127 / max|x| (Q8_K: -127 / the value of largest
