@@ -31,6 +31,13 @@ PREFILL_CHUNK = 64
 PREFILL_CHUNK_NPU = 256
 
 
+def _int_arg(name: str, value, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ParamError(name, f"must be an integer, got {value!r}", "invalid_type")
+    if value < minimum:
+        raise ParamError(name, f"must be >= {minimum}, got {value}")
+
+
 class Engine:
     """A loaded model: weights, KV cache, tokenizer, chat template.
 
@@ -72,10 +79,15 @@ class Engine:
         simulator) or "auto" (the NPU if present, else the CPU with a notice on stderr).
         ``npu_min_rows``: with an NPU, matmuls with fewer rows (decode) run on the CPU; 0 sends
         every matmul to the NPU (default: ``backends.npu.DEFAULT_MIN_ROWS``)."""
+        _int_arg("n_ctx", n_ctx, 1)
+        if threads is not None:
+            _int_arg("threads", threads, 1)
+        if npu_min_rows is not None:
+            _int_arg("npu_min_rows", npu_min_rows, 0)
+        if not isinstance(device, str):
+            raise ParamError("device", f"must be a string, got {device!r}", "invalid_type")
         g = GGUFFile(path)
         cfg = ModelConfig.from_gguf(g)
-        if n_ctx <= 0:
-            raise ValueError(f"n_ctx must be positive, got {n_ctx}")
         n_ctx = min(n_ctx, cfg.context_length)
         md = g.raw_metadata     # vocabulary and merges as views of the file, not lists of str
         tokenizer = Tokenizer.from_metadata(md, g.path) if "tokenizer.ggml.tokens" in md else None
@@ -184,10 +196,12 @@ class Engine:
 
     def tokenize(self, text: str, add_special: bool = True) -> list[int]:
         """Token ids of ``text``; special-token text such as ``<|im_start|>`` is parsed, as llama.cpp does."""
+        if not isinstance(text, str):
+            raise ParamError("text", f"must be a string, got {type(text).__name__}", "invalid_type")
         return self._tok().encode(text, add_special=add_special, parse_special=True)
 
     def detokenize(self, ids: Sequence[int]) -> str:
-        return self._tok().decode(ids)
+        return self._tok().decode(self._check_tokens(ids, "ids").tolist())
 
     def apply_chat_template(self, messages: Sequence[Mapping], add_generation_prompt: bool = True) -> str:
         self._tok()

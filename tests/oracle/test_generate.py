@@ -241,3 +241,20 @@ def test_no_new_tokens_still_reads_the_prompt(smollm2_engine):
     rs = list(smollm2_engine.responses("Hello there", max_new_tokens=0, temperature=0))
     assert len(rs) == 1 and rs[0].text == "" and rs[0].finish_reason == "length"
     assert rs[0].stats.prompt_tokens == len(smollm2_engine.tokenize("Hello there")) and rs[0].stats.prefill_s > 0
+
+
+@pytest.mark.parametrize("kw, param", [({"n_ctx": 0}, "n_ctx"), ({"n_ctx": 1.5}, "n_ctx"), ({"n_ctx": None}, "n_ctx"),
+                                       ({"threads": 0}, "threads"), ({"threads": 1.5}, "threads"),
+                                       ({"npu_min_rows": -1}, "npu_min_rows"), ({"device": 1}, "device")])
+def test_load_arguments_are_checked_by_name_before_the_file_is_read(kw, param):
+    with pytest.raises(ParamError) as e:
+        Engine.load("/no/such/file.gguf", **kw)         # the argument is reported, not the file
+    assert e.value.param == param
+
+
+def test_tokenize_and_detokenize_arguments(smollm2_engine):
+    with pytest.raises(ParamError, match="text"):
+        smollm2_engine.tokenize(5)
+    for bad in ([1.5], [10**9], "abc"):
+        with pytest.raises(ParamError, match="ids"):
+            smollm2_engine.detokenize(bad)
