@@ -58,6 +58,50 @@ def cbuf_weight_banks(weight_bytes: int) -> int:
     return max(1, -(-weight_bytes // CBUF_BANK_BYTES))
 
 
+#: Weight streaming: what of a task's weights must fit its weight banks.
+#:
+#: * [empirical] mtx512 (vendor driver, kernel 5.10): ``tests/matmul_int8.c`` runs each meson test
+#:   shape as ONE task and compares every int32 result (but the last column) exactly; its
+#:   generator (``gen_matmul_int8``) only requires the input to fit (data banks <= 11) and
+#:   bytes per kernel <= 32 KiB, and gives the weights the rest of the 12 banks. Its meson
+#:   tests include int8 544x544x4096 ("max feature data for one task": 10 data banks, 2 weight
+#:   banks for 2.2 MB of weights) and int8 1x4096x4096 (1 data bank, 11 weight banks for 16 MB),
+#:   fp16 384x384x4096 (9 + 3 banks for 3 MB). So whole weights larger than the weight banks
+#:   stream through them. This is the only hardware evidence: those shapes, one task each;
+#:   no run probed the boundary below.
+#: * [code] Mesa rkt_task.c: when the weights (+1 bank) do not fit, it runs "partial weights"
+#:   tasks with 5 weight banks and no WEIGHT_REUSE; WEIGHT_REUSE only when they all fit.
+#: * [inferred] the unit that must fit is one kernel group: WEIGHT_KERNEL_GROUP (32) kernels x
+#:   bytes per kernel (32*K bytes at int8), the outer block of the weight layout
+#:   (docs/npu-reference.md §5.2) and what the 32x32 int8 MAC array (NN_MODE 0,
+#:   CONV_CON2.KERNEL_GROUP 0 = one group of 32) computes at a time. In every mtx512 run a group
+#:   fit its banks (largest: 1x4096x4096, a 128 KiB group in 11 banks of 352 KiB); whether the
+#:   hardware needs one group or two (double buffering) is unknown, hence
+#:   ``STREAM_GROUPS_IN_BANKS``. No K split is needed while a group and ROW_ALIGN input rows fit.
+#: Weights that do fit whole stay resident (WEIGHT_REUSE possible); streamed weights do not.
+#: ``npu-probe`` confirms it with any shape whose whole weights exceed the weight banks (e.g.
+#: 64x1536x1536: 2.25 MiB through 8 banks). Set STREAM_WEIGHTS = False to go back to
+#: whole-weights-resident tasks if the board refutes it.
+STREAM_WEIGHTS = True
+#: [inferred] kernel groups the weight banks must hold when the weights stream (see above).
+STREAM_GROUPS_IN_BANKS = 1
+
+
+def cbuf_weight_banks_min(bytes_per_kernel: int, kernels: int) -> int:
+    """Fewest weight banks a task of ``kernels`` kernels can run with: its whole weights, or,
+    with STREAM_WEIGHTS, STREAM_GROUPS_IN_BANKS kernel groups (the rest streams)."""
+    whole = cbuf_weight_banks(bytes_per_kernel * kernels)
+    if not STREAM_WEIGHTS:
+        return whole
+    return min(whole, cbuf_weight_banks(bytes_per_kernel * WEIGHT_KERNEL_GROUP * STREAM_GROUPS_IN_BANKS))
+
+
+def cbuf_weights_resident(bytes_per_kernel: int, kernels: int, weight_banks: int) -> bool:
+    """[code] Mesa rkt_task.c: weights stay in the CBUF (WEIGHT_REUSE is possible) only if
+    they fit the weight banks whole."""
+    return cbuf_weight_banks(bytes_per_kernel * kernels) <= weight_banks
+
+
 def cbuf_data_entries(width: int, channels: int) -> int:
     """[code]/[empirical] CBUF_CON1.DATA_ENTRIES: Mesa ceil(W*ceil(C/16)/4), mtx512
     ceil(W*C/64) for int8; equal for C a multiple of 16."""

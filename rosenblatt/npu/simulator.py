@@ -28,12 +28,14 @@ What it models (docs/npu-reference.md §1, §2, §9):
 What it refuses (fault codes): ``iova-unmapped`` (a regcmd, feature, weight or output access
 outside the fd's BOs: an IOMMU fault), ``regcmd-misaligned``, ``regcmd-count``,
 ``no-op-enable``, ``op-marker``, ``no-dpu`` (no DPU in the op-enable mask: no interrupt),
-``cbuf-banks`` (data + weight banks > 12 or zero), ``cbuf-overflow`` (data or weights do not
-fit their banks, bytes/kernel > 32 KiB), ``unsupported-precision``, ``unsupported-mode``,
+``cbuf-banks`` (data + weight banks > 12 or zero), ``cbuf-overflow`` (the input does not fit
+its data banks, one 32-kernel weight group does not fit the weight banks -- whole weights
+larger than the banks stream through them (``hw.STREAM_WEIGHTS``) --, bytes/kernel > 32 KiB), ``unsupported-precision``, ``unsupported-mode``,
 ``field-range`` (bits outside a register's fields, zero sizes), ``inconsistent`` (registers
 that disagree, e.g. DPU cube vs CORE output), ``register-unwritten`` (a register the task
 relies on was not written in it), ``unknown-register``/``unknown-target``, ``trailing-words``,
-``weight-reuse`` (WEIGHT_REUSE without those weights resident), ``dst-misaligned``,
+``weight-reuse`` (WEIGHT_REUSE without those weights resident: other weights, none, or
+streamed ones), ``dst-misaligned``,
 ``job-rejected`` (what the kernel itself drops: no tasks, regcmd_count 0, bad handle).
 
 Arithmetic: int8 x int8 products summed in float64 BLAS. Every partial sum is an integer below
@@ -569,8 +571,13 @@ class SimFile:
                 "unsupported-mode", "CBUF_CON0: DATA_REUSE / FC_DATA_BANK are not modelled")
         need = hw.cbuf_data_banks(W, H, C)
         require(need <= dbank, "cbuf-overflow", f"input {W}x{H}x{C} needs {need} CBUF banks, {dbank} assigned")
-        require(hw.cbuf_weight_banks(wbytes) <= wbank, "cbuf-overflow",
-                f"{wbytes} weight bytes need {hw.cbuf_weight_banks(wbytes)} CBUF banks, {wbank} assigned")
+        need_w = hw.cbuf_weight_banks_min(per_kernel, Nk)
+        require(need_w <= wbank, "cbuf-overflow",
+                f"{wbytes} weight bytes ({per_kernel} per kernel) need at least {need_w} CBUF banks "
+                f"(one {hw.WEIGHT_KERNEL_GROUP}-kernel group; the rest streams), {wbank} assigned"
+                if hw.STREAM_WEIGHTS else
+                f"{wbytes} weight bytes need {need_w} CBUF banks, {wbank} assigned")
+        resident = hw.cbuf_weights_resident(per_kernel, Nk, wbank)
         require(f(R.CNA_CBUF_CON1, "DATA_ENTRIES") == hw.cbuf_data_entries(W, C), "inconsistent",
                 f"CBUF_CON1.DATA_ENTRIES = {f(R.CNA_CBUF_CON1, 'DATA_ENTRIES')} != {hw.cbuf_data_entries(W, C)}")
         require(f(R.CNA_CVT_CON0, "CVT_BYPASS") == 1, "unsupported-mode", "CNA input conversion (CVT) is not modelled")
@@ -669,16 +676,19 @@ class SimFile:
         # --- weights (CNA weight DMA, or the copy resident in the CBUF) ---
         key = (id(self), job, wgt_addr, wbytes, dbank, wbank)
         if R.CNA_CBUF_CON0.get(cb, "WEIGHT_REUSE"):
-            resident = core.cbuf_weights
-            require(resident is not None and resident[0] == key, "weight-reuse",
+            held = core.cbuf_weights
+            require(held is not None and held[0] == key, "weight-reuse",
                     "CBUF_CON0.WEIGHT_REUSE is set but the CBUF does not hold these weights "
-                    "(the previous task of this job on this core loaded other weights or none)")
-            wmat = resident[1]
+                    "(the previous task of this job on this core loaded other weights, none, or "
+                    "streamed weights larger than its weight banks)")
+            wmat = held[1]
         else:
             raw, _ = self._window(wgt_addr, wbytes, "CNA weight read")
             blocks = raw.view(np.int8).reshape(Nk // 32, C // 32, 32, 32)  # [ng, kc, nn, kk]
             wmat = blocks.transpose(0, 2, 1, 3).reshape(Nk, C).astype(np.float64)
-            core.cbuf_weights = (key, wmat)
+            # weights that fit their banks whole stay resident; streamed ones leave only their
+            # last groups behind, which no later task can reuse
+            core.cbuf_weights = (key, wmat) if resident else None
 
         # --- CORE: int8 x int8 products, exact int32 accumulation ---
         acc = (x @ wmat.T).astype(np.int32)  # exact: |acc| <= 2**14 * C < 2**31

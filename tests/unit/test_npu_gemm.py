@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from rosenblatt.npu import NPUPlanError, matmul_int8, matmul_int8_prepared, open_device, prepare_weights
+from rosenblatt.npu import hw_assumptions as hw
 from rosenblatt.npu import plan as P
 
 MS = [1, 4, 7, 64, 128, 512]
@@ -144,17 +145,80 @@ def test_bad_operands_are_refused(dev, a, b, match):
         matmul_int8(a, b, dev)
 
 
-def test_qwen_task_and_job_counts(dev, capsys):
-    """Reports (and pins) the tasks/jobs of the Qwen2.5-1.5B projections at M = 1 and 128."""
+def _ceil(a, b):
+    return -(-a // b)
+
+
+def _floor_tasks(M, K, N, k_split=True):
+    """The fewest tasks the CBUF rule allows, from the rule alone (not the planner): a task
+    holds one 32-kernel weight group (32*kt bytes) in its weight banks -- the rest streams --,
+    a multiple of 4 input rows of kt bytes in the remaining banks less DATA_BANK_MARGIN
+    (by byte count: a lower bound of Mesa's entry estimate), <= MAX_ROWS_PER_TASK rows,
+    <= 8192 kernels, <= 32 KiB per kernel. ``k_split`` also allows equal K tiles."""
+    bank = hw.CBUF_BANK_BYTES
+    Mp, Kp, Np = _ceil(M, 4) * 4, _ceil(K, 32) * 32, _ceil(N, 32) * 32
+    best = None
+    for n_k in range(1, Kp // 32 + 1 if k_split else 2):
+        kt = _ceil(_ceil(Kp, n_k), 32) * 32
+        if kt > bank:
+            continue
+        data_banks = hw.CBUF_BANKS - _ceil(32 * kt, bank) - hw.DATA_BANK_MARGIN
+        rows = min(max(data_banks, 0) * bank // kt // 4 * 4, hw.MAX_ROWS_PER_TASK)
+        if rows:
+            tasks = _ceil(Kp, kt) * _ceil(Mp, rows) * _ceil(Np, 8192)
+            best = tasks if best is None else min(best, tasks)
+    return best
+
+
+#: tasks per call after weight streaming (before: M=128 32/4/112/336, M=512 104/10/448/1248)
+QWEN_TASKS = {128: (1, 1, 2, 6), 512: (3, 3, 6, 21)}
+
+
+def test_qwen_task_and_job_counts(capsys):
+    """Pins the tasks of the Qwen2.5-1.5B projections at M = 128 and 512 and checks each is at
+    most twice the floor of the CBUF rule (computed above, independently of the planner)."""
     rows = []
-    for M in (1, 128):
-        for K, N in QWEN:
+    for M in (1, 128, 512):
+        for i, (K, N) in enumerate(QWEN):
             p = P.plan_gemm(M, K, N)
-            rows.append((M, K, N, p.task_count, p.job_count, p.ktiling.count))
+            floor, floor_unsplit = _floor_tasks(M, K, N), _floor_tasks(M, K, N, k_split=False)
+            rows.append((M, K, N, p.task_count, p.job_count, p.ktiling.count, floor, floor_unsplit))
             assert p.job_count <= p.task_count
+            assert floor <= floor_unsplit
+            if M in QWEN_TASKS:
+                assert p.task_count == QWEN_TASKS[M][i], (M, K, N)
+                assert p.task_count <= 2 * floor, (M, K, N, floor)
     with capsys.disabled():
-        print("\nM K N tasks jobs k_tiles:", *rows, sep="\n  ")
-    assert all(r[3] >= 1 for r in rows)
+        print("\nM K N tasks jobs k_tiles floor floor-without-K-split:", *rows, sep="\n  ")
+
+
+def test_mtx512_recipe_shapes_plan():
+    """mtx512 ran int8 544x544x4096 and 1x4096x4096 as one task each on hardware (weights
+    streamed through 2 and 11 banks). We need <= 2 (512 rows per task at most; K = 4096 is cut
+    in 2 K tiles to keep 64-row tasks)."""
+    p = P.plan_gemm(544, 544, 4096)
+    assert p.task_count <= 2 and p.ktiling.count == 1 and p.kernels_per_task == 4096
+    assert not any(t.weights_resident for t in p.tasks)  # 2.2 MB of weights stream
+    assert P.plan_gemm(1, 4096, 4096).task_count <= 2
+    assert _floor_tasks(544, 544, 4096) == 2
+
+
+@pytest.mark.slow
+def test_mtx512_recipe_shape_bit_exact(dev):
+    _check(dev, 544, 544, 4096)
+    _check(dev, 1, 4096, 4096)
+
+
+def test_streamed_and_resident_weights_bit_exact(dev):
+    # 96 x 1536 x 2048: 3 MB of weights stream through the weight banks (one task);
+    # 1024 x 64 x 64: 4 KiB stay resident, 2 M tiles, the second task reuses them.
+    for M, K, N in ((96, 1536, 2048), (1024, 64, 64)):
+        p = P.plan_gemm(M, K, N)
+        _check(dev, M, K, N)
+        if K == 64:
+            assert p.task_count == 2 and p.tasks[1].weight_reuse
+        else:
+            assert p.task_count == 1 and not p.tasks[0].weights_resident
 
 
 @pytest.mark.parametrize("M,K,N", [(3000, 64, 64), (5, 40000, 40), (2, 33, 9000)],

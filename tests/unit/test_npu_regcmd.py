@@ -128,7 +128,7 @@ def _check_plan(p):
         for pos, i in enumerate(job):
             t = p.tasks[i]
             assert t.job == job_index
-            assert t.weight_reuse == (pos > 0 and hw.WEIGHT_REUSE_WITHIN_JOB)
+            assert t.weight_reuse == (pos > 0 and hw.WEIGHT_REUSE_WITHIN_JOB and t.weights_resident)
             assert (t.data_banks, t.weight_banks) == (p.tasks[job[0]].data_banks, p.tasks[job[0]].weight_banks)
     for t in p.tasks:
         assert t.mt % hw.ROW_ALIGN == 0 and t.m0 % hw.ROW_ALIGN == 0
@@ -136,7 +136,9 @@ def _check_plan(p):
         assert 1 <= t.mt <= hw.MAX_ROWS_PER_TASK and t.nt <= P.MAX_KERNELS_PER_TASK
         assert t.data_banks + t.weight_banks <= hw.CBUF_BANKS
         assert hw.cbuf_data_banks(1, t.mt, t.kt) <= t.data_banks
-        assert hw.cbuf_weight_banks(t.kt * t.nt) <= t.weight_banks
+        # one 32-kernel weight group fits its banks; whole weights beyond them stream
+        assert hw.cbuf_weight_banks(t.kt * hw.WEIGHT_KERNEL_GROUP) <= t.weight_banks
+        assert t.weights_resident == (hw.cbuf_weight_banks(t.kt * t.nt) <= t.weight_banks)
         assert t.kt <= hw.MAX_BYTES_PER_KERNEL
         covered[t.k_index, t.m0 : t.m0 + t.mt, t.n0 : t.n0 + t.nt] += 1
         # the registers of every task fit their fields (the builder raises otherwise)
@@ -145,7 +147,8 @@ def _check_plan(p):
 
 
 @pytest.mark.parametrize("M,K,N", [(1, 1536, 1536), (1, 1536, 256), (128, 1536, 8960), (128, 8960, 1536),
-                                   (512, 1536, 8960), (7, 100, 33), (512, 32, 8960)])
+                                   (512, 1536, 8960), (7, 100, 33), (512, 32, 8960), (544, 544, 4096),
+                                   (1, 4096, 4096), (1024, 64, 64), (600, 11000, 9000)])
 def test_plans_of_interesting_shapes(M, K, N):
     _check_plan(P.plan_gemm(M, K, N))
 

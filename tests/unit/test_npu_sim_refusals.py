@@ -195,10 +195,31 @@ def test_refuses_input_larger_than_its_banks(dev):
     expect_fault(run, "cbuf-overflow")
 
 
-def test_refuses_weights_larger_than_their_banks(dev):
-    run, _, _ = _stage(dev, M=4, K=1536, N=64)  # 96 KiB of weights need 3 banks
+def test_refuses_weight_group_larger_than_its_banks(dev):
+    run, _, _ = _stage(dev, M=4, K=1536, N=64)  # one 32-kernel group of 1536 channels: 48 KiB, 2 banks
+    run.task_words[0] = set_reg(run.task_words[0], R.CNA_CBUF_CON0, R.CNA_CBUF_CON0.pack(DATA_BANK=11, WEIGHT_BANK=1))
+    err = expect_fault(run, "cbuf-overflow")
+    assert "group" in str(err)
+
+
+def test_streams_weights_larger_than_their_banks(dev):
+    # 384 KiB of weights (12 banks' worth) through 2 weight banks: each 48 KiB group fits
+    run, a, b = _stage(dev, M=4, K=1536, N=256)
     run.task_words[0] = set_reg(run.task_words[0], R.CNA_CBUF_CON0, R.CNA_CBUF_CON0.pack(DATA_BANK=10, WEIGHT_BANK=2))
-    expect_fault(run, "cbuf-overflow")
+    run.submit()
+    run.wait()
+    np.testing.assert_array_equal(run.result(), a.astype(np.int32) @ b.astype(np.int32))
+
+
+def test_refuses_weight_reuse_of_streamed_weights(dev):
+    # 256 x 1536 x 256: 2 M tiles in one job, the 384 KiB of weights stream (not resident)
+    run, _, _ = _stage(dev, M=256, K=1536, N=256)
+    assert run.plan.job_count == 1 and run.plan.task_count == 2
+    assert not any(t.weights_resident or t.weight_reuse for t in run.plan.tasks)
+    cb = get_reg(run.task_words[1], R.CNA_CBUF_CON0)
+    run.task_words[1] = set_reg(run.task_words[1], R.CNA_CBUF_CON0, cb | R.CNA_CBUF_CON0.pack(WEIGHT_REUSE=1))
+    err = expect_fault(run, "weight-reuse")
+    assert "streamed" in str(err)
 
 
 def test_refuses_weight_reuse_without_resident_weights(dev):
@@ -209,10 +230,11 @@ def test_refuses_weight_reuse_without_resident_weights(dev):
 
 
 def test_weight_reuse_within_a_job_is_honoured(dev):
-    # 128 x 1536 x 1536 runs 4 M tiles per job; tasks 2..4 of each job reuse the CBUF weights
+    # 1040 x 64 x 64 runs 3 M tiles in one job; the 4 KiB of weights stay resident and tasks
+    # 2..3 reuse them
     rng = np.random.default_rng(9)
-    a = rng.integers(-128, 128, (128, 1536), dtype=np.int8)
-    b = rng.integers(-128, 128, (1536, 1536), dtype=np.int8)
+    a = rng.integers(-128, 128, (1040, 64), dtype=np.int8)
+    b = rng.integers(-128, 128, (64, 64), dtype=np.int8)
     w = prepare_weights(dev, b)
     run = GemmRun(dev, a, w)
     assert any(t.weight_reuse for t in run.plan.tasks)
