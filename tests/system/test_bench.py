@@ -24,6 +24,7 @@ def test_bench_json_emits_every_field():
     assert res["isa"] == simd.host_isa() and isinstance(res["cpu_features"], list)
     for key in ("prefill_tok_s", "decode_tok_s", "ttft_s", "load_s", "peak_rss_mb"):
         assert isinstance(res[key], float) and res[key] > 0, key
+    assert res["decode_tok_s_empty"] > 0
     lo, hi = res["decode_tok_s_range"]
     assert lo <= res["decode_tok_s"] <= hi
     assert isinstance(res["decode_step_s"], float) and res["decode_step_s"] > 0
