@@ -348,12 +348,22 @@ def bench(model, prompt_tokens, gen_tokens, threads, device, repeat, batch, as_j
               help="Board file whose probe.expect (driver, NPU cores, exit status) the findings are checked "
                    "against: a name in fleet/ or a path; 'none' skips it. Default: $ROSENBLATT_BOARD or "
                    "boltzmann, if its file exists.")
-def probe(sim, as_json, board_name):
+@click.option("--selftest", is_flag=True,
+              help="Run the disputed-settings experiment instead (variants of the GEMM program; see docs/npu.md); "
+                   "on hardware the passing variant is stored for this board.")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False), default=None,
+              help="With --selftest: where to write the JSON report (default: the user's cache dir).")
+def probe(sim, as_json, board_name, selftest, report_path):
     """Check the RK3588 NPU: kernel driver, /dev/accel, device tree, clocks, a bit-exact GEMM self-test.
 
     Exit status: 0 all good, 1 self-test mismatch, 2 no device or driver, 3 device error or timeout,
     4 the NPU works but its driver or core count is not the board file's.
+    With --selftest: 0 every variant as expected (simulator) / a passing variant for every disputed
+    setting (board), 1 otherwise, 2 no device.
     """
+    if selftest:
+        from .npu.selftest import main_selftest
+        sys.exit(main_selftest(sim=sim, json=as_json, report_path=report_path))
     from .fleet import FleetError, check_probe, default_board, load_board, probe_exit_code
     from .npu.probe import run_probe
     try:

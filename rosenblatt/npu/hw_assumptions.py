@@ -204,3 +204,114 @@ CPU_SUM_S_PER_ELEMENT = 1.0e-9
 #: Budget per job, well under JOB_TIMEOUT_S, at the DT clock: the planner never builds a job
 #: whose estimated run time exceeds it.
 JOB_TIME_BUDGET_S = 0.1
+
+# --- The board's choice among the disputed settings (``probe --selftest``) --------------------
+#: The settings the public sources disagree on (docs/npu-reference.md §10, §11), which the board
+#: self-test (``rosenblatt.npu.selftest``) runs in variants, with their built-in values. The values
+#: above are these defaults; a board's stored choice (below) may replace them at import.
+DISPUTED_SETTINGS = ("PROGRAM_DPU_RDMA", "OP_ENABLE_MASK", "DATA_BANK_MARGIN", "CORE_QD_EN", "STREAM_WEIGHTS",
+                     "ROW_ALIGN")
+DEFAULTS = {_name: globals()[_name] for _name in DISPUTED_SETTINGS}
+_SETTING_TYPES = {"PROGRAM_DPU_RDMA": bool, "OP_ENABLE_MASK": int, "DATA_BANK_MARGIN": int, "CORE_QD_EN": int,
+                  "STREAM_WEIGHTS": bool, "ROW_ALIGN": int}
+
+#: Environment variable: "off" (or "default"/"none") ignores any stored choice; a JSON object
+#: (``{"CORE_QD_EN": 0}``) gives the settings directly; anything else is the path of a variant file
+#: (default ``$XDG_CACHE_HOME/rosenblatt/npu-variant.json``, i.e. ``~/.cache/...``).
+VARIANT_ENV = "ROSENBLATT_NPU_VARIANT"
+VARIANT_FILE_NAME = "npu-variant.json"
+
+
+def cache_dir() -> str:
+    """The user's cache directory for rosenblatt ($XDG_CACHE_HOME/rosenblatt or ~/.cache/rosenblatt)."""
+    import os
+
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "rosenblatt")
+
+
+def variant_file() -> str | None:
+    """Where the board's chosen variant is stored (None when the environment disables it or gives
+    the settings inline)."""
+    import os
+
+    env = os.environ.get(VARIANT_ENV, "").strip()
+    if env.lower() in ("off", "none", "default") or env.startswith("{"):
+        return None
+    return env or os.path.join(cache_dir(), VARIANT_FILE_NAME)
+
+
+def board_key() -> str | None:
+    """The board's device-tree compatible (first entry, e.g. "radxa,rock-5b"), None off a DT system."""
+    for root in ("/proc/device-tree", "/sys/firmware/devicetree/base"):
+        try:
+            with open(root + "/compatible", "rb") as f:
+                first = f.read(4096).split(b"\0")[0].decode(errors="replace").strip()
+        except OSError:
+            continue
+        if first:
+            return first
+    return None
+
+
+def check_settings(settings: dict) -> dict:
+    """``settings`` restricted to DISPUTED_SETTINGS with the right types (ValueError otherwise)."""
+    out = {}
+    for name, value in dict(settings).items():
+        if name not in _SETTING_TYPES:
+            raise ValueError(f"{name!r} is not a disputed NPU setting ({', '.join(DISPUTED_SETTINGS)})")
+        typ = _SETTING_TYPES[name]
+        if typ is bool and not isinstance(value, bool) or typ is int and (isinstance(value, bool) or not isinstance(value, int)):
+            raise ValueError(f"{name} = {value!r} is not a {typ.__name__}")
+        out[name] = value
+    if out.get("OP_ENABLE_MASK", 0x0D) not in (0x0D, 0x1D) or out.get("ROW_ALIGN", 4) not in (1, 4) \
+            or out.get("DATA_BANK_MARGIN", 0) not in (0, 1) or out.get("CORE_QD_EN", 0) not in (0, 1):
+        raise ValueError(f"NPU variant settings out of range: {out}")
+    return out
+
+
+def load_board_variant(key: str | None = None) -> tuple[dict, str] | None:
+    """(settings, source) of the variant this board's self-test chose, or None: the inline JSON of
+    $ROSENBLATT_NPU_VARIANT, else the entry for ``key`` (default: :func:`board_key`) in the variant
+    file. Never raises: a bad file or entry is ignored with a warning."""
+    import json
+    import logging
+    import os
+
+    env = os.environ.get(VARIANT_ENV, "").strip()
+    try:
+        if env.startswith("{"):
+            return check_settings(json.loads(env)), f"${VARIANT_ENV}"
+        path = variant_file()
+        if path is None or not os.path.isfile(path):
+            return None
+        key = key or board_key()
+        if key is None:
+            return None
+        with open(path, encoding="utf-8") as f:
+            entry = json.load(f).get("boards", {}).get(key)
+        if not entry:
+            return None
+        return check_settings(entry["settings"]), f"{path} [{key}]"
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        logging.getLogger("rosenblatt").warning("ignoring the stored NPU variant: %s", e)
+        return None
+
+
+def apply_settings(settings: dict) -> None:
+    """Set the disputed settings (module globals read by the planner, regcmd builder and simulator)."""
+    for name, value in check_settings(settings).items():
+        globals()[name] = value
+
+
+def apply_board_variant() -> str | None:
+    """Apply the stored choice (see :func:`load_board_variant`); returns its source or None."""
+    found = load_board_variant()
+    if found is None:
+        return None
+    apply_settings(found[0])
+    return found[1]
+
+
+#: Where the settings in force came from: None = the built-in defaults above.
+APPLIED_VARIANT = apply_board_variant()

@@ -10,6 +10,7 @@ assumptions switched (spare data bank, weight reuse, DPU_RDMA programming, QD_EN
 run shows which are needed (see docs/npu.md).
 
 Exit codes: 0 all good, 1 self-test mismatch, 2 no device or driver, 3 device error/timeout.
+``--selftest`` runs ``rosenblatt.npu.selftest`` (variants of the disputed settings) instead.
 """
 
 from __future__ import annotations
@@ -379,7 +380,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--explore", action="store_true",
                     help="rerun the self-test with single hardware assumptions switched (see docs/npu.md)")
     ap.add_argument("--no-bench", action="store_true", help="skip the micro-benchmark")
+    ap.add_argument("--selftest", action="store_true",
+                    help="run the disputed-settings variants instead (rosenblatt.npu.selftest; see docs/npu.md)")
+    ap.add_argument("--report", metavar="PATH", help="with --selftest: where to write the JSON report")
     args = ap.parse_args(argv)
+    if args.selftest:
+        from .selftest import main_selftest
+
+        return main_selftest(sim=args.sim, json=args.json, report_path=args.report)
     return run_probe(sim=args.sim, json=args.json, explore=args.explore, bench=not args.no_bench)
 
 

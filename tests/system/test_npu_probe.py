@@ -101,3 +101,51 @@ def test_explore_variants_run_and_restore_assumptions():
     assert all(r["status"] == "ok" for r in results)
     assert probe.assumption_table() == before
     assert hw.OP_ENABLE_MASK == before["OP_ENABLE_MASK"]
+
+
+def _cli_env(tmp_path):
+    env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "cache"), ROSENBLATT_NPU_VARIANT="off")
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def test_cli_probe_selftest_sim_json_writes_the_report(tmp_path):
+    path = tmp_path / "out" / "selftest.json"
+    r = subprocess.run([sys.executable, "-m", "rosenblatt", "probe", "--selftest", "--sim", "--json",
+                        "--report", str(path)], capture_output=True, text=True, timeout=300, cwd=str(tmp_path),
+                       env=_cli_env(tmp_path))
+    assert r.returncode == 0, r.stdout + r.stderr
+    printed = json.loads(r.stdout)
+    report = json.loads(path.read_text())
+    assert printed["report_path"] == str(path) and report["exit_code"] == 0
+    from rosenblatt.npu.selftest import VARIANTS
+
+    assert [v["name"] for v in report["variants"]] == [v.name for v in VARIANTS]
+    assert {v["status"] for v in report["variants"]} <= {"pass", "refused"}
+    assert all(v["matches_sim_expect"] for v in report["variants"])
+
+
+def test_cli_probe_selftest_sim_table_default_report(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "rosenblatt", "probe", "--selftest", "--sim"], capture_output=True,
+                       text=True, timeout=300, cwd=str(tmp_path), env=_cli_env(tmp_path))
+    assert r.returncode == 0, r.stdout + r.stderr
+    path = tmp_path / "cache" / "rosenblatt" / "npu-selftest-sim.json"
+    assert path.is_file() and f"report: {path}" in r.stdout
+    assert "op-enable-0x0D" in r.stdout and "verdict" in r.stdout
+
+
+def test_probe_script_selftest(tmp_path):
+    path = tmp_path / "s.json"
+    r = subprocess.run([sys.executable, SCRIPT, "--selftest", "--sim", "--report", str(path)], capture_output=True,
+                       text=True, timeout=300, env=_cli_env(tmp_path))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert len(json.loads(path.read_text())["variants"]) > 0
+
+
+@pytest.mark.skipif(not NO_ACCEL, reason="this machine has an accel node")
+def test_cli_probe_selftest_without_device_exits_2(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "rosenblatt", "probe", "--selftest", "--report",
+                        str(tmp_path / "r.json")], capture_output=True, text=True, timeout=120, cwd=str(tmp_path),
+                       env=_cli_env(tmp_path))
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "no RK3588 NPU here" in r.stdout
