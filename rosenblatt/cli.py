@@ -396,12 +396,16 @@ def probe(sim, as_json, board_name, selftest, report_path):
               help="Requests waiting for the model at most; more get 503.")
 @click.option("--max-connections", type=click.IntRange(min=1), default=128, show_default=True,
               help="Connections served at once; a request beyond them gets 503.")
+@click.option("--parallel", type=click.IntRange(min=1), default=4, show_default=True,
+              help="Requests generated at once (continuous batching: each decode step serves them all); "
+                   "each slot reserves a KV cache of --ctx positions.")
 @user_errors
 def serve(model, host, port, device, api_key, n_ctx, threads, read_timeout, queue_timeout, max_queue,
-          max_connections):
+          max_connections, parallel):
     """OpenAI-compatible HTTP server: /v1/chat/completions, /v1/completions, /v1/models, /health.
 
-    Requests are answered one at a time, in arrival order (streaming with "stream": true).
+    Up to --parallel requests are generated together (each joins and leaves between decode
+    steps; a new prompt is read in chunks between them), the rest wait in arrival order.
     Limits: request bodies up to 4 MiB, --read-timeout for a request to arrive, --max-queue
     waiting requests for at most --queue-timeout seconds, --max-connections at once.
     """
@@ -410,14 +414,15 @@ def serve(model, host, port, device, api_key, n_ctx, threads, read_timeout, queu
     except ImportError as e:
         _fail(f"the server needs starlette and uvicorn: pip install 'rosenblatt[server]' ({e})")
     engine = load_engine(model, n_ctx, threads, device=device)
-    app = create_app(engine, api_key=api_key, max_queue=max_queue, queue_timeout=queue_timeout)
+    app = create_app(engine, api_key=api_key, max_queue=max_queue, queue_timeout=queue_timeout, parallel=parallel)
     model_id = app.state.server.model_id
     if not is_loopback(host) and not api_key:
         click.echo(f"warning: listening on {host} without --api-key: anyone who can reach it can use it", err=True)
 
     def ready(url):
-        click.echo(f"serving {model_id} ({engine.config.arch}, {engine.device}, ctx {engine.n_ctx}) "
-                   f"at {url}/v1  (Ctrl-C to stop)")
+        batch = app.state.server.worker.batch
+        click.echo(f"serving {model_id} ({engine.config.arch}, {engine.device}, ctx {engine.n_ctx}, "
+                   f"{batch.slots} slots, KV {batch.kv_bytes / 2**20:.0f} MiB reserved) at {url}/v1  (Ctrl-C to stop)")
 
     server = make_server(app, host=host, port=port, on_ready=ready, read_timeout=read_timeout,
                          max_connections=max_connections)

@@ -249,6 +249,14 @@ class Engine:
         :class:`~rosenblatt.params.ParamError` naming it). Stops at an end-of-generation token, at
         any of the ``stop`` strings (not included in the output) or after ``max_new_tokens``.
         """
+        ids, p = self.prepare(prompt, params, add_special=add_special, **overrides)
+        return stream_generate(self, ids, Sampler(p.sampling()), p.max_new_tokens, p.stop, p.ignore_eos, p.logprobs)
+
+    def prepare(self, prompt: str | Sequence[int], params: GenerationParams | None = None, *,
+                add_special: bool = True, **overrides) -> tuple[list[int], GenerationParams]:
+        """The prompt's token ids and the parameters of a generation, checked: the prompt is not
+        empty, fits the context, and ``max_new_tokens`` is capped to the room left (what
+        :meth:`responses` and the server's batch generator start from)."""
         p = GenerationParams(**overrides) if params is None else \
             (params.replace(**overrides) if overrides else params)
         if not isinstance(p, GenerationParams):
@@ -258,12 +266,20 @@ class Engine:
             else self._check_tokens(prompt, "prompt").tolist()
         if not ids:
             raise ParamError("prompt", f"is empty (no tokens for {os.path.basename(self.path)})")
-        max_new_tokens = p.max_new_tokens
-        if len(ids) + max_new_tokens > self.n_ctx:
+        if len(ids) + p.max_new_tokens > self.n_ctx:
             if len(ids) >= self.n_ctx:
                 raise ValueError(f"the prompt has {len(ids)} tokens; the context holds {self.n_ctx}")
-            max_new_tokens = self.n_ctx - len(ids)
-        return stream_generate(self, ids, Sampler(p.sampling()), max_new_tokens, p.stop, p.ignore_eos, p.logprobs)
+            p = p.replace(max_new_tokens=self.n_ctx - len(ids))
+        return ids, p
+
+    def prepare_chat(self, messages: Sequence[Mapping], params: GenerationParams | None = None,
+                     **overrides) -> tuple[list[int], GenerationParams]:
+        """:meth:`prepare` for a conversation: the chat template rendered, its stop strings added."""
+        text = self.apply_chat_template(messages, add_generation_prompt=True)
+        p = GenerationParams(**overrides) if params is None else (params.replace(**overrides) if overrides else params)
+        stops = p.stop + tuple(s for s in self.template.stop_strings if s not in p.stop)
+        return self.prepare(text, p.replace(stop=stops), add_special=False)
+
 
     def stream(self, prompt: str | Sequence[int], params: GenerationParams | None = None, **kwargs) -> Iterator[str]:
         """Continue ``prompt``, yielding only the text pieces (parameters: :meth:`responses`)."""
@@ -277,10 +293,8 @@ class Engine:
                        **overrides) -> Iterator[GenerationResponse]:
         """Render ``messages`` with the model's chat template and generate the assistant's answer
         (responses and parameters as :meth:`responses`; the template's own stop strings added)."""
-        text = self.apply_chat_template(messages, add_generation_prompt=True)
-        p = GenerationParams(**overrides) if params is None else (params.replace(**overrides) if overrides else params)
-        stops = p.stop + tuple(s for s in self.template.stop_strings if s not in p.stop)
-        return self.responses(text, p.replace(stop=stops), add_special=False)
+        ids, p = self.prepare_chat(messages, params, **overrides)
+        return stream_generate(self, ids, Sampler(p.sampling()), p.max_new_tokens, p.stop, p.ignore_eos, p.logprobs)
 
     def stream_chat(self, messages: Sequence[Mapping], params: GenerationParams | None = None,
                     **kwargs) -> Iterator[str]:

@@ -1,11 +1,13 @@
 """Generation: from a prompt's token ids to streamed responses.
 
-``stream_generate`` is the loop every caller runs (``Engine.stream``/``stream_chat``, the CLI,
-the server, ``bench``): it takes tokens from :func:`generate_step`, turns them into text
-(streaming detokenizer, stop strings held back until they cannot match) and yields one
-:class:`GenerationResponse` per generated token, then a last one with the finish reason and
-whatever text was held back. Each response carries the running :class:`GenerationStats`, so a
-consumer never reads the engine's state afterwards.
+``stream_generate`` is the loop of one generation (``Engine.stream``/``stream_chat``, the CLI,
+``bench``): it takes tokens from :func:`generate_step`, turns them into text with a
+:class:`TextStream` (streaming detokenizer, stop strings held back until they cannot match) and
+yields one :class:`GenerationResponse` per generated token, then a last one with the finish
+reason and whatever text was held back. Each response carries the running
+:class:`GenerationStats`, so a consumer never reads the engine's state afterwards.
+:class:`BatchGenerator` runs several generations at once (the server): the same text streams,
+with the prompts' chunks and one batched decode step per round.
 """
 
 from __future__ import annotations
@@ -110,47 +112,209 @@ def generate_step(engine, ids: Sequence[int], sampler, stats: GenerationStats) -
         logits = engine.decode(token)
 
 
+class TextStream:
+    """Sampled tokens in, text out: the streaming detokenizer, the stop strings and the end
+    conditions of one generation. :func:`stream_generate` and :class:`BatchGenerator` push each
+    sampled token into one; ``done`` says when the generation is over, :meth:`finish` gives the
+    last response (what was held back, the finish reason)."""
+
+    def __init__(self, tokenizer, stats: GenerationStats, max_new_tokens: int, stops: tuple[str, ...] = (),
+                 ignore_eos: bool = False, logprobs: bool = False):
+        self.tok, self.stats, self.max_new_tokens = tokenizer, stats, max_new_tokens
+        self.stops, self.ignore_eos, self.logprobs = stops, ignore_eos, logprobs
+        self.detok = tokenizer.streaming()
+        self.scanner = StopScanner(stops)
+        stats.finish_reason = "length"
+        self.done = max_new_tokens <= 0
+
+    def push(self, token: int, logits: np.ndarray) -> GenerationResponse | None:
+        """One sampled token (and the logits it came from): its response, None for an
+        end-of-generation token (which ends the generation unless ``ignore_eos``)."""
+        st = self.stats
+        st.generated_tokens += 1
+        st.tokens.append(token)
+        if self.tok.is_eog(token) and not self.ignore_eos:
+            st.finish_reason = "stop"
+            self.done = True
+            return None
+        piece = self.detok.add(token)
+        if self.stops:
+            piece = self.scanner.feed(piece)
+        r = GenerationResponse(piece, token, logprob(logits, token) if self.logprobs else None, None, st)
+        if self.scanner.hit:
+            st.finish_reason = "stop"
+            self.done = True
+        elif st.generated_tokens >= self.max_new_tokens:
+            self.done = True
+        return r
+
+    def finish(self, reason: str | None = None) -> GenerationResponse:
+        """The last response: the text held back and the finish reason (``reason`` overrides
+        it, e.g. "cancelled")."""
+        if reason is not None:
+            self.stats.finish_reason = reason
+        tail = self.detok.flush()
+        sc = self.scanner
+        tail = sc.feed(tail) + sc.flush() if self.stops and not sc.hit else ("" if sc.hit else tail)
+        return GenerationResponse(tail, None, None, self.stats.finish_reason, self.stats)
+
+
 def stream_generate(engine, ids: Sequence[int], sampler, max_new_tokens: int, stops: tuple[str, ...] = (),
                     ignore_eos: bool = False, logprobs: bool = False) -> Iterator[GenerationResponse]:
     """Generate after ``ids`` (a validated, non-empty prompt that fits the context with
     ``max_new_tokens``) with ``sampler`` until an end-of-generation token (unless
     ``ignore_eos``), one of ``stops`` (not included in the text) or ``max_new_tokens``;
     ``engine.stats`` is the responses' stats object."""
-    tok = engine.tokenizer
     engine.stats = st = GenerationStats(prompt_tokens=len(ids))
-    detok = tok.streaming()
-    scanner = StopScanner(stops)
-    st.finish_reason = "length"
+    text = TextStream(engine.tokenizer, st, max_new_tokens, stops, ignore_eos, logprobs)
     steps = generate_step(engine, ids, sampler, st)
     t1 = None
     try:
-        for i in range(max_new_tokens):
+        while not text.done:
             token, logits = next(steps)
             if t1 is None:
                 t1 = time.perf_counter()
-            st.generated_tokens += 1
-            st.tokens.append(token)
-            if tok.is_eog(token) and not ignore_eos:
-                st.finish_reason = "stop"
-                break
-            piece = detok.add(token)
-            if stops:
-                piece = scanner.feed(piece)
-            yield GenerationResponse(piece, token, logprob(logits, token) if logprobs else None, None, st)
-            if scanner.hit:
-                st.finish_reason = "stop"
-                break
+            r = text.push(token, logits)
+            if r is not None:
+                yield r
         if t1 is None:                      # max_new_tokens = 0: the prompt is still evaluated
             _timed_prefill(engine, ids, st)
             t1 = time.perf_counter()
-        tail = detok.flush()
-        tail = scanner.feed(tail) + scanner.flush() if stops and not scanner.hit else ("" if scanner.hit else tail)
+        last = text.finish()
         st.decode_s = time.perf_counter() - t1
-        yield GenerationResponse(tail, None, None, st.finish_reason, st)
+        yield last
     finally:
         steps.close()
         if t1 is not None and not st.decode_s:
             st.decode_s = time.perf_counter() - t1
+
+
+class _Running:
+    """One generation inside a :class:`BatchGenerator`."""
+
+    def __init__(self, uid: int, slot: int, cache, ids: list[int], sampler, text: TextStream):
+        self.uid, self.slot, self.cache, self.ids = uid, slot, cache, ids
+        self.sampler, self.text = sampler, text
+        self.history = list(ids)
+        self.filled = 0                 # prompt positions in the cache (the last one runs alone)
+        self.next: int | None = None    # the sampled token the next decode step evaluates
+        self.t0 = time.perf_counter()
+        self.t1: float | None = None    # when the first token was sampled
+
+
+class BatchGenerator:
+    """Several generations on one engine at once (continuous batching): each has a slot of one
+    pooled KV cache (:meth:`LlamaModel.new_caches`), its own sampler, stop strings and limits.
+
+    :meth:`insert` starts one (when :attr:`free` > 0), :meth:`remove` stops one, and each
+    :meth:`step` runs at most one prompt chunk of the longest-waiting new generation (so a new
+    prompt delays the running streams by one chunk at most) and then one decode step for every
+    generation that has a token to evaluate, all rows in one call (each weight row read once for
+    all of them). A generation's tokens are the ones it would get alone: its prompt goes through
+    the same chunks as :meth:`Engine.prefill` on an empty cache, and a batched decode row is the
+    same bits as decoding it alone (``forward_batch``)."""
+
+    def __init__(self, engine, slots: int, prefill_chunk: int | None = None):
+        if slots < 1:
+            raise ValueError(f"slots must be >= 1, got {slots}")
+        self.engine = engine
+        self.model = engine.model
+        self.caches = self.model.new_caches(slots)
+        self.chunk = prefill_chunk or engine.prefill_chunk
+        self._free = list(range(slots))
+        self._running: dict[int, _Running] = {}
+        self._uid = 0
+
+    @property
+    def slots(self) -> int:
+        return len(self.caches)
+
+    @property
+    def free(self) -> int:
+        return len(self._free)
+
+    @property
+    def running(self) -> int:
+        return len(self._running)
+
+    @property
+    def kv_bytes(self) -> int:
+        """Bytes reserved for the slots' keys and values (committed as positions are written)."""
+        return sum(c.nbytes for c in self.caches)
+
+    def insert(self, ids: Sequence[int], params) -> int:
+        """Start generating after ``ids`` (validated, fitting the context with
+        ``params.max_new_tokens``) with ``params`` (a GenerationParams): its id."""
+        from .sampling import Sampler
+        if not self._free:
+            raise RuntimeError("no free slot")
+        slot = self._free.pop(0)
+        cache = self.caches[slot]
+        cache.reset()
+        uid, self._uid = self._uid, self._uid + 1
+        st = GenerationStats(prompt_tokens=len(ids))
+        text = TextStream(self.engine.tokenizer, st, params.max_new_tokens, params.stop, params.ignore_eos,
+                          params.logprobs)
+        self._running[uid] = _Running(uid, slot, cache, [int(t) for t in ids], Sampler(params.sampling()), text)
+        return uid
+
+    def remove(self, uid: int, reason: str = "cancelled") -> GenerationResponse:
+        """Stop generation ``uid`` now: its last response (finish reason ``reason``)."""
+        return self._end(self._running[uid], reason)
+
+    def _end(self, run: _Running, reason: str | None = None) -> GenerationResponse:
+        del self._running[run.uid]
+        self._free.append(run.slot)
+        st = run.text.stats
+        if run.t1 is not None:
+            st.decode_s = time.perf_counter() - run.t1
+        return run.text.finish(reason)
+
+    def _sampled(self, run: _Running, logits: np.ndarray, out: list) -> None:
+        token = run.sampler(logits, run.history)
+        run.history.append(token)
+        if run.t1 is None:
+            run.t1 = time.perf_counter()
+            run.text.stats.prefill_s = run.t1 - run.t0
+        r = run.text.push(token, logits)
+        if r is not None:
+            out.append((run.uid, r))
+        if run.text.done:
+            out.append((run.uid, self._end(run)))
+        else:
+            run.next = token
+
+    def step(self) -> list[tuple[int, GenerationResponse]]:
+        """One round: (generation id, response) pairs, a generation's last one with its finish
+        reason (after which the id is gone and its slot free)."""
+        out: list[tuple[int, GenerationResponse]] = []
+        model = self.model
+        waiting = [r for r in self._running.values() if r.t1 is None]
+        if waiting:
+            run = waiting[0]
+            n = len(run.ids)
+            if run.text.done:                          # max_new_tokens 0: the prompt is still read
+                model.forward(np.asarray(run.ids, np.int64), run.cache, logits="none")
+                out.append((run.uid, self._end(run)))
+            elif run.filled < n - 1:
+                end = min(run.filled + self.chunk, n - 1)
+                model.forward(np.asarray(run.ids[run.filled:end], np.int64), run.cache, logits="none")
+                run.filled = end
+            else:
+                start = run.cache.length
+                logits = model.forward(np.asarray(run.ids[-1:], np.int64), run.cache, logits="last")
+                self.engine._check_finite(logits, start)
+                run.filled = n
+                self._sampled(run, logits[0], out)
+        ready = [r for r in self._running.values() if r.next is not None]
+        if ready:
+            start = min(r.cache.length for r in ready)
+            logits = model.forward_batch([r.next for r in ready], [r.cache for r in ready])
+            self.engine._check_finite(logits, start)
+            for run, row in zip(ready, logits):
+                run.next = None
+                self._sampled(run, row, out)
+        return out
 
 
 def _timed_prefill(engine, ids, stats: GenerationStats) -> np.ndarray:

@@ -24,7 +24,7 @@ from starlette.routing import Route
 
 from .protocol import (APIError, AssistantMessage, ChatChoice, ChatRequest, ChunkChoice, Completion, CompletionRequest,
                        Delta, OpenAIRequest, TextChoice, UsageBody, bad_request, engine_error, parse_request)
-from .worker import DEFAULT_MAX_QUEUE, DEFAULT_QUEUE_TIMEOUT, EngineWorker, Job, Usage
+from .worker import DEFAULT_MAX_QUEUE, DEFAULT_PARALLEL, DEFAULT_QUEUE_TIMEOUT, EngineWorker, Job, Usage
 
 
 log = logging.getLogger("rosenblatt.serve")
@@ -118,7 +118,7 @@ class Server:
     """The state behind the routes: the engine's worker, the model's names."""
 
     def __init__(self, engine, model_id: str | None = None, max_queue: int = DEFAULT_MAX_QUEUE,
-                 queue_timeout: float = DEFAULT_QUEUE_TIMEOUT):
+                 queue_timeout: float = DEFAULT_QUEUE_TIMEOUT, parallel: int = DEFAULT_PARALLEL):
         self.engine = engine
         path = Path(engine.path)
         self.model_id = model_id or path.stem
@@ -127,7 +127,7 @@ class Server:
             self.created = int(os.path.getmtime(path))
         except OSError:
             self.created = int(time.time())
-        self.worker = EngineWorker(engine, max_queue=max_queue, queue_timeout=queue_timeout)
+        self.worker = EngineWorker(engine, max_queue=max_queue, queue_timeout=queue_timeout, parallel=parallel)
 
     # helpers
     def _model_card(self) -> dict:
@@ -176,7 +176,7 @@ class Server:
         self._check_model(req)
         params = req.checked().generation(body)
         messages = req.chat()
-        return await self._run(request, lambda e: e.chat_responses(messages, params=params), chat=True,
+        return await self._run(request, lambda e: e.prepare_chat(messages, params), chat=True,
                                stream=bool(req.stream), include_usage=req.include_usage)
 
     async def completions(self, request: Request) -> Response:
@@ -185,7 +185,7 @@ class Server:
         self._check_model(req)
         params = req.checked(self.engine.config.vocab_size).generation(body)
         prompt = req.prompt
-        return await self._run(request, lambda e: e.responses(prompt, params), chat=False,
+        return await self._run(request, lambda e: e.prepare(prompt, params), chat=False,
                                stream=bool(req.stream), include_usage=req.include_usage)
 
     async def _run(self, request: Request, start, chat: bool, stream: bool, include_usage: bool) -> Response:
@@ -285,12 +285,13 @@ def _internal_error(request: Request, exc: Exception) -> Response:
 
 
 def create_app(engine, api_key: str | None = None, model_id: str | None = None,
-               max_queue: int = DEFAULT_MAX_QUEUE, queue_timeout: float = DEFAULT_QUEUE_TIMEOUT) -> Starlette:
+               max_queue: int = DEFAULT_MAX_QUEUE, queue_timeout: float = DEFAULT_QUEUE_TIMEOUT,
+               parallel: int = DEFAULT_PARALLEL) -> Starlette:
     """The ASGI application serving ``engine`` (its worker thread starts with the app's lifespan).
 
     ``app.state.server`` is the :class:`Server` (its ``worker`` has the counters of ``/health``).
     """
-    srv = Server(engine, model_id=model_id, max_queue=max_queue, queue_timeout=queue_timeout)
+    srv = Server(engine, model_id=model_id, max_queue=max_queue, queue_timeout=queue_timeout, parallel=parallel)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):

@@ -9,10 +9,10 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
-from ..generate import GenerationResponse
+from ..generate import BatchGenerator
 from .protocol import APIError, UsageBody
 
 
@@ -22,6 +22,8 @@ log = logging.getLogger("rosenblatt.serve")
 DEFAULT_MAX_QUEUE = 64
 #: a request that waited this many seconds for the engine gets 503 instead of running
 DEFAULT_QUEUE_TIMEOUT = 600.0
+#: generations served at once (slots of the batch)
+DEFAULT_PARALLEL = 4
 
 # -- the worker thread ------------------------------------------------------------------------
 
@@ -37,9 +39,10 @@ class Usage:
 
 
 class Job:
-    """One generation: ``start(engine)`` returns the engine's piece iterator (validating eagerly)."""
+    """One generation: ``start(engine)`` returns its prompt ids and GenerationParams (validating
+    them: :meth:`Engine.prepare` / :meth:`Engine.prepare_chat`)."""
 
-    def __init__(self, start: Callable[[Any], Iterator[GenerationResponse]], loop: asyncio.AbstractEventLoop):
+    def __init__(self, start: Callable[[Any], tuple[list[int], Any]], loop: asyncio.AbstractEventLoop):
         self.start = start
         self.loop = loop
         self.events: asyncio.Queue = asyncio.Queue()
@@ -61,29 +64,48 @@ class Job:
 
 
 class EngineWorker:
-    """Runs every generation of one engine on one thread, first come first served."""
+    """Runs the engine on one thread: up to ``parallel`` generations at once (continuous
+    batching through :class:`~rosenblatt.generate.BatchGenerator`), the rest waiting in a FIFO
+    queue of at most ``max_queue``. A job joins when a slot is free and leaves when it ends or
+    its client goes away; between two rounds of the batch, so no stream waits longer than one
+    prompt chunk of a newcomer."""
 
-    def __init__(self, engine, max_queue: int = DEFAULT_MAX_QUEUE, queue_timeout: float = DEFAULT_QUEUE_TIMEOUT):
+    def __init__(self, engine, max_queue: int = DEFAULT_MAX_QUEUE, queue_timeout: float = DEFAULT_QUEUE_TIMEOUT,
+                 parallel: int = DEFAULT_PARALLEL):
         self.engine = engine
         self.max_queue = max_queue
         self.queue_timeout = queue_timeout
-        self.timed_out = 0       # jobs that waited longer than queue_timeout
+        self.parallel = parallel
         self._jobs: queue.Queue[Job | None] = queue.Queue()
         self._thread: threading.Thread | None = None
-        self._current: Job | None = None
+        self._batch: BatchGenerator | None = None
+        self._active: dict[int, Job] = {}         # generation id -> its job
+        self._stopping = False
         self.served = 0          # jobs run to their end (stop or length)
         self.cancelled = 0       # jobs stopped or skipped because their client went away
         self.failed = 0          # jobs the engine refused or failed
-        self.last = Usage()      # the last job that ran on the engine
+        self.timed_out = 0       # jobs that waited longer than queue_timeout
+        self.last = Usage()      # the last job that ended on the engine
+        self.peak_running = 0    # the most generations that ran together
+
+    @property
+    def batch(self) -> BatchGenerator:
+        """The slots (their KV caches are reserved when the worker starts)."""
+        if self._batch is None:
+            self._batch = BatchGenerator(self.engine, self.parallel)
+        return self._batch
 
     # event-loop side
     def start(self) -> None:
         if self._thread is None or not self._thread.is_alive():
+            self.batch
+            self._stopping = False
             self._thread = threading.Thread(target=self._main, name="rosenblatt-engine", daemon=True)
             self._thread.start()
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Cancel the running job and everything queued; wait for the thread to end."""
+        """Cancel the running jobs and everything queued; wait for the thread to end."""
+        self._stopping = True
         while True:
             try:
                 job = self._jobs.get_nowait()
@@ -92,8 +114,8 @@ class EngineWorker:
             if job is not None:
                 job.cancel()
                 job.post("cancelled")
-        if self._current is not None:
-            self._current.cancel()
+        for job in list(self._active.values()):
+            job.cancel()
         self._jobs.put(None)
         if self._thread is not None:
             self._thread.join(timeout)
@@ -104,9 +126,10 @@ class EngineWorker:
 
     @property
     def busy(self) -> bool:
-        return self._current is not None
+        return bool(self._active)
 
-    def submit(self, start: Callable[[Any], Iterator[str]]) -> Job:
+    def submit(self, start: Callable[[Any], tuple[list[int], Any]]) -> Job:
+        """Queue a job; ``start(engine)`` gives its prompt ids and GenerationParams (validating)."""
         self.start()                          # no-op while the thread runs
         if self._jobs.qsize() >= self.max_queue:
             raise APIError(503, f"too many requests waiting ({self.max_queue}); try again later",
@@ -117,69 +140,83 @@ class EngineWorker:
 
     def stats(self) -> dict:
         return {"served": self.served, "cancelled": self.cancelled, "failed": self.failed, "timed_out": self.timed_out,
-                "queued": self.queued, "busy": self.busy, "last": asdict(self.last)}
+                "queued": self.queued, "busy": self.busy, "running": len(self._active), "slots": self.parallel,
+                "peak_running": self.peak_running,
+                "last": asdict(self.last)}
 
     # worker-thread side
     def _main(self) -> None:
+        batch = self.batch
         while True:
-            job = self._jobs.get()
-            if job is None:
-                return
-            if job.cancelled.is_set():      # its client left while it was queued
-                self.cancelled += 1
-                job.post("cancelled")
+            # admit what the free slots can take; block only when nothing runs
+            while batch.free:
+                try:
+                    job = self._jobs.get(block=not self._active)
+                except queue.Empty:
+                    break
+                if job is None:
+                    self._shutdown()
+                    return
+                self._admit(job)
+            if not self._active:
                 continue
-            waited = time.monotonic() - job.queued_at
-            if waited > self.queue_timeout:
-                self.timed_out += 1
-                job.post("error", APIError(503, f"waited {waited:.0f} s for the model, more than the server's "
-                                                f"{self.queue_timeout:g} s; try again later", code="queue_timeout"))
+            for uid, job in list(self._active.items()):      # clients that went away
+                if job.cancelled.is_set():
+                    self._ended(uid, batch.remove(uid))
+            if not self._active:
                 continue
-            self._current = job
             try:
-                self._run(job)
-            except Exception as e:           # never let the one engine thread die
-                log.exception("worker failed")
-                self.failed += 1
-                job.post("error", e)
-            finally:
-                self._current = None
+                results = batch.step()
+            except Exception as e:           # a failure while generating: a bug, never a client's fault
+                log.exception("generation failed")
+                for uid in list(self._active):
+                    job = self._active.pop(uid)
+                    with contextlib.suppress(Exception):
+                        batch.remove(uid)
+                    self.failed += 1
+                    job.post("error", e)
+                continue
+            for uid, r in results:
+                job = self._active.get(uid)
+                if job is None:
+                    continue
+                if r.text:
+                    job.post("piece", r.text)
+                if r.finish_reason is not None:
+                    self._ended(uid, r)
 
-    def _run(self, job: Job) -> None:
-        engine = self.engine
+    def _admit(self, job: Job) -> None:
+        if job.cancelled.is_set():      # its client left while it was queued
+            self.cancelled += 1
+            job.post("cancelled")
+            return
+        waited = time.monotonic() - job.queued_at
+        if waited > self.queue_timeout:
+            self.timed_out += 1
+            job.post("error", APIError(503, f"waited {waited:.0f} s for the model, more than the server's "
+                                            f"{self.queue_timeout:g} s; try again later", code="queue_timeout"))
+            return
         try:
-            pieces = job.start(engine)
+            ids, params = job.start(self.engine)
+            uid = self.batch.insert(ids, params)
         except Exception as e:               # refused before generating: bad prompt, template, ...
             self.failed += 1
             job.post("error", e)
             return
+        self._active[uid] = job
+        self.peak_running = max(self.peak_running, len(self._active))
         job.post("started")
-        st = None
-        try:
-            while not job.cancelled.is_set():
-                try:
-                    r = next(pieces)
-                except StopIteration:
-                    break
-                st = r.stats
-                if r.text:
-                    job.post("piece", r.text)
-        except Exception as e:               # a failure while decoding: a bug, never the client's fault
-            log.exception("generation failed")
-            with contextlib.suppress(Exception):
-                pieces.close()
-            engine.reset()                    # the cache may be half-updated
-            self.failed += 1
-            job.post("error", e)
-            return
-        finally:
-            pieces.close()                    # stops the engine's generator (no-op when it ended)
-        if job.cancelled.is_set():
+
+    def _ended(self, uid: int, r) -> None:
+        job = self._active.pop(uid)
+        st = r.stats
+        if r.finish_reason == "cancelled":
             self.cancelled += 1
-            usage = Usage(st.prompt_tokens if st else 0, st.generated_tokens if st else 0, "cancelled")
         else:
             self.served += 1
-            usage = Usage(st.prompt_tokens, st.generated_tokens, st.finish_reason)
-        self.last = usage
-        job.post("done", usage)
+        self.last = Usage(st.prompt_tokens, st.generated_tokens, r.finish_reason)
+        job.post("done", self.last)
 
+    def _shutdown(self) -> None:
+        for uid in list(self._active):
+            self._ended(uid, self.batch.remove(uid))

@@ -258,3 +258,41 @@ def test_tokenize_and_detokenize_arguments(smollm2_engine):
     for bad in ([1.5], [10**9], "abc"):
         with pytest.raises(ParamError, match="ids"):
             smollm2_engine.detokenize(bad)
+
+
+def test_batch_generator_gives_each_generation_its_text_alone(smollm2_engine):
+    """Five generations through three slots (greedy, seeded sampling, a stop string, different
+    lengths; the last two wait for a free slot): each text and token list equals the same
+    generation run alone with Engine.responses; a removed one ends 'cancelled' and frees its slot."""
+    from rosenblatt.generate import BatchGenerator
+    e = smollm2_engine
+    jobs = [("The capital of France is", GenerationParams(max_new_tokens=12, temperature=0)),
+            ("Once upon a time", GenerationParams(max_new_tokens=20, temperature=0.8, seed=5)),
+            ("1, 2, 3, 4,", GenerationParams(max_new_tokens=30, temperature=0, stop=("9",))),
+            ("def add(a, b):", GenerationParams(max_new_tokens=7, temperature=0.9, seed=1, top_k=5)),
+            ("Hello", GenerationParams(max_new_tokens=0))]
+    alone = []
+    for prompt, p in jobs:
+        rs = list(e.responses(prompt, p))
+        alone.append(("".join(r.text for r in rs), rs[-1].stats.tokens, rs[-1].finish_reason))
+    batch = BatchGenerator(e, slots=3)
+    waiting, texts, done, uid_of = list(enumerate(jobs)), {}, {}, {}
+    for _ in range(500):
+        while batch.free and waiting:
+            i, (prompt, p) = waiting.pop(0)
+            ids, q = e.prepare(prompt, p)
+            uid_of[batch.insert(ids, q)] = i
+        if not batch.running:
+            break
+        for uid, r in batch.step():
+            i = uid_of[uid]
+            texts[i] = texts.get(i, "") + r.text
+            if r.finish_reason:
+                done[i] = (texts[i], list(r.stats.tokens), r.finish_reason)
+    assert [done[i] for i in range(len(jobs))] == alone
+    assert batch.free == 3
+    uid = batch.insert(*e.prepare("Tell me a story", GenerationParams(max_new_tokens=50, temperature=0)))
+    for _ in range(3):
+        batch.step()
+    last = batch.remove(uid)
+    assert last.finish_reason == "cancelled" and batch.free == 3 and batch.running == 0

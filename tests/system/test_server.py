@@ -145,7 +145,9 @@ async def _stream(aclient, req) -> str:
     return "".join([c.choices[0].text async for c in s])
 
 
-def test_concurrent_streams_are_served_one_after_another(server):
+def test_concurrent_streams_are_batched_and_give_the_texts_of_serving_alone(server):
+    """8 streams at once run together in the worker's slots (continuous batching) and each text
+    is the one the same request gets alone: nothing mixes, and batching changes no token."""
     distinct = [
         {"messages": [{"role": "user", "content": "Name a color."}]},
         {"messages": [{"role": "user", "content": "What is 2 + 2?"}]},
@@ -167,6 +169,7 @@ def test_concurrent_streams_are_served_one_after_another(server):
     assert together == alone * 2
     after = wait_idle(server)
     assert after["served"] - before["served"] == 12 and after["failed"] == before["failed"]
+    assert after["peak_running"] >= 2 and after["slots"] == 4
 
 
 @pytest.mark.slow
@@ -370,7 +373,7 @@ def test_stalled_connections_are_closed_and_others_served(smollm2_engine):
 def test_a_request_that_waited_too_long_gets_503(smollm2_engine):
     """One long generation holds the engine; a request queued behind it past --queue-timeout is
     answered 503 (queue_timeout) when its turn comes, and the next one is served."""
-    with running(smollm2_engine, app_kw={"queue_timeout": 0.5}) as srv:
+    with running(smollm2_engine, app_kw={"queue_timeout": 0.5, "parallel": 1}) as srv:
         def long():
             return httpx.post(srv.url + "/v1/completions", timeout=120,
                               json={"prompt": COUNT, "max_tokens": 300, "temperature": 0})
