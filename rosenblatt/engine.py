@@ -261,6 +261,10 @@ class Engine:
             (params.replace(**overrides) if overrides else params)
         if not isinstance(p, GenerationParams):
             raise TypeError(f"params must be a GenerationParams, got {type(p).__name__}")
+        bad = [t for t in p.logit_bias if not 0 <= t < self.config.vocab_size]
+        if bad:
+            raise ParamError("logit_bias", f"token id {bad[0]} is outside the vocabulary [0, "
+                             f"{self.config.vocab_size}) of {os.path.basename(self.path)}")
         tok = self._tok()
         ids = tok.encode(prompt, add_special=add_special, parse_special=True) if isinstance(prompt, str) \
             else self._check_tokens(prompt, "prompt").tolist()

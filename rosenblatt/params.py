@@ -19,7 +19,7 @@ which validates again.
 from __future__ import annotations
 
 import numbers
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -126,6 +126,14 @@ class SamplingParams(BaseModel):
                                "at (-1: all, 0: off).", json_schema_extra={"cli": "--repeat-last-n"})
     seed: int | None = Field(None, ge=0, description="Random seed for reproducible sampling (default: "
                              "fresh entropy).", json_schema_extra={"cli": "--seed"})
+    frequency_penalty: float = Field(0.0, ge=-2, le=2, description="Subtracted from a token's logit once per "
+                                     "occurrence in the last repeat-last-n (0: off).",
+                                     json_schema_extra={"cli": "--frequency-penalty"})
+    presence_penalty: float = Field(0.0, ge=-2, le=2, description="Subtracted from the logit of every token "
+                                    "present in the last repeat-last-n (0: off).",
+                                    json_schema_extra={"cli": "--presence-penalty"})
+    logit_bias: dict[int, Annotated[float, Field(ge=-100, le=100)]] = Field(
+        default_factory=dict, description="Token id -> a bias (-100 to 100) added to its logit before sampling.")
 
     def __init__(self, **data: Any):
         try:

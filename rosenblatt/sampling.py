@@ -3,9 +3,12 @@
 The design follows mlx-lm's sampler factory (one callable built once from the parameters) and
 llama.cpp's default sampler chain. For each call the steps run in this fixed order:
 
-1. **repetition penalty** over the last ``repeat_last_n`` tokens of ``history`` (``-1``: all of
-   it, ``0``: none). Each *distinct* token of that window is penalised once: a positive logit is
-   divided by ``repeat_penalty``, a zero or negative one multiplied by it (llama.cpp's rule).
+0. **logit bias**: ``logit_bias[id]`` is added to token ``id``'s logit.
+1. **penalties** over the last ``repeat_last_n`` tokens of ``history`` (``-1``: all of it, ``0``:
+   none). Each *distinct* token of that window is penalised once: a positive logit is divided by
+   ``repeat_penalty``, a zero or negative one multiplied by it; then ``count * frequency_penalty
+   + presence_penalty`` is subtracted, ``count`` its occurrences in the window (llama.cpp's
+   penalties sampler; OpenAI's formula over the same window).
 2. **top-k**: keep the ``top_k`` largest logits (``top_k <= 0`` or ``>= vocab``: no-op).
 3. **top-p** (nucleus): softmax over the survivors, sort them by probability, keep the shortest
    prefix whose cumulative probability reaches ``top_p`` (the token that crosses is kept, so at
@@ -123,15 +126,41 @@ def _history_window(history, last_n: int, vocab: int) -> np.ndarray:
     return u.astype(np.int64, copy=False)
 
 
-def _penalise_inplace(x: np.ndarray, history, penalty: float, last_n: int) -> None:
-    if penalty == 1.0 or last_n == 0:
+def _penalise_inplace(x: np.ndarray, history, penalty: float, last_n: int, frequency: float = 0.0,
+                      presence: float = 0.0) -> None:
+    if (penalty == 1.0 and frequency == 0.0 and presence == 0.0) or last_n == 0:
         # still validate the window so bad ids are reported whatever the settings
         _history_window(history, last_n, x.size)
         return
     u = _history_window(history, last_n, x.size)
     if u.size:
         v = x[u]
-        x[u] = np.where(v > 0, v / penalty, v * penalty)
+        if penalty != 1.0:
+            v = np.where(v > 0, v / penalty, v * penalty)
+        if frequency != 0.0 or presence != 0.0:
+            h = history if isinstance(history, (np.ndarray, list, tuple, range)) else list(history)
+            window = np.asarray(h if last_n < 0 else h[-last_n:], dtype=np.int64)
+            counts = np.bincount(window, minlength=x.size)[u]
+            v = v - (counts * frequency + presence)
+        x[u] = v
+
+
+def _bias_inplace(x: np.ndarray, bias) -> None:
+    """Add ``bias`` (token id -> value) to the logits (llama.cpp's logit-bias sampler, first)."""
+    if not bias:
+        return
+    ids = np.fromiter(bias.keys(), dtype=np.int64, count=len(bias))
+    if ids.min() < 0 or ids.max() >= x.size:
+        bad = ids[(ids < 0) | (ids >= x.size)][0]
+        raise ValueError(f"logit_bias: token id {bad} is outside [0, {x.size})")
+    x[ids] += np.fromiter(bias.values(), dtype=np.float64, count=len(bias))
+
+
+def _adjust(x: np.ndarray, params: SamplingParams, history) -> None:
+    """Steps 0 and 1 of the chain: the logit bias, then the penalties."""
+    _bias_inplace(x, params.logit_bias)
+    _penalise_inplace(x, history, params.repeat_penalty, params.repeat_last_n, params.frequency_penalty,
+                      params.presence_penalty)
 
 
 # --------------------------------------------------------------------------------------------
@@ -325,7 +354,7 @@ def probabilities(logits, params: SamplingParams, history: Sequence[int] | np.nd
     """The full-vocabulary float64 distribution :class:`Sampler` draws from for these inputs
     (zeros at filtered tokens; one-hot at the penalised arg-max when greedy)."""
     x = _as_logits(logits)
-    _penalise_inplace(x, history, params.repeat_penalty, params.repeat_last_n)
+    _adjust(x, params, history)
     out = np.zeros(x.size)
     if params.greedy:
         out[int(np.argmax(x))] = 1.0
@@ -375,7 +404,7 @@ class Sampler:
     def __call__(self, logits, history: Sequence[int] | np.ndarray = ()) -> int:
         params = self._params
         x = _as_logits(logits)
-        _penalise_inplace(x, history, params.repeat_penalty, params.repeat_last_n)
+        _adjust(x, params, history)
         if params.greedy:
             return int(np.argmax(x))
         idx, vals = _candidates(x, params)

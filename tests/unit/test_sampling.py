@@ -55,13 +55,18 @@ class Ambiguous(Exception):
 # ------------------------------------------------------------------------------------------
 
 
-def ref_penalty(logits, history, penalty, last_n):
+def ref_penalty(logits, history, penalty, last_n, frequency=0.0, presence=0.0, bias=None):
+    """llama.cpp's logit-bias and penalties samplers, written out: bias added, then for each
+    distinct token of the window the repeat penalty, then count * frequency + presence off."""
     out = [float(v) for v in logits]
+    for t, b in (bias or {}).items():
+        out[t] += b
     if last_n == 0:
         return out
     window = list(history) if last_n == -1 else list(history)[-last_n:]
     for t in set(window):
         out[t] = out[t] / penalty if out[t] > 0 else out[t] * penalty
+        out[t] -= window.count(t) * frequency + presence
     return out
 
 
@@ -109,7 +114,8 @@ def ref_softmax_on(l, ids, temperature, n):
 
 def ref_probabilities(logits, params: SamplingParams, history=()):
     n = len(logits)
-    l = ref_penalty(logits, history, params.repeat_penalty, params.repeat_last_n)
+    l = ref_penalty(logits, history, params.repeat_penalty, params.repeat_last_n, params.frequency_penalty,
+                    params.presence_penalty, params.logit_bias)
     if params.temperature == 0:
         best = max(range(n), key=lambda i: (l[i], -i))  # first arg-max
         return [1.0 if i == best else 0.0 for i in range(n)]
@@ -166,6 +172,10 @@ def random_case(rng):
         min_p=float(rng.choice([0.0, 0.05, 0.2, 1.0])),
         repeat_penalty=float(rng.choice([1.0, 1.1, 0.8, 2.0])),
         repeat_last_n=int(rng.choice([-1, 0, 5, 64])),
+        frequency_penalty=float(rng.choice([0.0, 0.0, 0.5, -0.3, 2.0])),
+        presence_penalty=float(rng.choice([0.0, 0.0, 1.0, -1.5])),
+        logit_bias={int(t): float(rng.choice([-100.0, -2.5, 0.5, 3.0, 100.0]))
+                    for t in rng.integers(0, n, int(rng.choice([0, 0, 1, 3])))},
     )
     return logits, history, params
 
@@ -681,3 +691,20 @@ def test_empirical_frequencies_match_probabilities(params, history):
     exp_wrong = n_draws * wrong
     stat_wrong = float(np.sum((counts[support] - exp_wrong) ** 2 / exp_wrong))
     assert chi2_sf(stat_wrong, support.size - 1) < 1e-3, stat_wrong
+
+
+def test_logit_bias_and_penalties_by_hand():
+    x = np.array([1.0, 2.0, 3.0, 0.5], np.float32)
+    assert Sampler(SamplingParams(temperature=0))(x) == 2
+    assert Sampler(SamplingParams(temperature=0, logit_bias={3: 100.0}))(x) == 3      # forced
+    assert Sampler(SamplingParams(temperature=0, logit_bias={2: -100.0}))(x) == 1     # banned
+    # token 2 seen 3 times: 3 - 3 * 0.4 = 1.8 < 2.0 (token 1); presence alone: 3 - 0.5 = 2.5 > 2.0
+    assert Sampler(SamplingParams(temperature=0, frequency_penalty=0.4))(x, [2, 2, 2]) == 1
+    assert Sampler(SamplingParams(temperature=0, presence_penalty=0.5))(x, [2, 2, 2]) == 2
+    with pytest.raises(ValueError, match="logit_bias"):
+        Sampler(SamplingParams(logit_bias={9: 1.0}))(x)
+    for kw, param in [({"frequency_penalty": 3.0}, "frequency_penalty"), ({"presence_penalty": -2.5}, "presence_penalty"),
+                      ({"logit_bias": {5: 200.0}}, "logit_bias[5]"), ({"logit_bias": {"5": 1.0}}, "logit_bias[5]")]:
+        with pytest.raises(ParamError) as e:
+            SamplingParams(**kw)
+        assert e.value.param.startswith(param.split("[")[0]), (kw, e.value.param)
