@@ -412,7 +412,7 @@ def serve(model, host, port, device, api_key, n_ctx, threads, read_timeout, queu
     try:
         from .serve import create_app, is_loopback, make_server
     except ImportError as e:
-        _fail(f"the server needs starlette and uvicorn: pip install 'rosenblatt[server]' ({e})")
+        _fail(f"the server needs starlette, uvicorn and prometheus-client: pip install 'rosenblatt[server]' ({e})")
     engine = load_engine(model, n_ctx, threads, device=device)
     app = create_app(engine, api_key=api_key, max_queue=max_queue, queue_timeout=queue_timeout, parallel=parallel)
     model_id = app.state.server.model_id

@@ -24,6 +24,7 @@ from starlette.routing import Route
 
 from .protocol import (APIError, AssistantMessage, ChatChoice, ChatRequest, ChunkChoice, Completion, CompletionRequest,
                        Delta, OpenAIRequest, TextChoice, UsageBody, bad_request, engine_error, parse_request)
+from .metrics import MetricsMiddleware, ServerMetrics
 from .worker import DEFAULT_MAX_QUEUE, DEFAULT_PARALLEL, DEFAULT_QUEUE_TIMEOUT, EngineWorker, Job, Usage
 
 
@@ -37,6 +38,14 @@ MAX_BODY_BYTES = 4 * 2**20
 DEFAULT_READ_TIMEOUT = 30.0
 #: at most this many connections at once; a request beyond them gets 503 (uvicorn's limit)
 DEFAULT_MAX_CONNECTIONS = 128
+#: paths served without the API key
+PUBLIC_PATHS = frozenset({"/health", "/metrics"})
+
+
+def _error_response(err: APIError) -> Response:
+    """``err`` as its response; a 503 the worker refused carries ``Retry-After`` (its estimate)."""
+    retry_after = getattr(err, "retry_after", None)
+    return err.response(headers={"Retry-After": str(int(retry_after))} if retry_after is not None else None)
 
 
 # -- the application --------------------------------------------------------------------------
@@ -96,14 +105,15 @@ async def _cancel_on_disconnect(request: Request, job: Job):
 
 
 class _AuthMiddleware:
-    """``Authorization: Bearer <key>`` on every path but ``/health`` (pure ASGI: streaming-safe)."""
+    """``Authorization: Bearer <key>`` on every path but ``/health`` and ``/metrics`` (pure ASGI:
+    streaming-safe)."""
 
     def __init__(self, app, api_key: str):
         self.app = app
         self.expected = f"Bearer {api_key}".encode()
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and scope["path"] != "/health":
+        if scope["type"] == "http" and scope["path"] not in PUBLIC_PATHS:
             given = Headers(scope=scope).get("authorization", "").encode()
             if not hmac.compare_digest(given, self.expected):
                 msg = ("Missing API key: send 'Authorization: Bearer <key>'" if not given
@@ -128,6 +138,7 @@ class Server:
         except OSError:
             self.created = int(time.time())
         self.worker = EngineWorker(engine, max_queue=max_queue, queue_timeout=queue_timeout, parallel=parallel)
+        self.metrics = ServerMetrics(self.worker)
 
     # helpers
     def _model_card(self) -> dict:
@@ -160,6 +171,9 @@ class Server:
     # routes
     async def health(self, request: Request) -> Response:
         return JSONResponse({"status": "ok", "model": self.model_id, **self.worker.stats()})
+
+    async def prometheus(self, request: Request) -> Response:
+        return Response(self.metrics.exposition(), media_type=self.metrics.content_type)
 
     async def models(self, request: Request) -> Response:
         return JSONResponse({"object": "list", "data": [self._model_card()]})
@@ -199,7 +213,7 @@ class Server:
                 async with _cancel_on_disconnect(request, job):      # while queued
                     kind, value = await job.next()
                 if kind == "error":
-                    return engine_error(value, param).response()
+                    return _error_response(engine_error(value, param))
                 if kind == "cancelled":
                     return Response(status_code=499)   # the client is gone; nobody reads this
                 handed_over = True
@@ -211,7 +225,7 @@ class Server:
                     if kind == "piece":
                         pieces.append(value)
                     elif kind == "error":
-                        return engine_error(value, param).response()
+                        return _error_response(engine_error(value, param))
                     elif kind == "cancelled":
                         return Response(status_code=499)
                     elif kind == "done":
@@ -272,7 +286,7 @@ def _http_error(request: Request, exc: HTTPException) -> Response:
 
 
 def _api_error(request: Request, exc: APIError) -> Response:
-    return exc.response()
+    return _error_response(exc)
 
 
 def _client_gone(request: Request, exc: ClientDisconnect) -> Response:
@@ -289,7 +303,8 @@ def create_app(engine, api_key: str | None = None, model_id: str | None = None,
                parallel: int = DEFAULT_PARALLEL) -> Starlette:
     """The ASGI application serving ``engine`` (its worker thread starts with the app's lifespan).
 
-    ``app.state.server`` is the :class:`Server` (its ``worker`` has the counters of ``/health``).
+    ``app.state.server`` is the :class:`Server` (its ``worker`` has the counters of ``/health``,
+    its ``metrics`` the Prometheus registry of ``/metrics``).
     """
     srv = Server(engine, model_id=model_id, max_queue=max_queue, queue_timeout=queue_timeout, parallel=parallel)
 
@@ -303,6 +318,7 @@ def create_app(engine, api_key: str | None = None, model_id: str | None = None,
 
     routes = [
         Route("/health", srv.health, methods=["GET"]),
+        Route("/metrics", srv.prometheus, methods=["GET"]),
         Route("/v1/models", srv.models, methods=["GET"]),
         Route("/v1/models/{model:path}", srv.model, methods=["GET"]),
         Route("/v1/chat/completions", srv.chat_completions, methods=["POST"]),
@@ -314,6 +330,7 @@ def create_app(engine, api_key: str | None = None, model_id: str | None = None,
     app.state.server = srv
     if api_key:
         app.add_middleware(_AuthMiddleware, api_key=api_key)
+    app.add_middleware(MetricsMiddleware, metrics=srv.metrics)      # outermost: counts the 401s too
     return app
 
 

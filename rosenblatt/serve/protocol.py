@@ -63,6 +63,8 @@ def engine_error(e: Exception, param: str) -> APIError:
     msg = " ".join(str(e).split())
     if isinstance(e, ModelFileError):       # e.g. an unusable chat template: the model's fault, not the request's
         return APIError(500, msg, code="model_error")
+    if isinstance(e, ParamError):             # the engine's own check of a request (e.g. logit_bias ids)
+        return bad_request(f"'{e.param}' {e.problem}", param=e.param, code=e.kind)
     if isinstance(e, ChatTemplateError):
         return bad_request(msg, param="messages", code="invalid_messages")
     if isinstance(e, ValueError):
@@ -116,8 +118,6 @@ class OpenAIRequest(BaseModel):
     stream: bool | None = None
     stream_options: StreamOptions | None = None
     n: int | None = Field(None, ge=1)
-    frequency_penalty: float | None = Field(None, ge=-2, le=2)
-    presence_penalty: float | None = Field(None, ge=-2, le=2)
     max_tokens: int | None = Field(None, ge=0)
     max_completion_tokens: int | None = Field(None, ge=0)
 
@@ -131,9 +131,14 @@ class OpenAIRequest(BaseModel):
         top_k, min_p, repeat_penalty, repeat_last_n included)."""
         if self.n not in (None, 1):
             raise APIError(400, "only n=1 is supported", param="n", code="unsupported_parameter")
-        for name in ("frequency_penalty", "presence_penalty", "logit_bias"):
-            self.unsupported(name, lambda v: not v)
         fields = {k: body[k] for k in _SAMPLING_FIELDS if body.get(k) is not None}
+        bias = fields.get("logit_bias")
+        if isinstance(bias, dict):                  # JSON keys are strings: token ids as text
+            try:
+                fields["logit_bias"] = {int(k): v for k, v in bias.items()}
+            except ValueError:
+                raise bad_request("'logit_bias' keys must be token ids (integers as strings)", param="logit_bias",
+                                  code="invalid_value") from None
         if isinstance(fields.get("seed"), int) and not isinstance(fields["seed"], bool):
             fields["seed"] %= 2**64          # OpenAI allows any int64; the sampler wants >= 0
         max_name = "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"
@@ -152,7 +157,8 @@ class OpenAIRequest(BaseModel):
 
 
 #: the request fields handed to GenerationParams (max_tokens is mapped by hand)
-_SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repeat_penalty", "repeat_last_n", "seed", "stop")
+_SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repeat_penalty", "repeat_last_n", "seed", "stop",
+                    "frequency_penalty", "presence_penalty", "logit_bias")
 
 
 class ChatRequest(OpenAIRequest):

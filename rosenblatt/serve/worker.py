@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import queue
 import threading
 import time
@@ -48,6 +49,8 @@ class Job:
         self.events: asyncio.Queue = asyncio.Queue()
         self.cancelled = threading.Event()
         self.queued_at = time.monotonic()
+        self.admitted_at: float | None = None
+        self.first_token = False         # its time to first token was recorded
 
     def cancel(self) -> None:
         self.cancelled.set()
@@ -87,6 +90,13 @@ class EngineWorker:
         self.timed_out = 0       # jobs that waited longer than queue_timeout
         self.last = Usage()      # the last job that ended on the engine
         self.peak_running = 0    # the most generations that ran together
+        self.rejected = 0        # requests refused because the queue was full
+        self.prompt_tokens = 0   # tokens of the prompts of the jobs that ended on the engine
+        self.generated_tokens = 0
+        self.avg_job_s: float | None = None     # recent mean seconds a served job held its slot
+        #: per-job hooks on the worker thread (:class:`~rosenblatt.serve.metrics.ServerMetrics`):
+        #: ``admitted(waited_s)``, ``first_token(seconds)``, ``ended(stats)``
+        self.metrics = None
 
     @property
     def batch(self) -> BatchGenerator:
@@ -128,12 +138,27 @@ class EngineWorker:
     def busy(self) -> bool:
         return bool(self._active)
 
+    @property
+    def running(self) -> int:
+        return len(self._active)
+
+    def retry_after(self) -> int:
+        """Seconds a refused client should wait before trying again (``Retry-After``): the
+        queued jobs' share of the slots times a recent mean job time, or 5 before any job ended."""
+        avg = self.avg_job_s
+        if avg is None:
+            return 5
+        return max(1, min(3600, 1 + math.ceil(self.queued * avg / max(1, self.parallel))))
+
     def submit(self, start: Callable[[Any], tuple[list[int], Any]]) -> Job:
         """Queue a job; ``start(engine)`` gives its prompt ids and GenerationParams (validating)."""
         self.start()                          # no-op while the thread runs
         if self._jobs.qsize() >= self.max_queue:
-            raise APIError(503, f"too many requests waiting ({self.max_queue}); try again later",
+            self.rejected += 1
+            err = APIError(503, f"too many requests waiting ({self.max_queue}); try again later",
                            code="queue_full")
+            err.retry_after = self.retry_after()      # answered as a Retry-After header
+            raise err
         job = Job(start, asyncio.get_running_loop())
         self._jobs.put(job)
         return job
@@ -141,7 +166,8 @@ class EngineWorker:
     def stats(self) -> dict:
         return {"served": self.served, "cancelled": self.cancelled, "failed": self.failed, "timed_out": self.timed_out,
                 "queued": self.queued, "busy": self.busy, "running": len(self._active), "slots": self.parallel,
-                "peak_running": self.peak_running,
+                "peak_running": self.peak_running, "rejected": self.rejected,
+                "prompt_tokens": self.prompt_tokens, "generated_tokens": self.generated_tokens,
                 "last": asdict(self.last)}
 
     # worker-thread side
@@ -180,6 +206,8 @@ class EngineWorker:
                 job = self._active.get(uid)
                 if job is None:
                     continue
+                if not job.first_token:
+                    self._first_token(job, r.stats)
                 if r.text:
                     job.post("piece", r.text)
                 if r.finish_reason is not None:
@@ -193,9 +221,13 @@ class EngineWorker:
         waited = time.monotonic() - job.queued_at
         if waited > self.queue_timeout:
             self.timed_out += 1
-            job.post("error", APIError(503, f"waited {waited:.0f} s for the model, more than the server's "
-                                            f"{self.queue_timeout:g} s; try again later", code="queue_timeout"))
+            err = APIError(503, f"waited {waited:.0f} s for the model, more than the server's "
+                                f"{self.queue_timeout:g} s; try again later", code="queue_timeout")
+            err.retry_after = self.retry_after()
+            job.post("error", err)
             return
+        if self.metrics is not None:
+            self.metrics.admitted(waited)
         try:
             ids, params = job.start(self.engine)
             uid = self.batch.insert(ids, params)
@@ -203,6 +235,7 @@ class EngineWorker:
             self.failed += 1
             job.post("error", e)
             return
+        job.admitted_at = time.monotonic()
         self._active[uid] = job
         self.peak_running = max(self.peak_running, len(self._active))
         job.post("started")
@@ -214,8 +247,26 @@ class EngineWorker:
             self.cancelled += 1
         else:
             self.served += 1
+            took = time.monotonic() - job.admitted_at
+            self.avg_job_s = took if self.avg_job_s is None else 0.8 * self.avg_job_s + 0.2 * took
+        self.prompt_tokens += st.prompt_tokens
+        self.generated_tokens += st.generated_tokens
+        if not job.first_token:
+            self._first_token(job, st)
+        if self.metrics is not None:
+            try:
+                self.metrics.ended(st)
+            except Exception:                # metrics never stop serving
+                log.exception("recording metrics failed")
         self.last = Usage(st.prompt_tokens, st.generated_tokens, r.finish_reason)
         job.post("done", self.last)
+
+    def _first_token(self, job: Job, st) -> None:
+        """Once per job, when its first token is out: the time from its admission to it."""
+        if st.generated_tokens:
+            job.first_token = True
+            if self.metrics is not None:
+                self.metrics.first_token(st.prefill_s)      # from insert to the first sampled token
 
     def _shutdown(self) -> None:
         for uid in list(self._active):

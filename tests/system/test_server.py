@@ -234,6 +234,13 @@ BAD = [
     ("too many stops", "/v1/completions", {"prompt": "Hi", "stop": ["x"] * 17}, 400, "stop", "invalid_value"),
     ("stop not text", "/v1/completions", {"prompt": "Hi", "stop": ["x", 3]}, 400, "stop", "invalid_type"),
     ("unknown top_k type", "/v1/completions", {"prompt": "Hi", "top_k": "5"}, 400, "top_k", "invalid_type"),
+    ("frequency_penalty", "/v1/completions", {"prompt": "Hi", "frequency_penalty": 3}, 400, "frequency_penalty",
+     "invalid_value"),
+    ("logit_bias key", "/v1/completions", {"prompt": "Hi", "logit_bias": {"x": 1}}, 400, "logit_bias", "invalid_value"),
+    ("logit_bias value", "/v1/completions", {"prompt": "Hi", "logit_bias": {"5": 101}}, 400, "logit_bias",
+     "invalid_value"),
+    ("logit_bias id", "/v1/completions", {"prompt": "Hi", "logit_bias": {"999999": 1}}, 400, "logit_bias",
+     "invalid_value"),
     ("temperature", "/v1/completions", {"prompt": "Hi", "temperature": -1}, 400, "temperature", "invalid_value"),
     ("top_p", "/v1/completions", {"prompt": "Hi", "top_p": True}, 400, "top_p", "invalid_type"),
     ("stop", "/v1/completions", {"prompt": "Hi", "stop": 5}, 400, "stop", "invalid_type"),
@@ -389,3 +396,105 @@ def test_a_request_that_waited_too_long_gets_503(smollm2_engine):
         assert srv.worker.stats()["timed_out"] == 1
         r = httpx.post(srv.url + "/v1/completions", json={"prompt": "Hi", "max_tokens": 2}, timeout=120)
         assert r.status_code == 200
+
+
+# -- metrics and overload ---------------------------------------------------------------------
+
+def scrape(url: str) -> dict:
+    """/metrics (no key) parsed: {(sample name, sorted labels): value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+    r = httpx.get(url + "/metrics", timeout=10)
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"].startswith("text/plain") and "version=0.0.4" in r.headers["content-type"]
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for fam in text_string_to_metric_families(r.text) for s in fam.samples}
+
+
+def sample(metrics: dict, name: str, **labels) -> float:
+    return metrics.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def test_metrics_need_no_key_and_count_refusals(smollm2_engine):
+    with running(smollm2_engine, app_kw={"api_key": "sekrit"}) as srv:
+        assert httpx.get(srv.url + "/v1/models", timeout=10).status_code == 401
+        m = scrape(srv.url)                                  # no Authorization header
+        assert sample(m, "rosenblatt_requests_total", endpoint="/v1/models", status="401") == 1
+        assert sample(m, "rosenblatt_slots") == 4 and sample(m, "rosenblatt_queue_length") == 0
+        for name in ("rosenblatt_time_to_first_token_seconds", "rosenblatt_decode_tokens_per_second"):
+            assert (f"{name}_count", ()) in m
+        m = scrape(srv.url)
+        assert sample(m, "rosenblatt_requests_total", endpoint="/metrics", status="200") == 1
+
+
+def test_metrics_count_requests_and_tokens(server, client):
+    wait_idle(server)
+    before = scrape(server.url)
+    a = client.completions.create(model=MODEL_ID, prompt=COUNT, max_tokens=4, temperature=0)
+    b = client.chat.completions.create(model=MODEL_ID, messages=FRANCE, max_tokens=5, temperature=0)
+    wait_idle(server)
+    after = scrape(server.url)
+
+    def moved(name, **labels):
+        return sample(after, name, **labels) - sample(before, name, **labels)
+
+    assert moved("rosenblatt_requests_total", endpoint="/v1/completions", status="200") == 1
+    assert moved("rosenblatt_requests_total", endpoint="/v1/chat/completions", status="200") == 1
+    assert moved("rosenblatt_prompt_tokens_total") == a.usage.prompt_tokens + b.usage.prompt_tokens
+    assert moved("rosenblatt_generated_tokens_total") == a.usage.completion_tokens + b.usage.completion_tokens
+    assert moved("rosenblatt_generations_served_total") == 2
+    assert moved("rosenblatt_generations_failed_total") == moved("rosenblatt_generations_cancelled_total") == 0
+    assert moved("rosenblatt_time_to_first_token_seconds_count") == 2
+    assert moved("rosenblatt_time_to_first_token_seconds_sum") > 0
+    assert moved("rosenblatt_queue_wait_seconds_count") == 2
+    decoded = sum(r.usage.completion_tokens > 1 for r in (a, b))
+    assert moved("rosenblatt_decode_tokens_per_second_count") == decoded
+    assert sample(after, "rosenblatt_queue_length") == sample(after, "rosenblatt_running_generations") == 0
+    assert sample(after, "rosenblatt_slots") == 4
+
+
+def test_a_full_queue_gets_503_with_retry_after(smollm2_engine):
+    """max_queue=1, one slot: one long generation runs, one request waits, the third is refused
+    at once with 503 queue_full and an integer Retry-After (the estimate once a job time is known)."""
+    errors = []
+
+    def post(url):
+        try:
+            httpx.post(url + "/v1/completions", timeout=120,
+                       json={"prompt": COUNT, "max_tokens": 480, "temperature": 0})
+        except httpx.HTTPError as e:          # the server stops under it at the end of the test
+            errors.append(e)
+
+    threads = []
+    with running(smollm2_engine, app_kw={"max_queue": 1, "parallel": 1}) as srv:
+        deadline = time.monotonic() + 30
+        for cond in (lambda: srv.worker.busy, lambda: srv.worker.queued == 1):
+            threads.append(threading.Thread(target=post, args=(srv.url,), daemon=True))
+            threads[-1].start()
+            while not cond():
+                assert time.monotonic() < deadline, srv.worker.stats()
+                time.sleep(0.01)
+        r = httpx.post(srv.url + "/v1/completions", json={"prompt": "Hi", "max_tokens": 2}, timeout=30)
+        assert r.status_code == 503 and r.json()["error"]["code"] == "queue_full", r.text
+        assert r.headers["retry-after"].isdigit() and int(r.headers["retry-after"]) >= 1
+        srv.worker.avg_job_s = 2.0           # as if recent jobs took 2 s: 1 + 1 queued x 2 s / 1 slot
+        r = httpx.post(srv.url + "/v1/chat/completions", json={"messages": FRANCE}, timeout=30)
+        assert r.status_code == 503 and r.headers["retry-after"] == "3", r.text
+        m = scrape(srv.url)
+        assert sample(m, "rosenblatt_requests_rejected_total") == 2
+        assert sample(m, "rosenblatt_requests_total", endpoint="/v1/completions", status="503") == 1
+        assert sample(m, "rosenblatt_queue_length") == 1 and sample(m, "rosenblatt_running_generations") == 1
+    for t in threads:
+        t.join(60)
+
+
+def test_logit_bias_and_penalties_reach_the_sampler(server, client):
+    """OpenAI's logit_bias forces a token (+100) in every position; frequency/presence penalties
+    are accepted and change a greedy counting continuation."""
+    tok = server.engine.tokenize(" cat", add_special=False)[0]
+    r = client.completions.create(model=MODEL_ID, prompt="Hi", max_tokens=3, temperature=0, logit_bias={str(tok): 100})
+    assert r.choices[0].text == server.engine.detokenize([tok] * 3)
+    plain = client.completions.create(model=MODEL_ID, prompt=COUNT, max_tokens=12, temperature=0).choices[0].text
+    pen = client.completions.create(model=MODEL_ID, prompt=COUNT, max_tokens=12, temperature=0,
+                                    frequency_penalty=2.0, presence_penalty=2.0).choices[0].text
+    assert plain != pen
+
