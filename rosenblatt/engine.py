@@ -250,7 +250,8 @@ class Engine:
         any of the ``stop`` strings (not included in the output) or after ``max_new_tokens``.
         """
         ids, p = self.prepare(prompt, params, add_special=add_special, **overrides)
-        return stream_generate(self, ids, Sampler(p.sampling()), p.max_new_tokens, p.stop, p.ignore_eos, p.logprobs)
+        return stream_generate(self, ids, Sampler(p.sampling()), p.max_new_tokens, p.stop, p.ignore_eos, p.logprobs,
+                               p.top_logprobs)
 
     def prepare(self, prompt: str | Sequence[int], params: GenerationParams | None = None, *,
                 add_special: bool = True, **overrides) -> tuple[list[int], GenerationParams]:
@@ -298,7 +299,8 @@ class Engine:
         """Render ``messages`` with the model's chat template and generate the assistant's answer
         (responses and parameters as :meth:`responses`; the template's own stop strings added)."""
         ids, p = self.prepare_chat(messages, params, **overrides)
-        return stream_generate(self, ids, Sampler(p.sampling()), p.max_new_tokens, p.stop, p.ignore_eos, p.logprobs)
+        return stream_generate(self, ids, Sampler(p.sampling()), p.max_new_tokens, p.stop, p.ignore_eos, p.logprobs,
+                               p.top_logprobs)
 
     def stream_chat(self, messages: Sequence[Mapping], params: GenerationParams | None = None,
                     **kwargs) -> Iterator[str]:

@@ -60,6 +60,7 @@ class GenerationResponse:
     logprob: float | None           # log-probability of ``token`` under the model (logprobs=True)
     finish_reason: str | None       # None until the last response: then "stop" or "length"
     stats: GenerationStats          # the running counts and timings (one object, updated)
+    top_logprobs: tuple[tuple[int, float], ...] = ()   # (id, log-probability), most likely first
 
 
 @dataclass
@@ -98,6 +99,18 @@ def logprob(logits: np.ndarray, token: int) -> float:
     return float(x[token] - top - np.log(np.exp(x - top).sum()))
 
 
+def top_logprobs(logits: np.ndarray, n: int) -> tuple[tuple[int, float], ...]:
+    """The ``n`` most likely tokens as (id, log-probability), most likely first (ties: lower id),
+    each value computed as :func:`logprob` computes it."""
+    x = logits.astype(np.float64)
+    top = x.max()
+    lp = x - top - np.log(np.exp(x - top).sum())
+    n = min(n, lp.size)
+    idx = np.argpartition(-lp, n - 1)[:n] if n < lp.size else np.arange(lp.size)
+    idx = idx[np.lexsort((idx, -lp[idx]))]
+    return tuple((int(i), float(lp[i])) for i in idx)
+
+
 def generate_step(engine, ids: Sequence[int], sampler, stats: GenerationStats) -> Iterator[tuple[int, np.ndarray]]:
     """(token, the logits it was sampled from), one at a time after the prompt ``ids``: the
     prompt is brought into the cache first (:meth:`Engine.prefill`, reusing the cached prefix;
@@ -119,9 +132,9 @@ class TextStream:
     last response (what was held back, the finish reason)."""
 
     def __init__(self, tokenizer, stats: GenerationStats, max_new_tokens: int, stops: tuple[str, ...] = (),
-                 ignore_eos: bool = False, logprobs: bool = False):
+                 ignore_eos: bool = False, logprobs: bool = False, top: int = 0):
         self.tok, self.stats, self.max_new_tokens = tokenizer, stats, max_new_tokens
-        self.stops, self.ignore_eos, self.logprobs = stops, ignore_eos, logprobs
+        self.stops, self.ignore_eos, self.logprobs, self.top = stops, ignore_eos, logprobs, top
         self.detok = tokenizer.streaming()
         self.scanner = StopScanner(stops)
         stats.finish_reason = "length"
@@ -140,7 +153,8 @@ class TextStream:
         piece = self.detok.add(token)
         if self.stops:
             piece = self.scanner.feed(piece)
-        r = GenerationResponse(piece, token, logprob(logits, token) if self.logprobs else None, None, st)
+        r = GenerationResponse(piece, token, logprob(logits, token) if self.logprobs else None, None, st,
+                               top_logprobs(logits, self.top) if self.logprobs and self.top else ())
         if self.scanner.hit:
             st.finish_reason = "stop"
             self.done = True
@@ -160,13 +174,13 @@ class TextStream:
 
 
 def stream_generate(engine, ids: Sequence[int], sampler, max_new_tokens: int, stops: tuple[str, ...] = (),
-                    ignore_eos: bool = False, logprobs: bool = False) -> Iterator[GenerationResponse]:
+                    ignore_eos: bool = False, logprobs: bool = False, top: int = 0) -> Iterator[GenerationResponse]:
     """Generate after ``ids`` (a validated, non-empty prompt that fits the context with
     ``max_new_tokens``) with ``sampler`` until an end-of-generation token (unless
     ``ignore_eos``), one of ``stops`` (not included in the text) or ``max_new_tokens``;
     ``engine.stats`` is the responses' stats object."""
     engine.stats = st = GenerationStats(prompt_tokens=len(ids))
-    text = TextStream(engine.tokenizer, st, max_new_tokens, stops, ignore_eos, logprobs)
+    text = TextStream(engine.tokenizer, st, max_new_tokens, stops, ignore_eos, logprobs, top)
     steps = generate_step(engine, ids, sampler, st)
     t1 = None
     try:
@@ -254,7 +268,7 @@ class BatchGenerator:
         uid, self._uid = self._uid, self._uid + 1
         st = GenerationStats(prompt_tokens=len(ids))
         text = TextStream(self.engine.tokenizer, st, params.max_new_tokens, params.stop, params.ignore_eos,
-                          params.logprobs)
+                          params.logprobs, params.top_logprobs)
         self._running[uid] = _Running(uid, slot, cache, [int(t) for t in ids], Sampler(params.sampling()), text)
         return uid
 

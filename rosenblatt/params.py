@@ -171,6 +171,8 @@ class GenerationParams(SamplingParams):
     ignore_eos: bool = Field(False, description="Keep generating past end-of-generation tokens "
                              "(benchmarks, like llama-bench).")
     logprobs: bool = Field(False, description="Give each generated token's log-probability.")
+    top_logprobs: int = Field(0, ge=0, le=20, description="With logprobs: the log-probabilities of this many "
+                              "most likely tokens at each step too.")
 
     @field_validator("stop", mode="before")
     @classmethod

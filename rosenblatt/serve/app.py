@@ -22,7 +22,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from .protocol import (APIError, AssistantMessage, ChatChoice, ChatRequest, ChunkChoice, Completion, CompletionRequest,
+from .protocol import (APIError, LogprobLog, AssistantMessage, ChatChoice, ChatRequest, ChunkChoice, Completion, CompletionRequest,
                        Delta, OpenAIRequest, TextChoice, UsageBody, bad_request, engine_error, parse_request)
 from .metrics import MetricsMiddleware, ServerMetrics
 from .worker import DEFAULT_MAX_QUEUE, DEFAULT_PARALLEL, DEFAULT_QUEUE_TIMEOUT, EngineWorker, Job, Usage
@@ -191,7 +191,7 @@ class Server:
         params = req.checked().generation(body)
         messages = req.chat()
         return await self._run(request, lambda e: e.prepare_chat(messages, params), chat=True,
-                               stream=bool(req.stream), include_usage=req.include_usage)
+                               stream=bool(req.stream), include_usage=req.include_usage, logprobs=params.logprobs)
 
     async def completions(self, request: Request) -> Response:
         body = await self._json(request)
@@ -200,9 +200,10 @@ class Server:
         params = req.checked(self.engine.config.vocab_size).generation(body)
         prompt = req.prompt
         return await self._run(request, lambda e: e.prepare(prompt, params), chat=False,
-                               stream=bool(req.stream), include_usage=req.include_usage)
+                               stream=bool(req.stream), include_usage=req.include_usage, logprobs=params.logprobs)
 
-    async def _run(self, request: Request, start, chat: bool, stream: bool, include_usage: bool) -> Response:
+    async def _run(self, request: Request, start, chat: bool, stream: bool, include_usage: bool,
+                   logprobs: bool = False) -> Response:
         job = self.worker.submit(start)
         param = "messages" if chat else "prompt"
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
@@ -217,13 +218,16 @@ class Server:
                 if kind == "cancelled":
                     return Response(status_code=499)   # the client is gone; nobody reads this
                 handed_over = True
-                return _SSEResponse(self._events(job, rid, created, chat, include_usage), job)
+                return _SSEResponse(self._events(job, rid, created, chat, include_usage, logprobs), job)
             pieces: list[str] = []
+            log = LogprobLog(self.engine.tokenizer, chat) if logprobs else None
             async with _cancel_on_disconnect(request, job):
                 while True:
                     kind, value = await job.next()
                     if kind == "piece":
-                        pieces.append(value)
+                        pieces.append(value.text)
+                        if log is not None:
+                            log.add(value)
                     elif kind == "error":
                         return _error_response(engine_error(value, param))
                     elif kind == "cancelled":
@@ -234,8 +238,9 @@ class Server:
             if usage.finish_reason == "cancelled":
                 return Response(status_code=499)
             text = "".join(pieces)
-            choice = ChatChoice(message=AssistantMessage(content=text), finish_reason=usage.finish_reason) if chat \
-                else TextChoice(text=text, finish_reason=usage.finish_reason)
+            lp = log.body() if log is not None else None
+            choice = ChatChoice(message=AssistantMessage(content=text), finish_reason=usage.finish_reason, logprobs=lp) \
+                if chat else TextChoice(text=text, finish_reason=usage.finish_reason, logprobs=lp)
             return JSONResponse(Completion(id=rid, object="chat.completion" if chat else "text_completion",
                                            created=created, model=self.model_id, choices=[choice],
                                            usage=usage.openai()).body())
@@ -243,15 +248,16 @@ class Server:
             if not handed_over:
                 job.cancel()
 
-    async def _events(self, job: Job, rid: str, created: int, chat: bool, include_usage: bool):
+    async def _events(self, job: Job, rid: str, created: int, chat: bool, include_usage: bool, logprobs: bool = False):
         obj = "chat.completion.chunk" if chat else "text_completion"
+        offset = 0
 
         def chunk(piece: str | None, finish: str | None = None, role: bool = False, choices=None,
-                  usage: UsageBody | None = None) -> dict:
+                  usage: UsageBody | None = None, lp: dict | None = None) -> dict:
             if choices is None:
                 choices = [ChunkChoice(delta=Delta(role="assistant" if role else None, content=piece),
-                                       finish_reason=finish) if chat
-                           else TextChoice(text=piece or "", finish_reason=finish)]
+                                       finish_reason=finish, logprobs=lp) if chat
+                           else TextChoice(text=piece or "", finish_reason=finish, logprobs=lp)]
             return Completion(id=rid, object=obj, created=created, model=self.model_id, choices=choices,
                               usage=usage).body()
 
@@ -261,7 +267,16 @@ class Server:
             while True:
                 kind, value = await job.next()
                 if kind == "piece":
-                    yield _sse(chunk(value))
+                    if not value.text and not logprobs:
+                        continue
+                    lp = None
+                    if logprobs:
+                        log = LogprobLog(self.engine.tokenizer, chat)
+                        log.offset = offset
+                        log.add(value)
+                        offset = log.offset
+                        lp = log.body()
+                    yield _sse(chunk(value.text, lp=lp))
                 elif kind == "done":
                     usage: Usage = value
                     if usage.finish_reason == "cancelled":

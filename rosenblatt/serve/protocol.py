@@ -132,6 +132,7 @@ class OpenAIRequest(BaseModel):
         if self.n not in (None, 1):
             raise APIError(400, "only n=1 is supported", param="n", code="unsupported_parameter")
         fields = {k: body[k] for k in _SAMPLING_FIELDS if body.get(k) is not None}
+        fields.update(self.logprob_fields())
         bias = fields.get("logit_bias")
         if isinstance(bias, dict):                  # JSON keys are strings: token ids as text
             try:
@@ -151,6 +152,9 @@ class OpenAIRequest(BaseModel):
             name = max_name if e.param == "max_new_tokens" else e.param.split("[")[0]
             raise bad_request(f"'{name}' {e.problem}", param=name, code=e.kind) from None
 
+    def logprob_fields(self) -> dict:
+        return {}
+
     @property
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
@@ -163,10 +167,15 @@ _SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repeat_penalty", 
 
 class ChatRequest(OpenAIRequest):
     messages: list[Message] = Field(min_length=1)
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+
+    def logprob_fields(self) -> dict:
+        if self.top_logprobs and not self.logprobs:
+            raise bad_request("'top_logprobs' needs 'logprobs': true", param="top_logprobs", code="invalid_value")
+        return {"logprobs": bool(self.logprobs), "top_logprobs": self.top_logprobs or 0}
 
     def checked(self) -> ChatRequest:
-        self.unsupported("logprobs", lambda v: not v)
-        self.unsupported("top_logprobs", lambda v: not v)
         self.unsupported("tools", lambda v: not v)
         self.unsupported("functions", lambda v: not v)
         self.unsupported("response_format", lambda v: v is None or (isinstance(v, dict) and v.get("type") == "text"))
@@ -178,6 +187,10 @@ class ChatRequest(OpenAIRequest):
 
 class CompletionRequest(OpenAIRequest):
     prompt: str | list[int]
+    logprobs: int | None = Field(None, ge=0, le=5)      # legacy API: how many top tokens per step
+
+    def logprob_fields(self) -> dict:
+        return {"logprobs": self.logprobs is not None, "top_logprobs": self.logprobs or 0}
 
     @field_validator("prompt", mode="before")
     @classmethod
@@ -199,7 +212,6 @@ class CompletionRequest(OpenAIRequest):
                 raise bad_request(f"token id {bad[0]} is outside the vocabulary [0, {vocab_size})", param="prompt",
                            code="invalid_value")
         self.unsupported("echo", lambda v: not v)
-        self.unsupported("logprobs", lambda v: v is None)
         self.unsupported("suffix", lambda v: not v)
         self.unsupported("best_of", lambda v: v in (None, 1))
         return self
@@ -226,14 +238,14 @@ class AssistantMessage(BaseModel):
 class ChatChoice(BaseModel):
     index: int = 0
     message: AssistantMessage
-    logprobs: None = None
+    logprobs: dict | None = None
     finish_reason: str
 
 
 class TextChoice(BaseModel):
     index: int = 0
     text: str
-    logprobs: None = None
+    logprobs: dict | None = None
     finish_reason: str | None = None
 
 
@@ -245,7 +257,7 @@ class Delta(BaseModel):
 class ChunkChoice(BaseModel):
     index: int = 0
     delta: Delta
-    logprobs: None = None
+    logprobs: dict | None = None
     finish_reason: str | None = None
 
 
@@ -266,4 +278,47 @@ class Completion(BaseModel):
             if "delta" in c:
                 c["delta"] = {k: v for k, v in c["delta"].items() if v is not None}
         return d
+
+
+def _token(tokenizer, tid: int) -> tuple[str, list[int]]:
+    raw = tokenizer.token_to_piece(tid, True)
+    return raw.decode("utf-8", errors="replace"), list(raw)
+
+
+class LogprobLog:
+    """The log-probabilities of one choice's tokens, in the shape its endpoint answers with:
+    chat's ``{"content": [{token, logprob, bytes, top_logprobs}]}`` or the completions API's
+    ``{tokens, token_logprobs, top_logprobs, text_offset}``."""
+
+    def __init__(self, tokenizer, chat: bool):
+        self.tok, self.chat = tokenizer, chat
+        self.content: list[dict] = []
+        self.tokens: list[str] = []
+        self.values: list[float] = []
+        self.tops: list[dict] = []
+        self.offsets: list[int] = []
+        self.offset = 0
+
+    def add(self, r) -> None:
+        if r.token is None or r.logprob is None:
+            return
+        text, raw = _token(self.tok, r.token)
+        if self.chat:
+            tops = []
+            for tid, lp in r.top_logprobs:
+                t, b = _token(self.tok, tid)
+                tops.append({"token": t, "logprob": lp, "bytes": b})
+            self.content.append({"token": text, "logprob": r.logprob, "bytes": raw, "top_logprobs": tops})
+        else:
+            self.tokens.append(text)
+            self.values.append(r.logprob)
+            self.tops.append({_token(self.tok, tid)[0]: lp for tid, lp in r.top_logprobs})
+            self.offsets.append(self.offset)
+            self.offset += len(text)
+
+    def body(self) -> dict:
+        if self.chat:
+            return {"content": self.content}
+        return {"tokens": self.tokens, "token_logprobs": self.values, "top_logprobs": self.tops,
+                "text_offset": self.offsets}
 

@@ -208,8 +208,8 @@ class EngineWorker:
                     continue
                 if not job.first_token:
                     self._first_token(job, r.stats)
-                if r.text:
-                    job.post("piece", r.text)
+                if r.text or r.token is not None:
+                    job.post("piece", r)
                 if r.finish_reason is not None:
                     self._ended(uid, r)
 

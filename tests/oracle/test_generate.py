@@ -296,3 +296,14 @@ def test_batch_generator_gives_each_generation_its_text_alone(smollm2_engine):
         batch.step()
     last = batch.remove(uid)
     assert last.finish_reason == "cancelled" and batch.free == 3 and batch.running == 0
+
+
+def test_top_logprobs_are_log_softmax_most_likely_first():
+    from rosenblatt.generate import logprob, top_logprobs
+    x = np.array([0.5, 2.0, -1.0, 2.0, 1.0], np.float32)
+    ref = np.log(np.exp(x.astype(np.float64)) / np.exp(x.astype(np.float64)).sum())
+    got = top_logprobs(x, 3)
+    assert [i for i, _ in got] == [1, 3, 4]                         # ties: the lower id first
+    assert np.allclose([v for _, v in got], ref[[1, 3, 4]], rtol=0, atol=1e-12)
+    assert all(v == logprob(x, i) for i, v in got)                   # the chosen token's own value
+    assert len(top_logprobs(x, 10)) == 5

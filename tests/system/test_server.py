@@ -222,8 +222,9 @@ BAD = [
     ("unknown model", "/v1/chat/completions", {"model": "gpt-4o", "messages": FRANCE}, 404, "model",
      "model_not_found"),
     ("n=2", "/v1/completions", {"prompt": "Hi", "n": 2}, 400, "n", "unsupported_parameter"),
-    ("logprobs", "/v1/chat/completions", {"messages": FRANCE, "logprobs": True}, 400, "logprobs",
-     "unsupported_parameter"),
+    ("top_logprobs alone", "/v1/chat/completions", {"messages": FRANCE, "top_logprobs": 2}, 400, "top_logprobs",
+     "invalid_value"),
+    ("legacy logprobs 6", "/v1/completions", {"prompt": "Hi", "logprobs": 6}, 400, "logprobs", "invalid_value"),
     ("tools", "/v1/chat/completions", {"messages": FRANCE, "tools": [{"type": "function"}]}, 400, "tools",
      "unsupported_parameter"),
     ("two prompts", "/v1/completions", {"prompt": ["a", "b"]}, 400, "prompt", "unsupported_parameter"),
@@ -497,4 +498,38 @@ def test_logit_bias_and_penalties_reach_the_sampler(server, client):
     pen = client.completions.create(model=MODEL_ID, prompt=COUNT, max_tokens=12, temperature=0,
                                     frequency_penalty=2.0, presence_penalty=2.0).choices[0].text
     assert plain != pen
+
+
+def test_logprobs_are_the_engines_own_streamed_and_not(server, client):
+    """logprobs / top_logprobs on chat and completions, streamed and not: each chosen token's
+    value is the one Engine.responses(logprobs=True) gives for the same greedy generation, and
+    (greedy) it heads its step's top list, sorted most likely first."""
+    from rosenblatt import GenerationParams
+    e = server.engine
+    alone = [r for r in e.responses(COUNT, GenerationParams(max_new_tokens=6, temperature=0, logprobs=True))
+             if r.token is not None]
+    want = [r.logprob for r in alone]
+    r = client.completions.create(model=MODEL_ID, prompt=COUNT, max_tokens=6, temperature=0, logprobs=3)
+    lp = r.choices[0].logprobs
+    assert lp.token_logprobs == want and len(lp.tokens) == 6
+    assert "".join(lp.tokens) == r.choices[0].text and lp.text_offset[0] == 0
+    for v, top in zip(lp.token_logprobs, lp.top_logprobs):
+        vals = list(top.values())
+        assert len(top) == 3 and vals == sorted(vals, reverse=True) and max(vals) == v
+    got = []
+    for c in client.completions.create(model=MODEL_ID, prompt=COUNT, max_tokens=6, temperature=0, logprobs=2,
+                                       stream=True):
+        if c.choices and c.choices[0].logprobs:
+            got += c.choices[0].logprobs.token_logprobs
+    assert got == want
+    chat = client.chat.completions.create(model=MODEL_ID, messages=FRANCE, max_tokens=5, temperature=0,
+                                          logprobs=True, top_logprobs=2)
+    content = chat.choices[0].logprobs.content
+    assert len(content) == chat.usage.completion_tokens
+    assert all(t.logprob <= 0 and t.top_logprobs[0].logprob == t.logprob and len(t.top_logprobs) == 2
+               for t in content)
+    streamed = [t for c in client.chat.completions.create(model=MODEL_ID, messages=FRANCE, max_tokens=5, temperature=0,
+                                                           logprobs=True, stream=True)
+                if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.content]
+    assert [t.logprob for t in streamed] == [t.logprob for t in content]
 
