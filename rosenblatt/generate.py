@@ -298,6 +298,20 @@ class BatchGenerator:
         else:
             run.next = token
 
+    def _share_prompt(self, run: _Running, others: list[_Running]) -> None:
+        """Waiting generations with the same prompt (the choices of one request, or the same
+        prompt twice) copy its keys and values instead of computing them again; each then runs
+        the prompt's last token itself, as it would alone."""
+        n = len(run.ids)
+        for other in others:
+            if other.filled == 0 and other.ids == run.ids and not other.text.done and \
+                    type(other.cache) is type(run.cache):
+                try:
+                    other.cache.copy_from(run.cache, n - 1)
+                except ValueError:
+                    continue
+                other.filled = n - 1
+
     def step(self) -> list[tuple[int, GenerationResponse]]:
         """One round: (generation id, response) pairs, a generation's last one with its finish
         reason (after which the id is gone and its slot free)."""
@@ -314,6 +328,8 @@ class BatchGenerator:
                 end = min(run.filled + self.chunk, n - 1)
                 model.forward(np.asarray(run.ids[run.filled:end], np.int64), run.cache, logits="none")
                 run.filled = end
+                if end == n - 1:
+                    self._share_prompt(run, waiting[1:])
             else:
                 start = run.cache.length
                 logits = model.forward(np.asarray(run.ids[-1:], np.int64), run.cache, logits="last")

@@ -68,6 +68,15 @@ class KVCache:
     def reset(self) -> None:
         self.length = 0
 
+    def copy_from(self, other: "KVCache", length: int) -> None:
+        """Become ``other``'s first ``length`` positions (the same bits: a shared prompt's keys
+        and values computed once)."""
+        if type(other) is not KVCache or type(self) is not KVCache or not 0 <= length <= other.length:
+            raise ValueError("copy_from needs two plain caches and a length within the source's")
+        self.k_all[:, :, :length] = other.k_all[:, :, :length]
+        self.v_all[:, :, :length] = other.v_all[:, :, :length]
+        self.length = length
+
     def truncate(self, length: int) -> None:
         """Forget every position from ``length`` on (the arrays are reused, not cleared)."""
         if not 0 <= length <= self.length:

@@ -53,10 +53,10 @@ def _error_response(err: APIError) -> Response:
 class _SSEResponse(StreamingResponse):
     """A streamed answer that cancels its job however the response ends (done, disconnect, error)."""
 
-    def __init__(self, content, job: Job):
+    def __init__(self, content, job):
         super().__init__(content, media_type="text/event-stream",
                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        self.job = job
+        self.job = job          # anything with cancel(): a Job, or the _Choices of a request
 
     async def __call__(self, scope, receive, send) -> None:
         # Below ASGI spec 2.4 starlette itself listens for the disconnect and cancels the body
@@ -90,8 +90,8 @@ async def _wait_for_disconnect(request: Request) -> None:
 
 
 @contextlib.asynccontextmanager
-async def _cancel_on_disconnect(request: Request, job: Job):
-    """While inside, a client that hangs up cancels ``job``."""
+async def _cancel_on_disconnect(request: Request, job):
+    """While inside, a client that hangs up cancels ``job`` (a Job, or a request's _Choices)."""
     async def watch():
         await _wait_for_disconnect(request)
         job.cancel()
@@ -190,8 +190,7 @@ class Server:
         self._check_model(req)
         params = req.checked().generation(body)
         messages = req.chat()
-        return await self._run(request, lambda e: e.prepare_chat(messages, params), chat=True,
-                               stream=bool(req.stream), include_usage=req.include_usage, logprobs=params.logprobs)
+        return await self._run(request, lambda p: (lambda e: e.prepare_chat(messages, p)), params, req, chat=True)
 
     async def completions(self, request: Request) -> Response:
         body = await self._json(request)
@@ -199,100 +198,170 @@ class Server:
         self._check_model(req)
         params = req.checked(self.engine.config.vocab_size).generation(body)
         prompt = req.prompt
-        return await self._run(request, lambda e: e.prepare(prompt, params), chat=False,
-                               stream=bool(req.stream), include_usage=req.include_usage, logprobs=params.logprobs)
+        return await self._run(request, lambda p: (lambda e: e.prepare(prompt, p)), params, req, chat=False)
 
-    async def _run(self, request: Request, start, chat: bool, stream: bool, include_usage: bool,
-                   logprobs: bool = False) -> Response:
-        job = self.worker.submit(start)
+    async def _run(self, request: Request, make, params, req, chat: bool) -> Response:
+        """Queue the request's ``n`` choices (one generation each: with a seed, choice i samples
+        with seed + i; identical prompts share their keys and values in the batch) and answer."""
+        n = req.n or 1
+        jobs: list[Job] = []
+        try:
+            for i in range(n):
+                p = params if n == 1 or params.seed is None else params.replace(seed=(params.seed + i) % 2**64)
+                jobs.append(self.worker.submit(make(p)))
+        except APIError:
+            for job in jobs:
+                job.cancel()
+            raise
+        choices = _Choices(jobs)
         param = "messages" if chat else "prompt"
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         created = int(time.time())
         handed_over = False
         try:
-            if stream:
-                async with _cancel_on_disconnect(request, job):      # while queued
-                    kind, value = await job.next()
+            if req.stream:
+                async with _cancel_on_disconnect(request, choices):     # while queued
+                    early = await choices.first()
+                i, kind, value = early[-1]
                 if kind == "error":
                     return _error_response(engine_error(value, param))
                 if kind == "cancelled":
                     return Response(status_code=499)   # the client is gone; nobody reads this
                 handed_over = True
-                return _SSEResponse(self._events(job, rid, created, chat, include_usage, logprobs), job)
-            pieces: list[str] = []
-            log = LogprobLog(self.engine.tokenizer, chat) if logprobs else None
-            async with _cancel_on_disconnect(request, job):
-                while True:
-                    kind, value = await job.next()
+                return _SSEResponse(self._events(choices, early[:-1], rid, created, chat, req.include_usage,
+                                                 params.logprobs), choices)
+            texts = [[] for _ in range(n)]
+            logs = [LogprobLog(self.engine.tokenizer, chat) if params.logprobs else None for _ in range(n)]
+            usages: list[Usage | None] = [None] * n
+            async with _cancel_on_disconnect(request, choices):
+                while any(u is None for u in usages):
+                    i, kind, value = await choices.next()
                     if kind == "piece":
-                        pieces.append(value.text)
-                        if log is not None:
-                            log.add(value)
+                        texts[i].append(value.text)
+                        if logs[i] is not None:
+                            logs[i].add(value)
                     elif kind == "error":
                         return _error_response(engine_error(value, param))
                     elif kind == "cancelled":
                         return Response(status_code=499)
                     elif kind == "done":
-                        break
-            usage: Usage = value
-            if usage.finish_reason == "cancelled":
+                        usages[i] = value
+            if any(u.finish_reason == "cancelled" for u in usages):
                 return Response(status_code=499)
-            text = "".join(pieces)
-            lp = log.body() if log is not None else None
-            choice = ChatChoice(message=AssistantMessage(content=text), finish_reason=usage.finish_reason, logprobs=lp) \
-                if chat else TextChoice(text=text, finish_reason=usage.finish_reason, logprobs=lp)
+            out = []
+            for i, (pieces, log, usage) in enumerate(zip(texts, logs, usages)):
+                text, lp = "".join(pieces), (log.body() if log is not None else None)
+                out.append(ChatChoice(index=i, message=AssistantMessage(content=text), finish_reason=usage.finish_reason,
+                                      logprobs=lp) if chat
+                           else TextChoice(index=i, text=text, finish_reason=usage.finish_reason, logprobs=lp))
             return JSONResponse(Completion(id=rid, object="chat.completion" if chat else "text_completion",
-                                           created=created, model=self.model_id, choices=[choice],
-                                           usage=usage.openai()).body())
+                                           created=created, model=self.model_id, choices=out,
+                                           usage=_usage(usages)).body())
         finally:
             if not handed_over:
-                job.cancel()
+                choices.cancel()
 
-    async def _events(self, job: Job, rid: str, created: int, chat: bool, include_usage: bool, logprobs: bool = False):
+    async def _events(self, choices: "_Choices", early: list, rid: str, created: int, chat: bool,
+                      include_usage: bool, logprobs: bool = False):
         obj = "chat.completion.chunk" if chat else "text_completion"
-        offset = 0
+        n = len(choices.jobs)
+        offsets = [0] * n
+        usages: list[Usage | None] = [None] * n
 
-        def chunk(piece: str | None, finish: str | None = None, role: bool = False, choices=None,
+        def chunk(i: int, piece: str | None, finish: str | None = None, role: bool = False, choices_=None,
                   usage: UsageBody | None = None, lp: dict | None = None) -> dict:
-            if choices is None:
-                choices = [ChunkChoice(delta=Delta(role="assistant" if role else None, content=piece),
-                                       finish_reason=finish, logprobs=lp) if chat
-                           else TextChoice(text=piece or "", finish_reason=finish, logprobs=lp)]
-            return Completion(id=rid, object=obj, created=created, model=self.model_id, choices=choices,
+            if choices_ is None:
+                choices_ = [ChunkChoice(index=i, delta=Delta(role="assistant" if role else None, content=piece),
+                                        finish_reason=finish, logprobs=lp) if chat
+                            else TextChoice(index=i, text=piece or "", finish_reason=finish, logprobs=lp)]
+            return Completion(id=rid, object=obj, created=created, model=self.model_id, choices=choices_,
                               usage=usage).body()
+
+        async def events():
+            for e in early:
+                yield e
+            while True:
+                yield await choices.next()
 
         try:
             if chat:
-                yield _sse(chunk("", role=True))
-            while True:
-                kind, value = await job.next()
+                for i in range(n):
+                    yield _sse(chunk(i, "", role=True))
+            async for i, kind, value in events():
                 if kind == "piece":
                     if not value.text and not logprobs:
                         continue
                     lp = None
                     if logprobs:
                         log = LogprobLog(self.engine.tokenizer, chat)
-                        log.offset = offset
+                        log.offset = offsets[i]
                         log.add(value)
-                        offset = log.offset
+                        offsets[i] = log.offset
                         lp = log.body()
-                    yield _sse(chunk(value.text, lp=lp))
+                    yield _sse(chunk(i, value.text, lp=lp))
                 elif kind == "done":
                     usage: Usage = value
                     if usage.finish_reason == "cancelled":
                         return
-                    yield _sse(chunk(None if chat else "", finish=usage.finish_reason))
-                    if include_usage:
-                        yield _sse(chunk(None, choices=[], usage=usage.openai()))
-                    yield "data: [DONE]\n\n"
-                    return
+                    usages[i] = usage
+                    yield _sse(chunk(i, None if chat else "", finish=usage.finish_reason))
+                    if all(u is not None for u in usages):
+                        if include_usage:
+                            yield _sse(chunk(0, None, choices_=[], usage=_usage(usages)))
+                        yield "data: [DONE]\n\n"
+                        return
                 elif kind == "error":
                     yield _sse(engine_error(value, "messages" if chat else "prompt").body())
                     return
-                else:                                   # cancelled
+                elif kind == "cancelled":
                     return
         finally:
-            job.cancel()                                # a no-op when the job ended by itself
+            choices.cancel()                            # a no-op when the jobs ended by themselves
+
+
+class _Choices:
+    """The jobs of one request (one per choice), their events merged as (index, kind, value)."""
+
+    def __init__(self, jobs: list[Job]):
+        self.jobs = jobs
+        self._events: asyncio.Queue = asyncio.Queue()
+        self._tasks = [asyncio.create_task(self._pump(i, job)) for i, job in enumerate(jobs)]
+
+    async def _pump(self, i: int, job: Job) -> None:
+        while True:
+            kind, value = await job.next()
+            await self._events.put((i, kind, value))
+            if kind in ("done", "error", "cancelled"):
+                return
+
+    async def next(self) -> tuple[int, str, Any]:
+        return await self._events.get()
+
+    async def first(self) -> list[tuple[int, str, Any]]:
+        """Events up to choice 0's first one ("started", or why it could not start; every
+        choice has the same prompt, so choice 0 speaks for all): the others' come before it."""
+        seen = []
+        while True:
+            e = await self.next()
+            seen.append(e)
+            if e[0] == 0 and e[1] != "piece":
+                if e[1] == "started":
+                    return [x for x in seen if x[1] != "started"] + [e]
+                return [e]
+
+    def cancel(self) -> None:
+        for job in self.jobs:
+            job.cancel()
+        for t in self._tasks:
+            if not t.done():
+                t.cancel()
+
+
+def _usage(usages: list[Usage]) -> UsageBody:
+    """One request's usage: its prompt once, the tokens of every choice."""
+    prompt = usages[0].prompt_tokens
+    completion = sum(u.completion_tokens for u in usages)
+    return UsageBody(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 
 
 def _http_error(request: Request, exc: HTTPException) -> Response:

@@ -117,7 +117,7 @@ class OpenAIRequest(BaseModel):
     model: str | None = None                 # optional here: there is one model
     stream: bool | None = None
     stream_options: StreamOptions | None = None
-    n: int | None = Field(None, ge=1)
+    n: int | None = Field(None, ge=1, le=16)
     max_tokens: int | None = Field(None, ge=0)
     max_completion_tokens: int | None = Field(None, ge=0)
 
@@ -129,8 +129,6 @@ class OpenAIRequest(BaseModel):
     def generation(self, body: dict) -> GenerationParams:
         """The engine's parameters from the request's sampling fields (llama.cpp's extensions
         top_k, min_p, repeat_penalty, repeat_last_n included)."""
-        if self.n not in (None, 1):
-            raise APIError(400, "only n=1 is supported", param="n", code="unsupported_parameter")
         fields = {k: body[k] for k in _SAMPLING_FIELDS if body.get(k) is not None}
         fields.update(self.logprob_fields())
         bias = fields.get("logit_bias")

@@ -307,3 +307,33 @@ def test_top_logprobs_are_log_softmax_most_likely_first():
     assert np.allclose([v for _, v in got], ref[[1, 3, 4]], rtol=0, atol=1e-12)
     assert all(v == logprob(x, i) for i, v in got)                   # the chosen token's own value
     assert len(top_logprobs(x, 10)) == 5
+
+
+def test_batch_generator_shares_an_identical_prompt(smollm2_engine):
+    """Two generations of one prompt waiting together: the prompt's keys and values are computed
+    once (the second copies them) and both texts are what each gets alone."""
+    from rosenblatt.generate import BatchGenerator
+    e = smollm2_engine
+    prompt = "The history of the printing press begins in " * 4
+    params = [GenerationParams(max_new_tokens=6, temperature=0.9, seed=s) for s in (1, 2)]
+    alone = ["".join(r.text for r in e.responses(prompt, p)) for p in params]
+    batch = BatchGenerator(e, slots=2)
+    fed = []
+
+    class Counting:                     # the model, counting the prompt tokens it is given
+        def __getattr__(self, name):
+            return getattr(e.model, name)
+
+        def forward(self, tokens, cache, logits="last", ops=None):
+            fed.append(len(tokens))
+            return e.model.forward(tokens, cache, logits, ops)
+
+    batch.model = Counting()
+    uids = [batch.insert(*e.prepare(prompt, p)) for p in params]
+    texts = {u: "" for u in uids}
+    while batch.running:
+        for uid, r in batch.step():
+            texts[uid] += r.text
+    n = len(e.tokenize(prompt))
+    assert sum(fed) == (n - 1) + 2          # the shared prefix once, each last prompt token alone
+    assert [texts[u] for u in uids] == alone

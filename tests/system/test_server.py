@@ -221,7 +221,7 @@ BAD = [
     ("token id out of range", "/v1/completions", {"prompt": [1, 10**9]}, 400, "prompt", "invalid_value"),
     ("unknown model", "/v1/chat/completions", {"model": "gpt-4o", "messages": FRANCE}, 404, "model",
      "model_not_found"),
-    ("n=2", "/v1/completions", {"prompt": "Hi", "n": 2}, 400, "n", "unsupported_parameter"),
+    ("n=17", "/v1/completions", {"prompt": "Hi", "n": 17}, 400, "n", "invalid_value"),
     ("top_logprobs alone", "/v1/chat/completions", {"messages": FRANCE, "top_logprobs": 2}, 400, "top_logprobs",
      "invalid_value"),
     ("legacy logprobs 6", "/v1/completions", {"prompt": "Hi", "logprobs": 6}, 400, "logprobs", "invalid_value"),
@@ -532,4 +532,26 @@ def test_logprobs_are_the_engines_own_streamed_and_not(server, client):
                                                            logprobs=True, stream=True)
                 if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.content]
     assert [t.logprob for t in streamed] == [t.logprob for t in content]
+
+
+def test_n_choices_share_the_prompt_and_each_is_its_own_generation(server, client):
+    """n choices: greedy ones all equal the single answer; seeded sampled ones equal single
+    requests with seeds seed, seed + 1, ...; usage counts the prompt once; streamed choices carry
+    their index and the same texts."""
+    one = client.completions.create(model=MODEL_ID, prompt=COUNT, max_tokens=8, temperature=0)
+    r = client.completions.create(model=MODEL_ID, prompt=COUNT, max_tokens=8, temperature=0, n=3)
+    assert [c.index for c in r.choices] == [0, 1, 2]
+    assert all(c.text == one.choices[0].text for c in r.choices)
+    assert r.usage.prompt_tokens == one.usage.prompt_tokens
+    assert r.usage.completion_tokens == 3 * one.usage.completion_tokens
+    kw = dict(model=MODEL_ID, messages=[{"role": "user", "content": "Tell me a story."}], max_tokens=12,
+              temperature=1.0)
+    alone = [client.chat.completions.create(seed=40 + i, **kw).choices[0].message.content for i in range(3)]
+    many = client.chat.completions.create(seed=40, n=3, **kw)
+    assert [c.message.content for c in many.choices] == alone
+    texts = ["", "", ""]
+    for c in client.chat.completions.create(seed=40, n=3, stream=True, **kw):
+        for ch in c.choices:
+            texts[ch.index] += ch.delta.content or ""
+    assert texts == alone
 
