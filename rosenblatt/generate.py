@@ -238,6 +238,10 @@ class BatchGenerator:
         self._free = list(range(slots))
         self._running: dict[int, _Running] = {}
         self._uid = 0
+        #: per slot, the prompt tokens whose keys and values it holds in whole prefill chunks
+        #: (what a later prompt starting with the same tokens reuses: the same chunks, the same bits)
+        self._kept: list[list[int]] = [[] for _ in range(slots)]
+        self.reused_tokens = 0          # prompt tokens taken from a slot instead of computed
 
     @property
     def slots(self) -> int:
@@ -262,15 +266,35 @@ class BatchGenerator:
         from .sampling import Sampler
         if not self._free:
             raise RuntimeError("no free slot")
-        slot = self._free.pop(0)
+        ids = [int(t) for t in ids]
+        # the free slot holding the longest reusable prefix of this prompt (prefix cache)
+        slot, keep = max(((s, self._reusable(ids, s)) for s in self._free), key=lambda x: x[1])
+        self._free.remove(slot)
         cache = self.caches[slot]
-        cache.reset()
+        if keep:
+            cache.truncate(keep) if cache.length >= keep else cache.reset()
+        else:
+            cache.reset()
+        self._kept[slot] = ids[:keep]
         uid, self._uid = self._uid, self._uid + 1
-        st = GenerationStats(prompt_tokens=len(ids))
+        st = GenerationStats(prompt_tokens=len(ids), cached_tokens=cache.length)
         text = TextStream(self.engine.tokenizer, st, params.max_new_tokens, params.stop, params.ignore_eos,
                           params.logprobs, params.top_logprobs)
-        self._running[uid] = _Running(uid, slot, cache, [int(t) for t in ids], Sampler(params.sampling()), text)
+        run = _Running(uid, slot, cache, ids, Sampler(params.sampling()), text)
+        run.filled = cache.length
+        self.reused_tokens += cache.length
+        self._running[uid] = run
         return uid
+
+    def _reusable(self, ids: list[int], slot: int) -> int:
+        """Positions of slot ``slot`` that a prompt ``ids`` can reuse exactly: the common prefix
+        of what the slot keeps, in whole prefill chunks, leaving the prompt's last token to run."""
+        kept = self._kept[slot]
+        n = 0
+        limit = min(len(kept), len(ids) - 1)
+        while n < limit and kept[n] == ids[n]:
+            n += 1
+        return n // self.chunk * self.chunk
 
     def remove(self, uid: int, reason: str = "cancelled") -> GenerationResponse:
         """Stop generation ``uid`` now: its last response (finish reason ``reason``)."""
@@ -304,13 +328,14 @@ class BatchGenerator:
         the prompt's last token itself, as it would alone."""
         n = len(run.ids)
         for other in others:
-            if other.filled == 0 and other.ids == run.ids and not other.text.done and \
+            if other.filled < n - 1 and other.ids == run.ids and not other.text.done and \
                     type(other.cache) is type(run.cache):
                 try:
                     other.cache.copy_from(run.cache, n - 1)
                 except ValueError:
                     continue
                 other.filled = n - 1
+                self._kept[other.slot] = list(self._kept[run.slot])
 
     def step(self) -> list[tuple[int, GenerationResponse]]:
         """One round: (generation id, response) pairs, a generation's last one with its finish
@@ -328,6 +353,7 @@ class BatchGenerator:
                 end = min(run.filled + self.chunk, n - 1)
                 model.forward(np.asarray(run.ids[run.filled:end], np.int64), run.cache, logits="none")
                 run.filled = end
+                self._kept[run.slot] = run.ids[:end // self.chunk * self.chunk]
                 if end == n - 1:
                     self._share_prompt(run, waiting[1:])
             else:

@@ -337,3 +337,28 @@ def test_batch_generator_shares_an_identical_prompt(smollm2_engine):
     n = len(e.tokenize(prompt))
     assert sum(fed) == (n - 1) + 2          # the shared prefix once, each last prompt token alone
     assert [texts[u] for u in uids] == alone
+
+
+def test_batch_generator_reuses_a_finished_prompts_whole_chunks_exactly(smollm2_engine):
+    """A later prompt sharing a long prefix with what a slot holds reuses the prefix's whole
+    prefill chunks (and computes only the rest); its text is the one a fresh batch gives."""
+    from rosenblatt.generate import BatchGenerator
+    e = smollm2_engine
+    system = "You are a helpful assistant who answers briefly. " * 12            # ~120 tokens
+    prompts = [system + "Question: what is two plus two?", system + "Question: name a red fruit."]
+    p = GenerationParams(max_new_tokens=8, temperature=0)
+
+    def run(batch, prompt):
+        uid = batch.insert(*e.prepare(prompt, p))
+        text = ""
+        while batch.running:
+            for u, r in batch.step():
+                text += r.text if u == uid else ""
+        return text
+
+    fresh = [run(BatchGenerator(e, slots=1), q) for q in prompts]
+    batch = BatchGenerator(e, slots=1)
+    assert run(batch, prompts[0]) == fresh[0] and batch.reused_tokens == 0
+    assert run(batch, prompts[1]) == fresh[1]
+    common = next(i for i, (a, b) in enumerate(zip(e.tokenize(prompts[0]), e.tokenize(prompts[1]))) if a != b)
+    assert batch.reused_tokens == common // batch.chunk * batch.chunk > 0
