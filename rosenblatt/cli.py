@@ -399,9 +399,11 @@ def probe(sim, as_json, board_name, selftest, report_path):
 @click.option("--parallel", type=click.IntRange(min=1), default=4, show_default=True,
               help="Requests generated at once (continuous batching: each decode step serves them all); "
                    "each slot reserves a KV cache of --ctx positions.")
+@click.option("--access-log/--no-access-log", default=True, show_default=True,
+              help="One line per answered request on stderr (client, path, tokens, finish reason, seconds).")
 @user_errors
 def serve(model, host, port, device, api_key, n_ctx, threads, read_timeout, queue_timeout, max_queue,
-          max_connections, parallel):
+          max_connections, parallel, access_log):
     """OpenAI-compatible HTTP server: /v1/chat/completions, /v1/completions, /v1/models, /health.
 
     Up to --parallel requests are generated together (each joins and leaves between decode
@@ -415,6 +417,13 @@ def serve(model, host, port, device, api_key, n_ctx, threads, read_timeout, queu
         _fail(f"the server needs starlette, uvicorn and prometheus-client: pip install 'rosenblatt[server]' ({e})")
     engine = load_engine(model, n_ctx, threads, device=device)
     app = create_app(engine, api_key=api_key, max_queue=max_queue, queue_timeout=queue_timeout, parallel=parallel)
+    if access_log:
+        import logging
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+        log = logging.getLogger("rosenblatt.serve.access")
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
     model_id = app.state.server.model_id
     if not is_loopback(host) and not api_key:
         click.echo(f"warning: listening on {host} without --api-key: anyone who can reach it can use it", err=True)

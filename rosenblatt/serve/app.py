@@ -204,6 +204,7 @@ class Server:
         """Queue the request's ``n`` choices (one generation each: with a seed, choice i samples
         with seed + i; identical prompts share their keys and values in the batch) and answer."""
         n = req.n or 1
+        t0 = time.perf_counter()
         jobs: list[Job] = []
         try:
             for i in range(n):
@@ -229,7 +230,7 @@ class Server:
                     return Response(status_code=499)   # the client is gone; nobody reads this
                 handed_over = True
                 return _SSEResponse(self._events(choices, early[:-1], rid, created, chat, req.include_usage,
-                                                 params.logprobs), choices)
+                                                 params.logprobs, request, t0), choices)
             texts = [[] for _ in range(n)]
             logs = [LogprobLog(self.engine.tokenizer, chat) if params.logprobs else None for _ in range(n)]
             usages: list[Usage | None] = [None] * n
@@ -254,6 +255,7 @@ class Server:
                 out.append(ChatChoice(index=i, message=AssistantMessage(content=text), finish_reason=usage.finish_reason,
                                       logprobs=lp) if chat
                            else TextChoice(index=i, text=text, finish_reason=usage.finish_reason, logprobs=lp))
+            _access(request, rid, usages, t0, False)
             return JSONResponse(Completion(id=rid, object="chat.completion" if chat else "text_completion",
                                            created=created, model=self.model_id, choices=out,
                                            usage=_usage(usages)).body())
@@ -262,7 +264,8 @@ class Server:
                 choices.cancel()
 
     async def _events(self, choices: "_Choices", early: list, rid: str, created: int, chat: bool,
-                      include_usage: bool, logprobs: bool = False):
+                      include_usage: bool, logprobs: bool = False, request: Request | None = None,
+                      t0: float = 0.0):
         obj = "chat.completion.chunk" if chat else "text_completion"
         n = len(choices.jobs)
         offsets = [0] * n
@@ -306,6 +309,8 @@ class Server:
                     usages[i] = usage
                     yield _sse(chunk(i, None if chat else "", finish=usage.finish_reason))
                     if all(u is not None for u in usages):
+                        if request is not None:
+                            _access(request, rid, usages, t0, True)
                         if include_usage:
                             yield _sse(chunk(0, None, choices_=[], usage=_usage(usages)))
                         yield "data: [DONE]\n\n"
@@ -355,6 +360,21 @@ class _Choices:
         for t in self._tasks:
             if not t.done():
                 t.cancel()
+
+
+#: one line per answered generation request (the CLI's ``serve`` prints them; --no-access-log)
+access_log = logging.getLogger("rosenblatt.serve.access")
+
+
+def _access(request: Request, rid: str, usages: list[Usage], t0: float, streamed: bool) -> None:
+    if not access_log.isEnabledFor(logging.INFO):
+        return
+    client = request.client.host if request.client else "-"
+    u = _usage(usages)
+    reasons = ",".join(sorted({x.finish_reason for x in usages}))
+    access_log.info("%s %s %s %s prompt=%d completion=%d n=%d finish=%s %.3fs%s", client, request.method,
+                    request.url.path, rid, u.prompt_tokens, u.completion_tokens, len(usages), reasons,
+                    time.perf_counter() - t0, " stream" if streamed else "")
 
 
 def _usage(usages: list[Usage]) -> UsageBody:

@@ -555,3 +555,64 @@ def test_n_choices_share_the_prompt_and_each_is_its_own_generation(server, clien
             texts[ch.index] += ch.delta.content or ""
     assert texts == alone
 
+
+
+@pytest.mark.slow
+def test_a_burst_of_32_clients_half_leaving_mid_stream(server):
+    """32 streaming clients at once, every other one hanging up after its first pieces: the
+    others' texts are exactly what they get alone (nothing lost or mixed), the slots all come back
+    (nothing running or queued afterwards) and the process's RSS returns near its level before."""
+    prompts = [f"{', '.join(str(k) for k in range(1, 4 + i % 5))}," for i in range(32)]
+    alone = {}
+
+    def rss_mb() -> float:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+    async def run_one(aclient, i):
+        s = await aclient.completions.create(model=MODEL_ID, prompt=prompts[i], max_tokens=24, temperature=0,
+                                             stream=True)
+        text = ""
+        async for c in s:
+            text += c.choices[0].text if c.choices else ""
+            if i % 2 and len(text) >= 4:
+                await s.response.aclose()                       # hang up mid-stream
+                return None
+        return text
+
+    async def main():
+        async with openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0,
+                                      timeout=300) as aclient:
+            for i in range(0, 32, 2):
+                if prompts[i] not in alone:
+                    alone[prompts[i]] = await run_one(aclient, i)
+            before_burst = rss_mb()
+            texts = await asyncio.gather(*(run_one(aclient, i) for i in range(32)))
+            return before_burst, texts
+
+    before = wait_idle(server)
+    before_burst, texts = asyncio.run(main())
+    for i, t in enumerate(texts):
+        if i % 2 == 0:
+            assert t == alone[prompts[i]], (i, t)
+    after = wait_idle(server, timeout=120)
+    assert after["running"] == 0 and after["queued"] == 0
+    assert after["failed"] == before["failed"]
+    assert after["served"] + after["cancelled"] - before["served"] - before["cancelled"] >= 32
+    assert rss_mb() - before_burst < 50
+
+
+def test_one_access_log_line_per_request(server, client, caplog):
+    import logging
+    with caplog.at_level(logging.INFO, logger="rosenblatt.serve.access"):
+        r = client.completions.create(model=MODEL_ID, prompt=COUNT, max_tokens=3, temperature=0)
+        for _ in client.completions.create(model=MODEL_ID, prompt=COUNT, max_tokens=2, temperature=0, stream=True):
+            pass
+        deadline = time.monotonic() + 10
+        while len([x for x in caplog.records if x.name == "rosenblatt.serve.access"]) < 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+    lines = [x.getMessage() for x in caplog.records if x.name == "rosenblatt.serve.access"]
+    assert len(lines) == 2
+    assert "POST /v1/completions" in lines[0] and f"prompt={r.usage.prompt_tokens} completion=3" in lines[0]
+    assert lines[1].endswith(" stream") and "completion=2" in lines[1]
