@@ -260,6 +260,11 @@ class BatchGenerator:
         """Bytes reserved for the slots' keys and values (committed as positions are written)."""
         return sum(c.nbytes for c in self.caches)
 
+    @property
+    def kv_in_use(self) -> int:
+        """Bytes of keys and values the running generations hold now."""
+        return sum(r.cache.nbytes // r.cache.n_ctx * r.cache.length for r in list(self._running.values()))
+
     def insert(self, ids: Sequence[int], params) -> int:
         """Start generating after ``ids`` (validated, fitting the context with
         ``params.max_new_tokens``) with ``params`` (a GenerationParams): its id."""

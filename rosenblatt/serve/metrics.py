@@ -24,6 +24,7 @@ ENDPOINTS = ("/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/c
 TTFT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 TOK_S_BUCKETS = (1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0)
 WAIT_BUCKETS = (0.01, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 600.0)
+LATENCY_BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
 
 
 def endpoint_label(path: str) -> str:
@@ -61,6 +62,9 @@ class _WorkerCollector:
             ("rosenblatt_queue_length", "Requests waiting for a slot", w.queued),
             ("rosenblatt_running_generations", "Generations in the slots now", w.running),
             ("rosenblatt_slots", "Generations served at once (--parallel)", w.parallel),
+            ("rosenblatt_kv_reserved_bytes", "Bytes reserved for the slots' keys and values", w.batch.kv_bytes),
+            ("rosenblatt_kv_in_use_bytes", "Bytes of keys and values the running generations hold",
+             w.batch.kv_in_use),
         ]:
             yield GaugeMetricFamily(name, doc, value=value)
 
@@ -80,6 +84,9 @@ class ServerMetrics:
         self.ttft = Histogram("rosenblatt_time_to_first_token_seconds",
                               "Seconds from a generation's admission to a slot to its first token",
                               buckets=TTFT_BUCKETS, registry=self.registry)
+        self.token_latency = Histogram("rosenblatt_inter_token_latency_seconds",
+                                       "Mean seconds between a generation's tokens after the first, one value per "
+                                       "generation", buckets=LATENCY_BUCKETS, registry=self.registry)
         self.decode_tok_s = Histogram("rosenblatt_decode_tokens_per_second",
                                       "Decode speed of each generation (tokens after the first / decode seconds)",
                                       buckets=TOK_S_BUCKETS, registry=self.registry)
@@ -97,6 +104,7 @@ class ServerMetrics:
         tok_s = stats.decode_tok_s
         if tok_s > 0:
             self.decode_tok_s.observe(tok_s)
+            self.token_latency.observe(1.0 / tok_s)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -362,3 +362,17 @@ def test_batch_generator_reuses_a_finished_prompts_whole_chunks_exactly(smollm2_
     assert run(batch, prompts[1]) == fresh[1]
     common = next(i for i, (a, b) in enumerate(zip(e.tokenize(prompts[0]), e.tokenize(prompts[1]))) if a != b)
     assert batch.reused_tokens == common // batch.chunk * batch.chunk > 0
+
+
+def test_batch_generator_reports_the_kv_in_use(smollm2_engine):
+    from rosenblatt.generate import BatchGenerator
+    e = smollm2_engine
+    batch = BatchGenerator(e, slots=2)
+    assert batch.kv_in_use == 0 and batch.kv_bytes == sum(c.nbytes for c in batch.caches)
+    ids, p = e.prepare("Once upon a time", GenerationParams(max_new_tokens=4, temperature=0))
+    batch.insert(ids, p)
+    for _ in range(3):
+        batch.step()
+    per_position = batch.caches[0].nbytes // batch.caches[0].n_ctx
+    held = sum(c.length for c in batch.caches if c.length)
+    assert batch.kv_in_use == held * per_position > 0

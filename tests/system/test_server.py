@@ -451,6 +451,9 @@ def test_metrics_count_requests_and_tokens(server, client):
     assert moved("rosenblatt_decode_tokens_per_second_count") == decoded
     assert sample(after, "rosenblatt_queue_length") == sample(after, "rosenblatt_running_generations") == 0
     assert sample(after, "rosenblatt_slots") == 4
+    assert moved("rosenblatt_inter_token_latency_seconds_count") == decoded
+    assert sample(after, "rosenblatt_kv_in_use_bytes") == 0                      # nothing running
+    assert sample(after, "rosenblatt_kv_reserved_bytes") == server.worker.batch.kv_bytes > 0
 
 
 def test_a_full_queue_gets_503_with_retry_after(smollm2_engine):
