@@ -226,3 +226,111 @@ def format_board_table(cmp: dict) -> str:
     if m["model"] and m["model"] != cmp["model"]:
         lines.append(f"  (this run measured {m['model']}, not {cmp['model']}: the rows do not compare like for like)")
     return "\n".join(lines)
+
+
+#: the shapes the paper prediction uses (Qwen2.5-1.5B; `bench --predict` needs no model file)
+QWEN25_1_5B = {"name": "Qwen2.5-1.5B", "hidden": 1536, "kv": 256, "ffn": 8960, "layers": 28, "vocab": 151936}
+
+
+def prefill_matmuls(shapes: dict) -> list[tuple[str, int, int]]:
+    """(name, K, N) of one layer's matmuls, in order."""
+    h, kv, f = shapes["hidden"], shapes["kv"], shapes["ffn"]
+    return [("q_proj", h, h), ("k_proj", h, kv), ("v_proj", h, kv), ("o_proj", h, h),
+            ("gate_proj", h, f), ("up_proj", h, f), ("down_proj", f, h)]
+
+
+def _clock_label(hz: float) -> str:
+    return f"{hz / 1e6:g}MHz"
+
+
+def predict_prefill(prompt_tokens=(128, 512), clocks=None, terms: int = 2, shapes: dict = QWEN25_1_5B) -> dict:
+    """Predicted prefill on the board from the paper cost model (``rosenblatt.npu.cost``): seconds
+    of each matmul at each prompt length on the NPU (at each clock; the GEMM has ``terms`` rows
+    per token, the npu backend's activation terms) and on the four A76 cores, per layer and for
+    the whole prompt (matmuls of every layer plus the last row's lm_head on the CPU; attention,
+    norms, quantization and packing are not counted), the tok/s that follow, and per matmul the
+    prompt length above which the NPU wins. Nothing here is measured."""
+    from .npu import cost
+    from .npu import hw_assumptions as hw
+    clocks = tuple(clocks or (hw.NPU_CLOCK_HZ, cost.NPU_MAX_CLOCK_HZ))
+    mats = prefill_matmuls(shapes)
+    layers = shapes["layers"]
+    lm_head = cost.cpu_gemm_cost(1, shapes["hidden"], shapes["vocab"]).seconds
+    prompts = []
+    for M in prompt_tokens:
+        per, layer = {}, {"cpu_s": 0.0, "cpu_q4_0_s": 0.0, "npu_s": {}, "npu_one_term_s": {}}
+        for name, K, N in mats:
+            c = cost.cpu_gemm_cost(M, K, N)
+            c4 = cost.cpu_gemm_cost(M, K, N, efficiency=cost.CPU_EFFICIENCY_Q4_0)
+            row = {"K": K, "N": N, "macs": M * K * N, "cpu_s": c.seconds, "cpu_bound": c.bound, "npu": {}}
+            layer["cpu_s"] += c.seconds
+            layer["cpu_q4_0_s"] += c4.seconds
+            for hz in clocks:
+                n = cost.npu_gemm_cost(M * terms, K, N, hz)
+                one = cost.npu_gemm_cost(M, K, N, hz)
+                row["npu"][_clock_label(hz)] = n.as_dict()
+                lab = _clock_label(hz)
+                layer["npu_s"][lab] = layer["npu_s"].get(lab, 0.0) + n.seconds
+                layer["npu_one_term_s"][lab] = layer["npu_one_term_s"].get(lab, 0.0) + one.seconds
+            per[name] = row
+        whole = {"cpu_s": layers * layer["cpu_s"] + lm_head, "cpu_q4_0_s": layers * layer["cpu_q4_0_s"] + lm_head,
+                 "npu_s": {k: layers * v + lm_head for k, v in layer["npu_s"].items()},
+                 "npu_one_term_s": {k: layers * v + lm_head for k, v in layer["npu_one_term_s"].items()}}
+        tok_s = {"cpu": M / whole["cpu_s"], "cpu_q4_0": M / whole["cpu_q4_0_s"],
+                 "npu": {k: M / v for k, v in whole["npu_s"].items()},
+                 "npu_one_term": {k: M / v for k, v in whole["npu_one_term_s"].items()}}
+        prompts.append({"prompt_tokens": M, "gemm_rows_npu": M * terms, "per_matmul": per, "layer": layer,
+                        "prompt": whole, "tok_s": tok_s})
+    cross = {}
+    for name, K, N in mats:
+        cross[name] = {"K": K, "N": N,
+                       "tokens": {_clock_label(hz): cost.crossover(K, N, hz, npu_rows_per_row=terms) for hz in clocks},
+                       "tokens_one_term": {_clock_label(hz): cost.crossover(K, N, hz) for hz in clocks}}
+    return {"model": shapes["name"], "shapes": dict(shapes), "layers": layers, "activation_terms": terms,
+            "clocks_hz": list(clocks), "lm_head_cpu_s": lm_head, "constants": cost.constants(),
+            "anchor_check": cost.anchor_check(), "prompts": prompts, "crossover": cross,
+            "note": "paper model, nothing measured on the board; see docs/npu.md 'Predicted prefill on the board'"}
+
+
+def format_prediction(pred: dict) -> str:
+    """The text report of :func:`predict_prefill`."""
+    labs = [_clock_label(hz) for hz in pred["clocks_hz"]]
+    t = pred["activation_terms"]
+    k = pred["constants"]
+    lines = [f"predicted prefill of {pred['model']} on the board (a paper model: nothing here ran on an RK3588)",
+             f"NPU: plan_gemm tasks, {k['npu_cores']} core, {k['npu_macs_per_cycle']} MAC/cycle, "
+             f"{k['npu_task_overhead_s'] * 1e6:.0f} us/task, {k['npu_job_overhead_s'] * 1e6:.0f} us/job, "
+             f"DMA {k['npu_dma_bytes_per_s'] / 1e9:g} GB/s; {t} int8 activation terms (GEMM rows = {t} x tokens)",
+             f"CPU: {k['cpu_cores']} x A76 x {k['cpu_clock_hz'] / 1e9:g} GHz"
+             f" x {k['cpu_sdot_macs_per_cycle']} sdot MAC/cycle"
+             f" x efficiency {k['cpu_efficiency']:.3f} (llama.cpp Q8_0 anchor), or DRAM "
+             f"{k['cpu_dram_bytes_per_s'] / 1e9:g} GB/s if slower",
+             ""]
+    for p in pred["prompts"]:
+        M = p["prompt_tokens"]
+        lines.append(f"M = {M} tokens: ms per matmul (one layer)")
+        lines.append(f"  {'matmul':<10}{'K x N':>12}" + "".join(f"{'NPU ' + lab:>14}{'tasks':>7}" for lab in labs)
+                     + f"{'CPU':>10}")
+        for name, row in p["per_matmul"].items():
+            cells = "".join(f"{row['npu'][lab]['seconds'] * 1e3:14.2f}{row['npu'][lab]['tasks']:7d}" for lab in labs)
+            lines.append(f"  {name:<10}{str(row['K']) + 'x' + str(row['N']):>12}{cells}{row['cpu_s'] * 1e3:10.2f}")
+        lay = p["layer"]
+        lines.append(f"  {'layer':<10}{'':>12}" + "".join(f"{lay['npu_s'][lab] * 1e3:14.2f}{'':>7}" for lab in labs)
+                     + f"{lay['cpu_s'] * 1e3:10.2f}")
+        w, ts = p["prompt"], p["tok_s"]
+        lines.append(f"  prompt ({pred['layers']} layers + lm_head last row on the CPU "
+                     f"{pred['lm_head_cpu_s'] * 1e3:.1f} ms): "
+                     + ", ".join(f"NPU {lab} {w['npu_s'][lab]:.3f} s = {ts['npu'][lab]:.0f} tok/s"
+                                 f" (one term {ts['npu_one_term'][lab]:.0f})" for lab in labs)
+                     + f"; CPU {w['cpu_s']:.3f} s = {ts['cpu']:.0f} tok/s (Q4_0-class efficiency {ts['cpu_q4_0']:.0f})")
+        lines.append("")
+    lines.append(f"crossover: prompt tokens from which the NPU beats the CPU ({t} terms; one term in brackets; "
+                 "'-' = never)")
+    for name, c in pred["crossover"].items():
+        lines.append(f"  {name:<10}{str(c['K']) + 'x' + str(c['N']):>12}  " + "  ".join(
+            f"{lab}: {c['tokens'][lab] or '-'} ({c['tokens_one_term'][lab] or '-'})" for lab in labs))
+    a = pred["anchor_check"]
+    lines.append(f"check: G's {'x'.join(map(str, a['shape']))} int8 at {a['clock_hz'] / 1e6:g} MHz took "
+                 f"{a['published_s'] * 1e3:.1f} ms (published); the model says {a['model_s_1_core'] * 1e3:.1f} ms "
+                 f"on 1 core, {a['model_s_3_core'] * 1e3:.1f} ms on 3")
+    return "\n".join(lines)

@@ -314,8 +314,12 @@ def info(model, cpu_only):
               help="Board file (a name in fleet/ or a path): print the result next to its anchors and targets, "
                    "figures for that board (RK3588) from the file, and add them to --json under \"board\". "
                    "Default: none.")
+@click.option("--predict", is_flag=True,
+              help="Print the paper cost model's predicted prefill of Qwen2.5-1.5B on the board (NPU at 200 MHz and "
+                   "1 GHz vs the four A76 cores; no model file needed, nothing measured); --json puts it under "
+                   "\"predict\".")
 @user_errors
-def bench(model, prompt_tokens, gen_tokens, threads, device, repeat, batch, as_json, board_name):
+def bench(model, prompt_tokens, gen_tokens, threads, device, repeat, batch, as_json, board_name, predict):
     """Measure load time, time to first token, prefill and decode tok/s, peak RSS and a per-stage
     split of one decode step, on random prompt tokens (medians of --repeat runs).
 
@@ -324,6 +328,11 @@ def bench(model, prompt_tokens, gen_tokens, threads, device, repeat, batch, as_j
     decode_tok_s_single)."""
     import json as _json
 
+    if predict:
+        from .bench import format_prediction, predict_prefill
+        pred = predict_prefill()
+        click.echo(_json.dumps({"device": device, "predict": pred}) if as_json else format_prediction(pred))
+        return
     from .bench import format_board_table, format_report, run_bench
     board = None
     if board_name not in (None, "none"):

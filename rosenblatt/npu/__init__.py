@@ -27,6 +27,7 @@ from .errors import (
     NPUUnavailableError,
 )
 from .gemm import PreparedWeights, matmul_int8, matmul_int8_prepared, prepare_weights
+from .cost import CPUCost, NPUCost, cpu_gemm_cost, crossover, npu_gemm_cost
 
 
 def open_device(sim: bool = False, path: str | None = None, *, npu=None) -> RocketDevice:
@@ -42,9 +43,11 @@ def open_device(sim: bool = False, path: str | None = None, *, npu=None) -> Rock
 
 __all__ = [
     "BufferObject",
+    "CPUCost",
     "CallStats",
     "JobSpec",
     "NPUDeviceError",
+    "NPUCost",
     "NPUError",
     "NPUJobError",
     "NPUPlanError",
@@ -57,4 +60,7 @@ __all__ = [
     "matmul_int8_prepared",
     "prepare_weights",
     "open_device",
+    "npu_gemm_cost",
+    "cpu_gemm_cost",
+    "crossover",
 ]

@@ -54,3 +54,23 @@ def test_batched_decode_generates_what_each_sequence_generates_alone():
         engine.reset()
         engine.generate(p, max_new_tokens=6, temperature=0, ignore_eos=True)
         assert engine.stats.tokens == ids
+
+
+def test_bench_predict_json_needs_no_model_and_returns_the_prediction():
+    out = subprocess.run([sys.executable, "-m", "rosenblatt", "bench", "--device", "npu-sim", "--predict", "--json"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    pred = json.loads(out.stdout)["predict"]
+    assert {"model", "prompts", "crossover", "constants", "anchor_check", "clocks_hz", "lm_head_cpu_s"} <= set(pred)
+    assert pred["model"] == "Qwen2.5-1.5B" and pred["clocks_hz"] == [200_000_000, 1_000_000_000]
+    assert [p["prompt_tokens"] for p in pred["prompts"]] == [128, 512]
+    for p in pred["prompts"]:
+        assert set(p["per_matmul"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+        assert {"per_matmul", "layer", "prompt", "tok_s"} <= set(p)
+        assert set(p["tok_s"]["npu"]) == {"200MHz", "1000MHz"} and p["tok_s"]["cpu"] > 0
+        for row in p["per_matmul"].values():
+            assert row["cpu_s"] > 0 and all(row["npu"][c]["seconds"] > 0 for c in ("200MHz", "1000MHz"))
+    assert set(pred["crossover"]["q_proj"]["tokens"]) == {"200MHz", "1000MHz"}
+    text = subprocess.run([sys.executable, "-m", "rosenblatt", "bench", "--device", "npu-sim", "--predict"],
+                          capture_output=True, text=True, timeout=300)
+    assert text.returncode == 0 and "crossover" in text.stdout and "tok/s" in text.stdout
