@@ -189,8 +189,7 @@ def format_report(res: dict) -> str:
         f"min {res['decode_tok_s_range'][0]:.2f}, max {res['decode_tok_s_range'][1]:.2f})"
         + (f", {res['batch']} sequences together: {res['decode_tok_s'] / res['decode_tok_s_single']:.2f}x "
            f"the {res['decode_tok_s_single']:.2f} tok/s of one" if res.get("batch", 1) > 1 else ""),
-        (f"decode, empty {res['decode_tok_s_empty']:.2f} tok/s  (from a 1-token context, as llama-bench's tg test)"
-         if "decode_tok_s_empty" in res else "decode, empty  -"),
+        f"decode, empty {res['decode_tok_s_empty']:.2f} tok/s  (from a 1-token context, as llama-bench's tg test)",
         f"peak RSS      {res['peak_rss_mb']:.0f} MiB (file {res['file_mb']:.0f} + KV cache {res['kv_cache_mb']:.0f})",
         f"one decode step {res['decode_step_s'] * 1e3:.2f} ms as generation runs it (sampling excluded);",
         "  per stage, timed op by op (generation runs the layers in one fused call where it can):",

@@ -31,6 +31,13 @@ PREFILL_CHUNK = 64
 PREFILL_CHUNK_NPU = 256
 
 
+def _merged(params: GenerationParams | None, overrides: dict) -> GenerationParams:
+    """``params`` with ``overrides`` applied (validated again), or the overrides alone."""
+    if params is None:
+        return GenerationParams(**overrides)
+    return params.replace(**overrides) if overrides else params
+
+
 def _int_arg(name: str, value, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise ParamError(name, f"must be an integer, got {value!r}", "invalid_type")
@@ -138,7 +145,7 @@ class Engine:
                              f"{os.path.basename(self.path)}")
         return np.asarray(values, dtype=np.int64)
 
-    def _check_finite(self, out: np.ndarray, start: int) -> None:
+    def check_logits(self, out: np.ndarray, start: int) -> None:
         """Non-finite logits come from a weight with NaN or infinite values: name it."""
         if np.isfinite(out).all():
             return
@@ -164,7 +171,7 @@ class Engine:
             start = self.cache.length
             out = self.model.forward(chunk, self.cache, logits=mode)
             if out is not None:
-                self._check_finite(out, start)
+                self.check_logits(out, start)
                 parts.append(out)
         if logits == "none" or not parts:
             return None
@@ -249,7 +256,9 @@ class Engine:
         :class:`~rosenblatt.params.ParamError` naming it). Stops at an end-of-generation token, at
         any of the ``stop`` strings (not included in the output) or after ``max_new_tokens``.
         """
-        ids, p = self.prepare(prompt, params, add_special=add_special, **overrides)
+        return self._stream(*self.prepare(prompt, params, add_special=add_special, **overrides))
+
+    def _stream(self, ids: list[int], p: GenerationParams) -> Iterator[GenerationResponse]:
         return stream_generate(self, ids, Sampler(p.sampling()), p.max_new_tokens, p.stop, p.ignore_eos, p.logprobs,
                                p.top_logprobs)
 
@@ -258,8 +267,7 @@ class Engine:
         """The prompt's token ids and the parameters of a generation, checked: the prompt is not
         empty, fits the context, and ``max_new_tokens`` is capped to the room left (what
         :meth:`responses` and the server's batch generator start from)."""
-        p = GenerationParams(**overrides) if params is None else \
-            (params.replace(**overrides) if overrides else params)
+        p = _merged(params, overrides)
         if not isinstance(p, GenerationParams):
             raise TypeError(f"params must be a GenerationParams, got {type(p).__name__}")
         bad = [t for t in p.logit_bias if not 0 <= t < self.config.vocab_size]
@@ -281,7 +289,7 @@ class Engine:
                      **overrides) -> tuple[list[int], GenerationParams]:
         """:meth:`prepare` for a conversation: the chat template rendered, its stop strings added."""
         text = self.apply_chat_template(messages, add_generation_prompt=True)
-        p = GenerationParams(**overrides) if params is None else (params.replace(**overrides) if overrides else params)
+        p = _merged(params, overrides)
         stops = p.stop + tuple(s for s in self.template.stop_strings if s not in p.stop)
         return self.prepare(text, p.replace(stop=stops), add_special=False)
 
@@ -298,9 +306,7 @@ class Engine:
                        **overrides) -> Iterator[GenerationResponse]:
         """Render ``messages`` with the model's chat template and generate the assistant's answer
         (responses and parameters as :meth:`responses`; the template's own stop strings added)."""
-        ids, p = self.prepare_chat(messages, params, **overrides)
-        return stream_generate(self, ids, Sampler(p.sampling()), p.max_new_tokens, p.stop, p.ignore_eos, p.logprobs,
-                               p.top_logprobs)
+        return self._stream(*self.prepare_chat(messages, params, **overrides))
 
     def stream_chat(self, messages: Sequence[Mapping], params: GenerationParams | None = None,
                     **kwargs) -> Iterator[str]:

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .sampling import Sampler
+
 
 @dataclass
 class GenerationStats:
@@ -268,7 +270,6 @@ class BatchGenerator:
     def insert(self, ids: Sequence[int], params) -> int:
         """Start generating after ``ids`` (validated, fitting the context with
         ``params.max_new_tokens``) with ``params`` (a GenerationParams): its id."""
-        from .sampling import Sampler
         if not self._free:
             raise RuntimeError("no free slot")
         ids = [int(t) for t in ids]
@@ -364,14 +365,14 @@ class BatchGenerator:
             else:
                 start = run.cache.length
                 logits = model.forward(np.asarray(run.ids[-1:], np.int64), run.cache, logits="last")
-                self.engine._check_finite(logits, start)
+                self.engine.check_logits(logits, start)
                 run.filled = n
                 self._sampled(run, logits[0], out)
         ready = [r for r in self._running.values() if r.next is not None]
         if ready:
             start = min(r.cache.length for r in ready)
             logits = model.forward_batch([r.next for r in ready], [r.cache for r in ready])
-            self.engine._check_finite(logits, start)
+            self.engine.check_logits(logits, start)
             for run, row in zip(ready, logits):
                 run.next = None
                 self._sampled(run, row, out)

@@ -107,23 +107,27 @@ def _as_logits(logits) -> np.ndarray:
     return x
 
 
-def _history_window(history, last_n: int, vocab: int) -> np.ndarray:
-    """The distinct token ids among the last ``last_n`` of ``history`` (validated)."""
+def _history_window(history, last_n: int, vocab: int, counts: bool = False):
+    """The distinct token ids among the last ``last_n`` of ``history`` (validated); with
+    ``counts``, also how often each occurs there."""
     if last_n == 0 or history is None:
-        return np.empty(0, dtype=np.int64)
+        empty = np.empty(0, dtype=np.int64)
+        return (empty, empty) if counts else empty
     if not isinstance(history, (np.ndarray, list, tuple, range)):
         history = list(history)  # e.g. a deque, which cannot be sliced
     window = history if last_n < 0 else history[-last_n:]
     h = np.asarray(window)
     if h.size == 0:
-        return np.empty(0, dtype=np.int64)
+        empty = np.empty(0, dtype=np.int64)
+        return (empty, empty) if counts else empty
     if h.ndim != 1 or h.dtype.kind not in "iu":
         raise ValueError(f"history must be a 1-D sequence of integer token ids, got dtype {h.dtype}, shape {h.shape}")
-    u = np.unique(h)
+    u, c = np.unique(h, return_counts=True)
     if u[0] < 0 or u[-1] >= vocab:
         bad = u[(u < 0) | (u >= vocab)]
         raise ValueError(f"history contains token id(s) outside [0, {vocab}): {bad[:5].tolist()}")
-    return u.astype(np.int64, copy=False)
+    u = u.astype(np.int64, copy=False)
+    return (u, c) if counts else u
 
 
 def _penalise_inplace(x: np.ndarray, history, penalty: float, last_n: int, frequency: float = 0.0,
@@ -132,15 +136,12 @@ def _penalise_inplace(x: np.ndarray, history, penalty: float, last_n: int, frequ
         # still validate the window so bad ids are reported whatever the settings
         _history_window(history, last_n, x.size)
         return
-    u = _history_window(history, last_n, x.size)
+    u, counts = _history_window(history, last_n, x.size, counts=True)
     if u.size:
         v = x[u]
         if penalty != 1.0:
             v = np.where(v > 0, v / penalty, v * penalty)
         if frequency != 0.0 or presence != 0.0:
-            h = history if isinstance(history, (np.ndarray, list, tuple, range)) else list(history)
-            window = np.asarray(h if last_n < 0 else h[-last_n:], dtype=np.int64)
-            counts = np.bincount(window, minlength=x.size)[u]
             v = v - (counts * frequency + presence)
         x[u] = v
 

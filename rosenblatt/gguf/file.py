@@ -291,14 +291,8 @@ class _CheckedReader(GGUFReader):
         for field in fields:
             _nlen, name_data, _ndims, dims, raw_dtype, offset = field.parts
             name = bytes(name_data).decode("utf-8", errors="replace")
-            code = int(raw_dtype[0])
-            try:
-                qtype = GGMLQuantizationType(code)
-            except ValueError:
-                raise ModelFileError(self._path, f"tensor {name!r}", f"unknown tensor type code {code}") from None
+            qtype = GGMLQuantizationType(int(raw_dtype[0]))     # type and dims checked as read
             shape = [int(d) for d in dims]
-            if not shape or any(d <= 0 for d in shape) or len(shape) > 4:
-                raise ModelFileError(self._path, f"tensor {name!r}", f"invalid shape {shape}")
             block, size = GGML_QUANT_SIZES[qtype]
             if shape[0] % block:
                 raise ModelFileError(

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 from ..generate import BatchGenerator
-from .protocol import APIError, UsageBody
+from .protocol import APIError
 
 
 log = logging.getLogger("rosenblatt.serve")
@@ -34,9 +34,6 @@ class Usage:
     completion_tokens: int = 0
     finish_reason: str = ""          # "stop", "length" or "cancelled"
 
-    def openai(self) -> UsageBody:
-        return UsageBody(prompt_tokens=self.prompt_tokens, completion_tokens=self.completion_tokens,
-                         total_tokens=self.prompt_tokens + self.completion_tokens)
 
 
 class Job:

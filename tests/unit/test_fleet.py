@@ -382,7 +382,7 @@ def test_probe_cli_bad_board_is_one_line_exit_2(fake_probe):
 FAKE_BENCH = {
     "model": "qwen2.5-1.5b-instruct-q4_k_m.gguf", "device": "cpu", "threads": 4, "isa": "sdot", "cpu_features": [],
     "prompt_tokens": 128, "gen_tokens": 64, "repeat": 3, "load_s": 1.5, "ttft_s": 0.9, "prefill_tok_s": 142.25,
-    "batch": 1, "decode_tok_s": 12.5, "decode_tok_s_single": 12.5, "prefill_tok_s_range": [140.0, 150.0],
+    "batch": 1, "decode_tok_s": 12.5, "decode_tok_s_single": 12.5, "decode_tok_s_empty": 13.0, "prefill_tok_s_range": [140.0, 150.0],
     "decode_tok_s_range": [12.0, 13.0], "ttft_s_range": [0.8, 1.0], "peak_rss_mb": 1500.0, "file_mb": 1065.0,
     "kv_cache_mb": 7.0, "decode_step_s": 0.08, "decode_step_split_s": {"matmul": 0.07, "total": 0.08},
 }
