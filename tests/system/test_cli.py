@@ -75,6 +75,7 @@ def test_chat_exits_on_eof_and_ctrl_c_stops_an_answer():
     try:
         child.expect("> ")
         child.sendline("Write a very long story about a dragon.")
+        child.expect("dragon.")             # the terminal's echo of the line, not yet the answer
         child.expect(r"\w+ \w+ \w+")      # the answer is streaming
         child.sendintr()
         child.expect("interrupted")
