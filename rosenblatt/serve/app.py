@@ -53,8 +53,8 @@ def _error_response(err: APIError) -> Response:
 class _SSEResponse(StreamingResponse):
     """A streamed answer that cancels its job however the response ends (done, disconnect, error)."""
 
-    def __init__(self, content, job):
-        super().__init__(content, media_type="text/event-stream",
+    def __init__(self, content, job, media_type: str = "text/event-stream"):
+        super().__init__(content, media_type=media_type,
                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         self.job = job          # anything with cancel(): a Job, or the _Choices of a request
 
@@ -428,6 +428,8 @@ def create_app(engine, api_key: str | None = None, model_id: str | None = None,
         Route("/v1/chat/completions", srv.chat_completions, methods=["POST"]),
         Route("/v1/completions", srv.completions, methods=["POST"]),
     ]
+    from . import ollama                          # its routes use this module's helpers: imported here
+    routes += ollama.routes(srv)
     handlers = {HTTPException: _http_error, APIError: _api_error, ClientDisconnect: _client_gone,
                 Exception: _internal_error}
     app = Starlette(routes=routes, exception_handlers=handlers, lifespan=lifespan)
