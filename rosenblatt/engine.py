@@ -13,12 +13,13 @@ from .text.chat_template import ChatTemplate, ChatTemplateError
 from .models.config import ModelConfig
 from .cpu import jit
 from .errors import ModelFileError
-from .generate import GenerationResponse, GenerationStats, stream_generate
+from .generate import GenerationResponse, GenerationStats, sampler_for, stream_generate
 from .gguf.file import GGUFFile
 from .gguf.quants import nonfinite
 from .models import build_model
 from .params import GenerationParams, ParamError
-from .sampling import Sampler
+from .text import grammar
+from .text import tools as tool_calls
 from .text.tokenizer import Tokenizer
 
 #: on the CPU, prompts are evaluated in chunks of this many tokens. It bounds prefill's scratch
@@ -210,11 +211,18 @@ class Engine:
     def detokenize(self, ids: Sequence[int]) -> str:
         return self._tok().decode(self._check_tokens(ids, "ids").tolist())
 
-    def apply_chat_template(self, messages: Sequence[Mapping], add_generation_prompt: bool = True) -> str:
+    def apply_chat_template(self, messages: Sequence[Mapping], add_generation_prompt: bool = True,
+                            tools: Sequence[Mapping] | None = None) -> str:
+        """The prompt text of ``messages``. With ``tools`` (OpenAI's function list), or messages
+        holding tool calls and answers, the conversation goes through :mod:`rosenblatt.text.tools`:
+        the template's own tool support if it has one, else a description in the system message."""
         self._tok()
         if isinstance(self.template, Exception):
             raise self.template
-        return self.template.render(messages, add_generation_prompt=add_generation_prompt)
+        if tools or any(isinstance(m, Mapping) and (m.get("tool_calls") or m.get("role") == "tool") for m in messages):
+            checked = tool_calls.check_tools(list(tools or []))
+            messages, tools = tool_calls.render_messages(messages, checked, "tools" in self.template.source)
+        return self.template.render(messages, add_generation_prompt=add_generation_prompt, tools=tools)
 
     def prefill(self, ids: Sequence[int], stats: GenerationStats | None = None) -> np.ndarray:
         """Bring the cache to exactly ``ids`` reusing the longest common prefix; logits of the
@@ -259,7 +267,7 @@ class Engine:
         return self._stream(*self.prepare(prompt, params, add_special=add_special, **overrides))
 
     def _stream(self, ids: list[int], p: GenerationParams) -> Iterator[GenerationResponse]:
-        return stream_generate(self, ids, Sampler(p.sampling()), p.max_new_tokens, p.stop, p.ignore_eos, p.logprobs,
+        return stream_generate(self, ids, sampler_for(self.tokenizer, p), p.max_new_tokens, p.stop, p.ignore_eos, p.logprobs,
                                p.top_logprobs)
 
     def prepare(self, prompt: str | Sequence[int], params: GenerationParams | None = None, *,
@@ -279,6 +287,7 @@ class Engine:
             else self._check_tokens(prompt, "prompt").tolist()
         if not ids:
             raise ParamError("prompt", f"is empty (no tokens for {os.path.basename(self.path)})")
+        grammar.compile_grammar(tok, p)             # a bad schema or grammar is refused here
         if len(ids) + p.max_new_tokens > self.n_ctx:
             if len(ids) >= self.n_ctx:
                 raise ValueError(f"the prompt has {len(ids)} tokens; the context holds {self.n_ctx}")
@@ -286,9 +295,10 @@ class Engine:
         return ids, p
 
     def prepare_chat(self, messages: Sequence[Mapping], params: GenerationParams | None = None,
-                     **overrides) -> tuple[list[int], GenerationParams]:
-        """:meth:`prepare` for a conversation: the chat template rendered, its stop strings added."""
-        text = self.apply_chat_template(messages, add_generation_prompt=True)
+                     tools: Sequence[Mapping] | None = None, **overrides) -> tuple[list[int], GenerationParams]:
+        """:meth:`prepare` for a conversation (and the ``tools`` it may call, see
+        :meth:`apply_chat_template`): the chat template rendered, its stop strings added."""
+        text = self.apply_chat_template(messages, add_generation_prompt=True, tools=tools)
         p = _merged(params, overrides)
         stops = p.stop + tuple(s for s in self.template.stop_strings if s not in p.stop)
         return self.prepare(text, p.replace(stop=stops), add_special=False)

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .sampling import Sampler
+from .text import grammar
 
 
 @dataclass
@@ -111,6 +112,12 @@ def top_logprobs(logits: np.ndarray, n: int) -> tuple[tuple[int, float], ...]:
     idx = np.argpartition(-lp, n - 1)[:n] if n < lp.size else np.arange(lp.size)
     idx = idx[np.lexsort((idx, -lp[idx]))]
     return tuple((int(i), float(lp[i])) for i in idx)
+
+
+def sampler_for(tokenizer, params) -> Sampler:
+    """The sampler of one generation with ``params`` (a GenerationParams): its sampling
+    settings, and its grammar's :class:`~rosenblatt.text.grammar.Constraint` if it has one."""
+    return Sampler(params.sampling(), grammar.constraint(tokenizer, params))
 
 
 def generate_step(engine, ids: Sequence[int], sampler, stats: GenerationStats) -> Iterator[tuple[int, np.ndarray]]:
@@ -286,7 +293,7 @@ class BatchGenerator:
         st = GenerationStats(prompt_tokens=len(ids), cached_tokens=cache.length)
         text = TextStream(self.engine.tokenizer, st, params.max_new_tokens, params.stop, params.ignore_eos,
                           params.logprobs, params.top_logprobs)
-        run = _Running(uid, slot, cache, ids, Sampler(params.sampling()), text)
+        run = _Running(uid, slot, cache, ids, sampler_for(self.engine.tokenizer, params), text)
         run.filled = cache.length
         self.reused_tokens += cache.length
         self._running[uid] = run

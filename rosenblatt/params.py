@@ -18,15 +18,18 @@ which validates again.
 
 from __future__ import annotations
 
+import json
 import numbers
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from .errors import RosenblattError
 
 #: at most this many stop strings per generation
 MAX_STOPS = 16
+#: the longest grammar or JSON schema text accepted (characters)
+MAX_GRAMMAR = 64 * 1024
 
 __all__ = ["MAX_STOPS", "GenerationParams", "ParamError", "SamplingParams", "click_options", "param_error", "parse"]
 
@@ -173,6 +176,33 @@ class GenerationParams(SamplingParams):
     logprobs: bool = Field(False, description="Give each generated token's log-probability.")
     top_logprobs: int = Field(0, ge=0, le=20, description="With logprobs: the log-probabilities of this many "
                               "most likely tokens at each step too.")
+    json_schema: dict[str, Any] | None = Field(None, description="Constrain the answer to JSON valid against "
+                                               "this JSON Schema (JSON text; '{\"type\": \"object\"}': any "
+                                               "object).", json_schema_extra={"cli": "--json-schema"})
+    grammar: str | None = Field(None, max_length=MAX_GRAMMAR, description="Constrain the answer to this "
+                                "grammar (Lark syntax, llguidance's dialect).", json_schema_extra={"cli": "--grammar"})
+
+    @field_validator("json_schema", mode="before")
+    @classmethod
+    def _schema(cls, v: Any) -> Any:
+        """A dict, or JSON text of one (what the command line gives)."""
+        if isinstance(v, str):
+            if len(v) > MAX_GRAMMAR:
+                raise ValueError(f"is longer than {MAX_GRAMMAR} characters")
+            try:
+                v = json.loads(v)
+            except ValueError as e:
+                raise ValueError(f"is not valid JSON: {e}") from None
+        if v is not None and not isinstance(v, dict):
+            raise ValueError(f"must be a JSON object (a JSON Schema), got {type(v).__name__}")
+        return v
+
+    @field_validator("grammar")
+    @classmethod
+    def _one_constraint(cls, v: Any, info: ValidationInfo) -> Any:
+        if v is not None and info.data.get("json_schema") is not None:
+            raise ValueError("give json_schema or grammar, not both")
+        return v
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -217,6 +247,8 @@ def click_options(model: type[BaseModel] = GenerationParams):
             kw["type"] = click.IntRange(lo, hi, min_open=lo_open, max_open=hi_open) if bounded else int
         elif ann == tuple[str, ...]:
             kw.update(type=str, multiple=True)
+        elif ann in (str | None, dict[str, Any] | None):       # text (a dict field parses its JSON)
+            kw["type"] = str
         else:                                       # pragma: no cover - a new field type
             raise TypeError(f"no click type for {name}: {ann}")
         return click.option(flag, name, default=info.default, **kw)

@@ -380,13 +380,16 @@ class Sampler:
     total, i.e. an inverse-CDF draw from :func:`probabilities`.
     """
 
-    def __init__(self, params: SamplingParams | None = None):
+    def __init__(self, params: SamplingParams | None = None, constraint=None):
         if params is None:
             params = SamplingParams()
         if not isinstance(params, SamplingParams):
             raise TypeError(f"params must be a SamplingParams, got {type(params).__name__}")
         self._params = params
         self._rng = np.random.default_rng(params.seed)
+        #: constrained decoding (``rosenblatt.text.grammar.Constraint``): ``apply(x)`` sets the
+        #: logits of tokens it forbids next to -inf before anything else, ``consume(token)`` after
+        self.constraint = constraint
 
     @property
     def params(self) -> SamplingParams:
@@ -403,8 +406,16 @@ class Sampler:
         return probabilities(logits, self._params, history)
 
     def __call__(self, logits, history: Sequence[int] | np.ndarray = ()) -> int:
+        token = self._choose(logits, history)
+        if self.constraint is not None:
+            self.constraint.consume(token)
+        return token
+
+    def _choose(self, logits, history) -> int:
         params = self._params
         x = _as_logits(logits)
+        if self.constraint is not None:
+            self.constraint.apply(x)
         _adjust(x, params, history)
         if params.greedy:
             return int(np.argmax(x))

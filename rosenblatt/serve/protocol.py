@@ -7,10 +7,11 @@ import logging
 from collections.abc import Callable
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError
 from starlette.responses import JSONResponse
 
+from ..text import tools as tool_calls
 from ..text.chat_template import ChatTemplateError
 from ..errors import ModelFileError
 from ..params import GenerationParams, ParamError, parse
@@ -92,23 +93,63 @@ class StreamOptions(BaseModel):
     include_usage: bool | None = None
 
 
+class FunctionCall(BaseModel):
+    model_config = _STRICT
+    name: str
+    arguments: str | dict = "{}"
+
+
+class ToolCall(BaseModel):
+    model_config = _STRICT
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class Message(BaseModel):
     model_config = _STRICT
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str
+    tool_calls: list[ToolCall] | None = None        # an assistant's calls, sent back in the history
+    tool_call_id: str | None = None                 # a tool's answer: the call it answers
+    content: str | None = Field(None, validate_default=True)
 
     @field_validator("content", mode="before")
     @classmethod
-    def _text_parts(cls, v: Any) -> Any:
-        """Content parts: only text is understood; they are joined into one string."""
+    def _text_parts(cls, v: Any, info: ValidationInfo) -> Any:
+        """Content parts: only text is understood; they are joined into one string. Only an
+        assistant message with tool calls may leave it out."""
         if isinstance(v, list):
             for j, part in enumerate(v):
                 if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
                     raise PydanticCustomError("invalid_value", f"content[{j}]: only text parts are supported")
             return "".join(part["text"] for part in v)
-        if v is None:
+        if v is None and not (info.data.get("role") == "assistant" and info.data.get("tool_calls")):
             raise PydanticCustomError("missing_required_parameter", "is required")
         return v
+
+
+class JSONSchemaFormat(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore", populate_by_name=True)
+    name: str | None = None
+    schema_: dict | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    model_config = _STRICT
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+    def schema_dict(self) -> dict | None:
+        """The JSON Schema the answer must satisfy (None: free text)."""
+        if self.type == "text":
+            return None
+        if self.type == "json_object":
+            return {"type": "object"}
+        if self.json_schema is None or self.json_schema.schema_ is None:
+            raise bad_request("'response_format.json_schema.schema' is required for type json_schema",
+                              param="response_format", code="invalid_value")
+        return self.json_schema.schema_
 
 
 class OpenAIRequest(BaseModel):
@@ -120,6 +161,7 @@ class OpenAIRequest(BaseModel):
     n: int | None = Field(None, ge=1, le=16)
     max_tokens: int | None = Field(None, ge=0)
     max_completion_tokens: int | None = Field(None, ge=0)
+    response_format: ResponseFormat | None = None
 
     def unsupported(self, name: str, ok: Callable[[Any], bool]) -> None:
         value = (self.model_extra or {}).get(name, getattr(self, name, None))
@@ -131,6 +173,12 @@ class OpenAIRequest(BaseModel):
         top_k, min_p, repeat_penalty, repeat_last_n included)."""
         fields = {k: body[k] for k in _SAMPLING_FIELDS if body.get(k) is not None}
         fields.update(self.logprob_fields())
+        schema = self.response_format.schema_dict() if self.response_format is not None else None
+        if schema is not None:
+            if "json_schema" in fields or "grammar" in fields:
+                raise bad_request("give 'response_format' or 'json_schema'/'grammar', not both",
+                                  param="response_format", code="invalid_value")
+            fields["json_schema"] = schema
         bias = fields.get("logit_bias")
         if isinstance(bias, dict):                  # JSON keys are strings: token ids as text
             try:
@@ -144,13 +192,19 @@ class OpenAIRequest(BaseModel):
         max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
         # omitted: as many as the context holds (the engine caps it)
         fields["max_new_tokens"] = max_tokens if max_tokens is not None else 1 << 30
+        fields.update(self.tool_fields(fields))
         try:
             return GenerationParams(**fields)
         except ParamError as e:
             name = max_name if e.param == "max_new_tokens" else e.param.split("[")[0]
+            if name == "json_schema" and self.response_format is not None:
+                name = "response_format"
             raise bad_request(f"'{name}' {e.problem}", param=name, code=e.kind) from None
 
     def logprob_fields(self) -> dict:
+        return {}
+
+    def tool_fields(self, fields: dict) -> dict:
         return {}
 
     @property
@@ -160,13 +214,41 @@ class OpenAIRequest(BaseModel):
 
 #: the request fields handed to GenerationParams (max_tokens is mapped by hand)
 _SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repeat_penalty", "repeat_last_n", "seed", "stop",
-                    "frequency_penalty", "presence_penalty", "logit_bias")
+                    "frequency_penalty", "presence_penalty", "logit_bias", "json_schema", "grammar")
 
 
 class ChatRequest(OpenAIRequest):
     messages: list[Message] = Field(min_length=1)
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=20)
+    tools: list[dict] | None = None
+    tool_choice: str | dict | None = None
+    parallel_tool_calls: bool | None = None
+
+    def tool_list(self) -> list[dict]:
+        try:
+            return tool_calls.check_tools(self.tools or [])
+        except ParamError as e:
+            raise bad_request(f"'{e.param}' {e.problem}", param=e.param, code=e.kind) from None
+
+    def tool_mode(self) -> str:
+        """"none", "auto", "required" or the one function's name (tool_choice, checked)."""
+        try:
+            return tool_calls.choice(self.tool_choice, self.tool_list())
+        except ParamError as e:
+            raise bad_request(f"'{e.param}' {e.problem}", param=e.param, code=e.kind) from None
+
+    def tool_fields(self, fields: dict) -> dict:
+        """With tool_choice "required" or a named function, the grammar that forces the call."""
+        mode = self.tool_mode()
+        if mode in ("none", "auto"):
+            return {}
+        if "json_schema" in fields or "grammar" in fields:
+            raise bad_request("a forced tool call cannot be combined with a response format or a grammar",
+                              param="tool_choice", code="invalid_value")
+        only = None if mode == "required" else mode
+        # one call unless parallel calls are asked for: a small model forced to call tends to repeat the call
+        return {"grammar": tool_calls.call_grammar(self.tool_list(), only, self.parallel_tool_calls is True)}
 
     def logprob_fields(self) -> dict:
         if self.top_logprobs and not self.logprobs:
@@ -174,13 +256,20 @@ class ChatRequest(OpenAIRequest):
         return {"logprobs": bool(self.logprobs), "top_logprobs": self.top_logprobs or 0}
 
     def checked(self) -> ChatRequest:
-        self.unsupported("tools", lambda v: not v)
         self.unsupported("functions", lambda v: not v)
-        self.unsupported("response_format", lambda v: v is None or (isinstance(v, dict) and v.get("type") == "text"))
+        self.tool_mode()
         return self
 
     def chat(self) -> list[dict]:
-        return [{"role": "system" if m.role == "developer" else m.role, "content": m.content} for m in self.messages]
+        out = []
+        for m in self.messages:
+            msg: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role, "content": m.content or ""}
+            if m.tool_calls:
+                msg["tool_calls"] = [c.model_dump() for c in m.tool_calls]
+            if m.tool_call_id is not None:
+                msg["tool_call_id"] = m.tool_call_id
+            out.append(msg)
+        return out
 
 
 class CompletionRequest(OpenAIRequest):
@@ -230,7 +319,8 @@ class UsageBody(BaseModel):
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[dict] | None = None
 
 
 class ChatChoice(BaseModel):
@@ -250,6 +340,7 @@ class TextChoice(BaseModel):
 class Delta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[dict] | None = None
 
 
 class ChunkChoice(BaseModel):
@@ -275,6 +366,8 @@ class Completion(BaseModel):
         for c in d["choices"]:
             if "delta" in c:
                 c["delta"] = {k: v for k, v in c["delta"].items() if v is not None}
+            if "message" in c and c["message"]["tool_calls"] is None:
+                del c["message"]["tool_calls"]
         return d
 
 
