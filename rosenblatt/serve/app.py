@@ -24,9 +24,6 @@ from starlette.routing import Route
 
 from .protocol import (APIError, LogprobLog, AssistantMessage, ChatChoice, ChatRequest, ChunkChoice, Completion, CompletionRequest,
                        Delta, OpenAIRequest, TextChoice, UsageBody, bad_request, engine_error, parse_request)
-from ..params import ParamError
-from ..text import grammar
-from ..text import tools as tool_calls
 from .metrics import MetricsMiddleware, ServerMetrics
 from .worker import DEFAULT_MAX_QUEUE, DEFAULT_PARALLEL, DEFAULT_QUEUE_TIMEOUT, EngineWorker, Job, Usage
 
@@ -193,11 +190,7 @@ class Server:
         self._check_model(req)
         params = req.checked().generation(body)
         messages = req.chat()
-        tools = req.tool_list() or None
-        calls = tools is not None and req.tool_mode() != "none"     # the answer is searched for calls
-        await self._check_grammar(params, req)
-        return await self._run(request, lambda p: (lambda e: e.prepare_chat(messages, p, tools=tools)), params, req,
-                               chat=True, calls=calls)
+        return await self._run(request, lambda p: (lambda e: e.prepare_chat(messages, p)), params, req, chat=True)
 
     async def completions(self, request: Request) -> Response:
         body = await self._json(request)
@@ -205,23 +198,11 @@ class Server:
         self._check_model(req)
         params = req.checked(self.engine.config.vocab_size).generation(body)
         prompt = req.prompt
-        await self._check_grammar(params, req)
         return await self._run(request, lambda p: (lambda e: e.prepare(prompt, p)), params, req, chat=False)
 
-    async def _check_grammar(self, params, req) -> None:
-        """A response format, grammar or forced tool call the vocabulary cannot serve: a 400 now."""
-        if params.json_schema is None and params.grammar is None:
-            return
-        try:
-            await asyncio.to_thread(grammar.compile_grammar, self.engine.tokenizer, params)
-        except ParamError as e:
-            name = "response_format" if req.response_format is not None and e.param == "json_schema" else e.param
-            raise bad_request(f"'{name}' {e.problem}", param=name, code=e.kind) from None
-
-    async def _run(self, request: Request, make, params, req, chat: bool, calls: bool = False) -> Response:
+    async def _run(self, request: Request, make, params, req, chat: bool) -> Response:
         """Queue the request's ``n`` choices (one generation each: with a seed, choice i samples
-        with seed + i; identical prompts share their keys and values in the batch) and answer.
-        With ``calls``, the model's ``<tool_call>`` blocks become the message's ``tool_calls``."""
+        with seed + i; identical prompts share their keys and values in the batch) and answer."""
         n = req.n or 1
         t0 = time.perf_counter()
         jobs: list[Job] = []
@@ -249,7 +230,7 @@ class Server:
                     return Response(status_code=499)   # the client is gone; nobody reads this
                 handed_over = True
                 return _SSEResponse(self._events(choices, early[:-1], rid, created, chat, req.include_usage,
-                                                 params.logprobs, request, t0, calls), choices)
+                                                 params.logprobs, request, t0), choices)
             texts = [[] for _ in range(n)]
             logs = [LogprobLog(self.engine.tokenizer, chat) if params.logprobs else None for _ in range(n)]
             usages: list[Usage | None] = [None] * n
@@ -271,13 +252,8 @@ class Server:
             out = []
             for i, (pieces, log, usage) in enumerate(zip(texts, logs, usages)):
                 text, lp = "".join(pieces), (log.body() if log is not None else None)
-                found: list[dict] = []
-                if calls:
-                    text, found = tool_calls.parse_calls(text)
-                message = AssistantMessage(content=text or None, tool_calls=found) if found \
-                    else AssistantMessage(content=text)
-                finish = "tool_calls" if found else usage.finish_reason
-                out.append(ChatChoice(index=i, message=message, finish_reason=finish, logprobs=lp) if chat
+                out.append(ChatChoice(index=i, message=AssistantMessage(content=text), finish_reason=usage.finish_reason,
+                                      logprobs=lp) if chat
                            else TextChoice(index=i, text=text, finish_reason=usage.finish_reason, logprobs=lp))
             _access(request, rid, usages, t0, False)
             return JSONResponse(Completion(id=rid, object="chat.completion" if chat else "text_completion",
@@ -289,18 +265,16 @@ class Server:
 
     async def _events(self, choices: "_Choices", early: list, rid: str, created: int, chat: bool,
                       include_usage: bool, logprobs: bool = False, request: Request | None = None,
-                      t0: float = 0.0, calls: bool = False):
+                      t0: float = 0.0):
         obj = "chat.completion.chunk" if chat else "text_completion"
         n = len(choices.jobs)
         offsets = [0] * n
         usages: list[Usage | None] = [None] * n
-        parsers = [tool_calls.CallParser() for _ in range(n)] if calls else None
 
         def chunk(i: int, piece: str | None, finish: str | None = None, role: bool = False, choices_=None,
-                  usage: UsageBody | None = None, lp: dict | None = None, found: list | None = None) -> dict:
+                  usage: UsageBody | None = None, lp: dict | None = None) -> dict:
             if choices_ is None:
-                choices_ = [ChunkChoice(index=i, delta=Delta(role="assistant" if role else None, content=piece,
-                                                             tool_calls=found),
+                choices_ = [ChunkChoice(index=i, delta=Delta(role="assistant" if role else None, content=piece),
                                         finish_reason=finish, logprobs=lp) if chat
                             else TextChoice(index=i, text=piece or "", finish_reason=finish, logprobs=lp)]
             return Completion(id=rid, object=obj, created=created, model=self.model_id, choices=choices_,
@@ -318,8 +292,7 @@ class Server:
                     yield _sse(chunk(i, "", role=True))
             async for i, kind, value in events():
                 if kind == "piece":
-                    text = parsers[i].feed(value.text) if parsers else value.text
-                    if not text and not logprobs:
+                    if not value.text and not logprobs:
                         continue
                     lp = None
                     if logprobs:
@@ -328,21 +301,13 @@ class Server:
                         log.add(value)
                         offsets[i] = log.offset
                         lp = log.body()
-                    yield _sse(chunk(i, text, lp=lp))
+                    yield _sse(chunk(i, value.text, lp=lp))
                 elif kind == "done":
                     usage: Usage = value
                     if usage.finish_reason == "cancelled":
                         return
                     usages[i] = usage
-                    finish = usage.finish_reason
-                    if parsers:
-                        rest, found = parsers[i].finish()
-                        if rest:
-                            yield _sse(chunk(i, rest))
-                        if found:
-                            finish = "tool_calls"
-                            yield _sse(chunk(i, None, found=[{"index": k, **c} for k, c in enumerate(found)]))
-                    yield _sse(chunk(i, None if chat else "", finish=finish))
+                    yield _sse(chunk(i, None if chat else "", finish=usage.finish_reason))
                     if all(u is not None for u in usages):
                         if request is not None:
                             _access(request, rid, usages, t0, True)
