@@ -282,3 +282,10 @@ def test_a_client_that_hangs_up_stops_its_generation(server, client):
     after = wait_idle(server)
     assert after["cancelled"] == before["cancelled"] + 1 and after["served"] == before["served"]
     assert 3 <= after["last"]["completion_tokens"] < 200
+
+
+def test_metrics_count_the_ollama_routes(server, client):
+    client.generate(model=MODEL_ID, prompt=COUNT, raw=True, options={"temperature": 0, "num_predict": 2})
+    text = httpx.get(server.url + "/metrics", timeout=10).text
+    assert 'rosenblatt_requests_total{endpoint="/api/generate",status="200"}' in text
+    assert 'endpoint="/api/chat",status="400"' in text           # the refusals of the tests before
