@@ -19,11 +19,15 @@ from starlette.applications import Starlette
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
-from starlette.routing import Route
+from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
 
 from .protocol import (APIError, LogprobLog, AssistantMessage, ChatChoice, ChatRequest, ChunkChoice, Completion, CompletionRequest,
                        Delta, OpenAIRequest, TextChoice, UsageBody, bad_request, engine_error, parse_request)
+from ..params import ParamError
+from ..text import grammar
+from ..text import tools as tool_calls
 from .metrics import MetricsMiddleware, ServerMetrics
 from .worker import DEFAULT_MAX_QUEUE, DEFAULT_PARALLEL, DEFAULT_QUEUE_TIMEOUT, EngineWorker, Job, Usage
 
@@ -38,8 +42,12 @@ MAX_BODY_BYTES = 4 * 2**20
 DEFAULT_READ_TIMEOUT = 30.0
 #: at most this many connections at once; a request beyond them gets 503 (uvicorn's limit)
 DEFAULT_MAX_CONNECTIONS = 128
-#: paths served without the API key
-PUBLIC_PATHS = frozenset({"/health", "/metrics"})
+#: paths served without the API key (and everything under /static/: the chat page asks for the key)
+PUBLIC_PATHS = frozenset({"/health", "/metrics", "/"})
+#: the chat page's files (plain HTML, JS and CSS; no build step, nothing fetched from elsewhere)
+STATIC_DIR = Path(__file__).parent / "static"
+#: the page may load and call nothing but this server
+PAGE_CSP = "default-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
 
 
 def _error_response(err: APIError) -> Response:
@@ -105,15 +113,15 @@ async def _cancel_on_disconnect(request: Request, job):
 
 
 class _AuthMiddleware:
-    """``Authorization: Bearer <key>`` on every path but ``/health`` and ``/metrics`` (pure ASGI:
-    streaming-safe)."""
+    """``Authorization: Bearer <key>`` on every path but ``/health``, ``/metrics`` and the chat page
+    (``/``, ``/static/``) (pure ASGI: streaming-safe)."""
 
     def __init__(self, app, api_key: str):
         self.app = app
         self.expected = f"Bearer {api_key}".encode()
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and scope["path"] not in PUBLIC_PATHS:
+        if scope["type"] == "http" and scope["path"] not in PUBLIC_PATHS and not scope["path"].startswith("/static/"):
             given = Headers(scope=scope).get("authorization", "").encode()
             if not hmac.compare_digest(given, self.expected):
                 msg = ("Missing API key: send 'Authorization: Bearer <key>'" if not given
@@ -175,6 +183,23 @@ class Server:
     async def prometheus(self, request: Request) -> Response:
         return Response(self.metrics.exposition(), media_type=self.metrics.content_type)
 
+    async def props(self, request: Request) -> Response:
+        """What the chat page shows of the model: architecture, size, quantization, contexts, slots."""
+        from gguf import LlamaFileType
+        cfg, ftype = self.engine.config, self.engine.gguf.get("general.file_type")
+        try:
+            quant = LlamaFileType(ftype).name.removeprefix("MOSTLY_") if ftype is not None else None
+        except ValueError:
+            quant = None
+        return JSONResponse({"model": self.model_id, "name": cfg.name or None, "architecture": cfg.arch,
+                             "parameters": cfg.n_params, "quantization": quant, "n_ctx": self.engine.n_ctx,
+                             "n_ctx_train": cfg.context_length, "device": self.engine.device,
+                             "slots": self.worker.parallel})
+
+    async def page(self, request: Request) -> Response:
+        return FileResponse(STATIC_DIR / "index.html", headers={"Content-Security-Policy": PAGE_CSP,
+                                                                "Cache-Control": "no-cache"})
+
     async def models(self, request: Request) -> Response:
         return JSONResponse({"object": "list", "data": [self._model_card()]})
 
@@ -190,7 +215,11 @@ class Server:
         self._check_model(req)
         params = req.checked().generation(body)
         messages = req.chat()
-        return await self._run(request, lambda p: (lambda e: e.prepare_chat(messages, p)), params, req, chat=True)
+        tools = req.tool_list() or None
+        calls = tools is not None and req.tool_mode() != "none"     # the answer is searched for calls
+        await self._check_grammar(params, req)
+        return await self._run(request, lambda p: (lambda e: e.prepare_chat(messages, p, tools=tools)), params, req,
+                               chat=True, calls=calls)
 
     async def completions(self, request: Request) -> Response:
         body = await self._json(request)
@@ -198,11 +227,23 @@ class Server:
         self._check_model(req)
         params = req.checked(self.engine.config.vocab_size).generation(body)
         prompt = req.prompt
+        await self._check_grammar(params, req)
         return await self._run(request, lambda p: (lambda e: e.prepare(prompt, p)), params, req, chat=False)
 
-    async def _run(self, request: Request, make, params, req, chat: bool) -> Response:
+    async def _check_grammar(self, params, req) -> None:
+        """A response format, grammar or forced tool call the vocabulary cannot serve: a 400 now."""
+        if params.json_schema is None and params.grammar is None:
+            return
+        try:
+            await asyncio.to_thread(grammar.compile_grammar, self.engine.tokenizer, params)
+        except ParamError as e:
+            name = "response_format" if req.response_format is not None and e.param == "json_schema" else e.param
+            raise bad_request(f"'{name}' {e.problem}", param=name, code=e.kind) from None
+
+    async def _run(self, request: Request, make, params, req, chat: bool, calls: bool = False) -> Response:
         """Queue the request's ``n`` choices (one generation each: with a seed, choice i samples
-        with seed + i; identical prompts share their keys and values in the batch) and answer."""
+        with seed + i; identical prompts share their keys and values in the batch) and answer.
+        With ``calls``, the model's ``<tool_call>`` blocks become the message's ``tool_calls``."""
         n = req.n or 1
         t0 = time.perf_counter()
         jobs: list[Job] = []
@@ -230,7 +271,7 @@ class Server:
                     return Response(status_code=499)   # the client is gone; nobody reads this
                 handed_over = True
                 return _SSEResponse(self._events(choices, early[:-1], rid, created, chat, req.include_usage,
-                                                 params.logprobs, request, t0), choices)
+                                                 params.logprobs, request, t0, calls), choices)
             texts = [[] for _ in range(n)]
             logs = [LogprobLog(self.engine.tokenizer, chat) if params.logprobs else None for _ in range(n)]
             usages: list[Usage | None] = [None] * n
@@ -252,8 +293,13 @@ class Server:
             out = []
             for i, (pieces, log, usage) in enumerate(zip(texts, logs, usages)):
                 text, lp = "".join(pieces), (log.body() if log is not None else None)
-                out.append(ChatChoice(index=i, message=AssistantMessage(content=text), finish_reason=usage.finish_reason,
-                                      logprobs=lp) if chat
+                found: list[dict] = []
+                if calls:
+                    text, found = tool_calls.parse_calls(text)
+                message = AssistantMessage(content=text or None, tool_calls=found) if found \
+                    else AssistantMessage(content=text)
+                finish = "tool_calls" if found else usage.finish_reason
+                out.append(ChatChoice(index=i, message=message, finish_reason=finish, logprobs=lp) if chat
                            else TextChoice(index=i, text=text, finish_reason=usage.finish_reason, logprobs=lp))
             _access(request, rid, usages, t0, False)
             return JSONResponse(Completion(id=rid, object="chat.completion" if chat else "text_completion",
@@ -265,16 +311,18 @@ class Server:
 
     async def _events(self, choices: "_Choices", early: list, rid: str, created: int, chat: bool,
                       include_usage: bool, logprobs: bool = False, request: Request | None = None,
-                      t0: float = 0.0):
+                      t0: float = 0.0, calls: bool = False):
         obj = "chat.completion.chunk" if chat else "text_completion"
         n = len(choices.jobs)
         offsets = [0] * n
         usages: list[Usage | None] = [None] * n
+        parsers = [tool_calls.CallParser() for _ in range(n)] if calls else None
 
         def chunk(i: int, piece: str | None, finish: str | None = None, role: bool = False, choices_=None,
-                  usage: UsageBody | None = None, lp: dict | None = None) -> dict:
+                  usage: UsageBody | None = None, lp: dict | None = None, found: list | None = None) -> dict:
             if choices_ is None:
-                choices_ = [ChunkChoice(index=i, delta=Delta(role="assistant" if role else None, content=piece),
+                choices_ = [ChunkChoice(index=i, delta=Delta(role="assistant" if role else None, content=piece,
+                                                             tool_calls=found),
                                         finish_reason=finish, logprobs=lp) if chat
                             else TextChoice(index=i, text=piece or "", finish_reason=finish, logprobs=lp)]
             return Completion(id=rid, object=obj, created=created, model=self.model_id, choices=choices_,
@@ -292,7 +340,8 @@ class Server:
                     yield _sse(chunk(i, "", role=True))
             async for i, kind, value in events():
                 if kind == "piece":
-                    if not value.text and not logprobs:
+                    text = parsers[i].feed(value.text) if parsers else value.text
+                    if not text and not logprobs:
                         continue
                     lp = None
                     if logprobs:
@@ -301,13 +350,21 @@ class Server:
                         log.add(value)
                         offsets[i] = log.offset
                         lp = log.body()
-                    yield _sse(chunk(i, value.text, lp=lp))
+                    yield _sse(chunk(i, text, lp=lp))
                 elif kind == "done":
                     usage: Usage = value
                     if usage.finish_reason == "cancelled":
                         return
                     usages[i] = usage
-                    yield _sse(chunk(i, None if chat else "", finish=usage.finish_reason))
+                    finish = usage.finish_reason
+                    if parsers:
+                        rest, found = parsers[i].finish()
+                        if rest:
+                            yield _sse(chunk(i, rest))
+                        if found:
+                            finish = "tool_calls"
+                            yield _sse(chunk(i, None, found=[{"index": k, **c} for k, c in enumerate(found)]))
+                    yield _sse(chunk(i, None if chat else "", finish=finish))
                     if all(u is not None for u in usages):
                         if request is not None:
                             _access(request, rid, usages, t0, True)
@@ -427,6 +484,9 @@ def create_app(engine, api_key: str | None = None, model_id: str | None = None,
         Route("/v1/models/{model:path}", srv.model, methods=["GET"]),
         Route("/v1/chat/completions", srv.chat_completions, methods=["POST"]),
         Route("/v1/completions", srv.completions, methods=["POST"]),
+        Route("/props", srv.props, methods=["GET"]),
+        Route("/", srv.page, methods=["GET"]),
+        Mount("/static", StaticFiles(directory=STATIC_DIR), name="static"),
     ]
     from . import ollama                          # its routes use this module's helpers: imported here
     routes += ollama.routes(srv)
