@@ -10,6 +10,7 @@ module is skipped, unless ``CI`` is set (CI installs both; a skip there would hi
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -40,10 +41,11 @@ def _missing() -> str | None:
     return None
 
 
-@pytest.fixture(scope="module")
-def server(smollm2_engine):
+@contextlib.contextmanager
+def serving(engine, **app_kw):
+    """A real uvicorn on a free loopback port, on a thread."""
     from rosenblatt.serve import create_app, make_server
-    app = create_app(smollm2_engine, api_key=KEY)
+    app = create_app(engine, **app_kw)
     ready, urls = threading.Event(), []
     srv = make_server(app, host="127.0.0.1", port=0, on_ready=lambda u: (urls.append(u), ready.set()),
                       graceful_timeout=2)
@@ -56,6 +58,12 @@ def server(smollm2_engine):
         srv.should_exit = True
         thread.join(30)
     assert not thread.is_alive(), "the server did not shut down"
+
+
+@pytest.fixture(scope="module")
+def server(smollm2_engine):
+    with serving(smollm2_engine, api_key=KEY) as srv:
+        yield srv
 
 
 @pytest.fixture(scope="module")
@@ -321,3 +329,15 @@ def test_server_error_is_shown(server, browser):
     by_testid(browser, "prompt").clear()
     wait_idle(server)
 
+
+def test_busy_server_is_shown(smollm2_engine, browser):
+    """A server that takes no more requests (503 queue_full) is one clear message with the
+    server's words and its Retry-After."""
+    with serving(smollm2_engine, max_queue=0) as busy:      # every request is refused
+        browser.get(busy.url + "/")
+        wait(browser, lambda d: text(d, by_testid(d, "model-id")) == MODEL_ID, 15, "the model's id is not shown")
+        ask(browser, "Are you there?", answered=False)
+        wait(browser, lambda d: all_by_testid(d, "error"), 15, "no error shown")
+        message = text(browser, by_testid(browser, "error"))
+        assert "503" in message and "too many requests waiting" in message and "retry after" in message, message
+        shot(browser, "busy.png")
