@@ -13,6 +13,8 @@ Public entry points::
     dev.stats.last                       # tasks, jobs, submits of that call
     w = prepare_weights(dev, b)          # B packed once into a resident BO
     c = matmul_int8_prepared(a, w, dev)  # reuse it with any A
+    cs = matmul_int8_batch([(a1, w1), (a2, w2)], dev)   # several products, one SUBMIT
+    run_gemm_graph([GemmNode(w, a), GemmNode(w2, make_a2, deps=(0,))], dev)  # one SUBMIT per level
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ from .errors import (
     NPUSubmitError,
     NPUUnavailableError,
 )
-from .gemm import PreparedWeights, matmul_int8, matmul_int8_prepared, prepare_weights
+from .gemm import PreparedWeights, matmul_int8, matmul_int8_batch, matmul_int8_prepared, prepare_weights
+from .graph import GemmNode, run_gemm_graph, submit_levels
 from .cost import CPUCost, NPUCost, cpu_gemm_cost, crossover, npu_gemm_cost
 
 
@@ -45,6 +48,7 @@ __all__ = [
     "BufferObject",
     "CPUCost",
     "CallStats",
+    "GemmNode",
     "JobSpec",
     "NPUDeviceError",
     "NPUCost",
@@ -57,7 +61,10 @@ __all__ = [
     "PreparedWeights",
     "RocketDevice",
     "matmul_int8",
+    "matmul_int8_batch",
     "matmul_int8_prepared",
+    "run_gemm_graph",
+    "submit_levels",
     "prepare_weights",
     "open_device",
     "npu_gemm_cost",

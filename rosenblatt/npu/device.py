@@ -81,18 +81,19 @@ class CallStats:
     m_tiles: int = 0
     n_tiles: int = 0
     seconds: float = 0.0
+    gemms: int = 1  # products in this submit (several for a batch)
 
 
 @dataclass
 class NPUStats:
-    calls: int = 0
+    calls: int = 0  # products (GEMMs); a batch counts each of its products
     tasks: int = 0
     jobs: int = 0
     submits: int = 0
     last: CallStats = field(default_factory=CallStats)
 
     def record(self, call: CallStats) -> None:
-        self.calls += 1
+        self.calls += call.gemms
         self.tasks += call.tasks
         self.jobs += call.jobs
         self.submits += call.submits

@@ -188,6 +188,38 @@ REGCMD_TASK_ALIGN = 64
 #: count even (zero-word padding) so the PC never fetches a word past the program.
 REGCMD_EVEN_COUNT = True
 
+# --- The jobs of one SUBMIT: order and synchronisation -----------------------------------------
+#: How the jobs of one fd (one SUBMIT, and successive SUBMITs) are ordered:
+#:
+#: * [code] kernel rocket_job.c ``rocket_ioctl_submit``: the jobs of a SUBMIT are pushed one by
+#:   one, in array order, onto the fd's one drm_sched entity (``rocket_job_open``: one entity
+#:   per file, its scheduler list all the cores); ``rocket_job_init``: each core's scheduler has
+#:   ``credit_limit = 1`` (one job at a time per core).
+#: * [code] drm_sched (sched_entity.c, sched_fence.c): an entity is a FIFO; its jobs' finished
+#:   fences share the entity's fence context with increasing seqnos, and fences of one context
+#:   signal in order (the dma_fence contract ``dma_resv_add_fence`` relies on to keep only the
+#:   latest fence of a context); the entity moves to another core only when its queue is empty
+#:   and its last job has finished (``drm_sched_entity_select_rq``).
+#: * [inferred] hence one fd's jobs run one at a time in submit order, within a SUBMIT and
+#:   across SUBMITs, and once a job's fence has signalled every earlier job of the fd is done.
+#:   Not observed on a board (open question 8 is the multi-fd case).
+JOBS_RUN_IN_SUBMIT_ORDER = True
+#: [code] rocket_job.c ``rocket_job_push``: each in-BO adds the BO's WRITE fences as
+#: dependencies (``drm_sched_job_add_implicit_dependencies(job, bo, false)``), each out-BO all
+#: of its fences (``true``), and the job's finished fence is attached to its **out-BOs only**
+#: (``DMA_RESV_USAGE_WRITE``). So a job that lists an earlier job's out-BO as an in-BO waits for
+#: it (even from another fd), but nothing records that a job *reads* a BO: PREP_BO on a BO the
+#: NPU only reads (features, weights, regcmd) returns at once. The CPU may rewrite such a BO only
+#: after a PREP_BO has waited on an out-BO of that job or of a later job of the fd; the simulator
+#: refuses a FINI_BO that breaks this (``bo-busy``).
+IN_BO_FENCES = "write fences only"
+#: [code] what the GEMM path relies on for several products in one SUBMIT (``gemm.GemmBatch``):
+#: the jobs are independent (each has its own feature and output region); one PREP_BO on the
+#: shared output BO waits for the last job's fence, which (by the order above) covers all.
+#: Dependent products -- an input computed on the CPU from another product's result -- always
+#: need the CPU between them, so they go in separate SUBMITs (``graph.submit_levels``).
+BATCH_ONE_OUTPUT_WAIT = True
+
 # --- Timing ---------------------------------------------------------------------------------
 #: [code] kernel JOB_TIMEOUT_MS: a job (all of its tasks) that runs longer is reset.
 JOB_TIMEOUT_S = 0.5
@@ -210,10 +242,10 @@ JOB_TIME_BUDGET_S = 0.1
 #: self-test (``rosenblatt.npu.selftest``) runs in variants, with their built-in values. The values
 #: above are these defaults; a board's stored choice (below) may replace them at import.
 DISPUTED_SETTINGS = ("PROGRAM_DPU_RDMA", "OP_ENABLE_MASK", "DATA_BANK_MARGIN", "CORE_QD_EN", "STREAM_WEIGHTS",
-                     "ROW_ALIGN")
+                     "ROW_ALIGN", "WEIGHT_REUSE_WITHIN_JOB")
 DEFAULTS = {_name: globals()[_name] for _name in DISPUTED_SETTINGS}
 _SETTING_TYPES = {"PROGRAM_DPU_RDMA": bool, "OP_ENABLE_MASK": int, "DATA_BANK_MARGIN": int, "CORE_QD_EN": int,
-                  "STREAM_WEIGHTS": bool, "ROW_ALIGN": int}
+                  "STREAM_WEIGHTS": bool, "ROW_ALIGN": int, "WEIGHT_REUSE_WITHIN_JOB": bool}
 
 #: Environment variable: "off" (or "default"/"none") ignores any stored choice; a JSON object
 #: (``{"CORE_QD_EN": 0}``) gives the settings directly; anything else is the path of a variant file

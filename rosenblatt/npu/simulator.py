@@ -36,7 +36,15 @@ that disagree, e.g. DPU cube vs CORE output), ``register-unwritten`` (a register
 relies on was not written in it), ``unknown-register``/``unknown-target``, ``trailing-words``,
 ``weight-reuse`` (WEIGHT_REUSE without those weights resident: other weights, none, or
 streamed ones), ``dst-misaligned``,
-``job-rejected`` (what the kernel itself drops: no tasks, regcmd_count 0, bad handle).
+``job-rejected`` (what the kernel itself drops: no tasks, regcmd_count 0, bad handle),
+``bo-busy`` (FINI_BO of a BO that a job the CPU has not yet waited for reads or writes: the
+kernel fences only out-BOs, so the CPU's new bytes race the NPU; the jobs in flight are then
+treated as failed, ``hw.IN_BO_FENCES``).
+
+Job order: one fd's jobs run one at a time in submit order (``hw.JOBS_RUN_IN_SUBMIT_ORDER``);
+a job starts when the previous one of the fd has finished (which also covers its in-BOs' write
+fences and its out-BOs' fences, all from this fd); PREP_BO that returns 0 tells the CPU that the
+BO's last writer and every earlier job of the fd are done.
 
 Arithmetic: int8 x int8 products summed in float64 BLAS. Every partial sum is an integer below
 2**14 * 65536 < 2**53 in magnitude, so the float64 result is exact, and equal to the int32
@@ -95,6 +103,8 @@ class SimBO:
         self.dev = np.zeros(self.mapped, dtype=np.uint8)  # what the NPU sees
         self.fence_ns = 0  # CLOCK_MONOTONIC time the last writing job completes
         self.dead = False  # a job writing it faulted: its fence never signals
+        self.last_writer = -1  # seq of the last job that listed it as an out-BO
+        self.last_user = -1  # seq of the last job whose tasks read or wrote its bytes
 
 
 class SimCore:
@@ -153,6 +163,9 @@ class SimFile:
         self._next_offset = MMAP_OFFSET_START
         self._busy_until = 0
         self._job_seq = 0
+        self._running = -1  # seq of the job whose tasks are executing
+        self._waited = -1  # every job up to this seq is known complete to the CPU (a PREP_BO returned 0)
+        self._in_flight: list[tuple[int, list]] = []  # (seq, out BOs) of jobs not yet waited for
         self.faults: list[SimFault] = []
         self._pending: list[SimFault] = []
         self.closed = False
@@ -264,6 +277,17 @@ class SimFile:
         if req.reserved:
             raise OSError(errno.EINVAL, "reserved must be 0")
         bo = self._lookup(req.handle)
+        if bo.last_user > self._waited:
+            fault = SimFault(
+                "bo-busy",
+                f"FINI_BO of BO {bo.handle} while job {bo.last_user} (not yet waited for) uses it: the kernel "
+                "attaches fences to out-BOs only, so the CPU's new bytes race the NPU; PREP_BO an out-BO "
+                "of that job (or a later one) first", bo.last_user)
+            self._log(fault)
+            for seq, outs in self._in_flight:  # what they compute is undefined now
+                if seq > self._waited:
+                    for out in outs:
+                        out.dead = True
         bo.dev[:] = bo.cpu  # dma_sync_sgtable_for_device
 
     def _prep_bo(self, mv: memoryview) -> None:
@@ -287,6 +311,9 @@ class SimFile:
         bo.cpu[:] = bo.dev  # dma_sync_sgtable_for_cpu, done even on timeout
         if err:
             raise OSError(err, "PREP_BO")
+        if bo.last_writer > self._waited:  # its fence and, in order, every earlier job's have signalled
+            self._waited = bo.last_writer
+            self._in_flight = [(s, o) for s, o in self._in_flight if s > self._waited]
 
     def _submit(self, mv: memoryview) -> None:
         args = uapi.drm_rocket_submit.from_buffer_copy(mv)
@@ -346,9 +373,13 @@ class SimFile:
                 f"the kernel drops this job ({errno.errorcode.get(e.errno, e.errno)}: {e.strerror}); "
                 "SUBMIT still returned 0 and no fence was attached", seq))
             return
-        del ins  # read dependencies: jobs of one fd already run in order here
+        del ins  # read dependencies: jobs of one fd already run in order here (hw.JOBS_RUN_IN_SUBMIT_ORDER)
         now = time.monotonic_ns()
-        start = max(now, self._busy_until)
+        start = max(now, self._busy_until)  # after the previous job of the fd, hence after its fences
+        for bo in outs:
+            bo.last_writer = bo.last_user = seq
+        self._in_flight.append((seq, outs))
+        self._running = seq
         seconds = 0.0
         core = self.core
         for i, (regcmd, count) in enumerate(tasks):
@@ -382,6 +413,7 @@ class SimFile:
                 )
             take = min(end, bo.iova + bo.mapped) - pos
             pieces.append((bo, pos - bo.iova, take))
+            bo.last_user = max(bo.last_user, self._running)
             pos += take
         return pieces
 

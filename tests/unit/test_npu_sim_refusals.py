@@ -356,3 +356,22 @@ def test_device_recovers_after_a_fault(dev):
     a = rng.integers(-128, 128, (7, 100), dtype=np.int8)
     b = rng.integers(-128, 128, (100, 33), dtype=np.int8)
     np.testing.assert_array_equal(matmul_int8(a, b, dev), a.astype(np.int32) @ b.astype(np.int32))
+
+
+def test_cpu_write_to_an_input_of_a_job_not_yet_waited_for(dev):
+    """The kernel fences out-BOs only (hw.IN_BO_FENCES): rewriting a job's input before waiting
+    on its output races the NPU. The simulator refuses it: the job in flight never completes."""
+    run, a, b = _stage(dev)
+    run.submit()
+    run.feature.write(np.zeros(8, np.uint8))
+    run.feature.sync_for_device()                   # FINI_BO of the feature BO the job reads
+    with pytest.raises(NPUJobError) as e:
+        run.wait(0.5)
+    assert e.value.code == "bo-busy"
+    # after a wait the same write is legal
+    run2, a2, b2 = _stage(dev, seed=1)
+    run2.submit()
+    run2.wait()
+    run2.feature.write(np.zeros(8, np.uint8))
+    run2.feature.sync_for_device()
+    assert not dev.transport.take_faults()
