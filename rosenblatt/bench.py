@@ -144,7 +144,9 @@ def run_bench(model: str, prompt_tokens: int = 128, gen_tokens: int = 64, thread
             seconds, _ = batched_decode(engine, prompts, gen_tokens)
             batched.append(batch * (gen_tokens - 1) / seconds)
     engine.reset()
+    npu = _npu_counts(engine)
     engine.eval(ids[:-1], logits="none")       # the context both step measurements start from
+    npu = _npu_counts(engine, npu)
     step_s = decode_step_time(engine, ids)
     split = decode_step_profile(engine, ids)
     backend = engine.model.backend
@@ -174,7 +176,29 @@ def run_bench(model: str, prompt_tokens: int = 128, gen_tokens: int = 64, thread
         "kv_cache_mb": engine.cache.nbytes / 2**20,
         "decode_step_s": step_s,
         "decode_step_split_s": split,
+        **npu,
     }
+
+
+def _npu_counts(engine, before: dict | None = None) -> dict:
+    """The NPU's SUBMITs, jobs and tasks and the model's layer passes (layers x chunks) so far;
+    with ``before``, what one prefill (``prompt_tokens - 1`` rows, as generation evaluates a
+    prompt) cost, and SUBMITs per layer pass and per layer of each forward call. Empty off the NPU."""
+    stats = getattr(getattr(engine.model.backend, "device", None), "stats", None)
+    if stats is None:
+        return {}
+    now = {"submits": stats.submits, "jobs": stats.jobs, "tasks": stats.tasks, "gemms": stats.calls,
+           "passes": getattr(engine.model, "layer_passes", 0)}
+    if before is None:
+        return now
+    d = {k: now[k] - before[k] for k in now}
+    layers = engine.config.n_layers
+    forwards = -(-engine.cache.length // engine.prefill_chunk)     # the cache holds just this prefill
+    return {"npu_prefill_submits": d["submits"], "npu_prefill_jobs": d["jobs"], "npu_prefill_tasks": d["tasks"],
+            "npu_prefill_gemms": d["gemms"], "npu_layer_passes": d["passes"], "npu_prefill_forwards": forwards,
+            # a layer pass = one chunk of the prompt through one layer (docs/npu.md)
+            "npu_submits_per_layer": d["submits"] / d["passes"] if d["passes"] else None,
+            "npu_submits_per_layer_per_forward": d["submits"] / (layers * forwards) if forwards else None}
 
 
 def format_report(res: dict) -> str:
@@ -200,6 +224,11 @@ def format_report(res: dict) -> str:
         if k != "total":
             lines.append(f"  {k:<16}{v * 1e3:8.2f} ms  {100 * v / total:5.1f} %")
     lines.append(f"  {'total':<16}{total * 1e3:8.2f} ms")
+    if res.get("npu_submits_per_layer") is not None:
+        lines.append(f"NPU prefill   {res['npu_prefill_submits']} SUBMITs, {res['npu_prefill_jobs']} jobs, "
+                     f"{res['npu_prefill_tasks']} tasks for {res['npu_prefill_gemms']} products; "
+                     f"{res['npu_submits_per_layer']:.2f} SUBMITs per layer pass ({res['npu_layer_passes']} = "
+                     f"layers x chunks), {res['npu_submits_per_layer_per_forward']:.2f} per layer of a forward")
     return "\n".join(lines)
 
 

@@ -28,8 +28,10 @@ from .text.tokenizer import Tokenizer
 #: 10 MiB for a 128-token prompt and 33 MiB for 512 tokens at the same prefill speed (each chunk
 #: streams the weights once; the int8 kernels are compute-bound); 32 costs ~15 % of prefill speed.
 PREFILL_CHUNK = 64
-#: the chunk on the NPU backends, whose per-task cost favours more rows per matmul (docs/npu.md)
-PREFILL_CHUNK_NPU = 256
+#: the span one forward takes on the NPU backends: the backend cuts it into its own chunks
+#: (``GRAPH_CHUNK_TOKENS``) and runs their products as a graph, one SUBMIT for the same stage of
+#: every chunk of a layer, so a longer span costs no more SUBMITs (docs/npu.md)
+PREFILL_CHUNK_NPU = 512
 
 
 def _merged(params: GenerationParams | None, overrides: dict) -> GenerationParams:

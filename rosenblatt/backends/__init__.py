@@ -9,6 +9,8 @@ and the NPU path are interchangeable per matrix.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
@@ -21,6 +23,20 @@ class PreparedWeight:
     name: str
     n_out: int
     n_in: int
+
+
+@dataclass
+class MatmulNode:
+    """Products of one input with several weights (``[x @ W.T for W in ws]``) in a graph of
+    such nodes (:meth:`MatmulBackend.run_graph`). ``x()`` returns the float32 input [rows, K]; it is
+    called once every node of ``deps`` (indices of earlier nodes) is done. ``done(ys)`` receives
+    the products, in the order of ``ws``."""
+
+    x: Callable[[], np.ndarray]
+    ws: tuple
+    rows: int
+    deps: tuple = ()
+    done: Callable[[list], None] | None = None
 
 
 class MatmulBackend(ABC):
@@ -38,6 +54,19 @@ class MatmulBackend(ABC):
         """``[x @ W.T for W in ws]``: products of one input (q/k/v, gate/up), which a backend may
         run together (one activation quantization, one parallel region)."""
         return [self.matmul(x, w) for w in ws]
+
+    def graph_chunk(self, rows: int) -> int:
+        """Rows per chunk when a model should run a ``rows``-row forward's products as a graph
+        (:meth:`run_graph`) over chunks of that many rows; 0: run it operation by operation."""
+        return 0
+
+    def run_graph(self, nodes: list[MatmulNode]) -> None:
+        """Run a graph of :class:`MatmulNode` (each node's ``deps`` earlier nodes). Here: node by
+        node, in order; a backend may group the independent ones (the NPU: one SUBMIT per level)."""
+        for n in nodes:
+            ys = self.matmul_many(np.ascontiguousarray(n.x(), dtype=np.float32), n.ws)
+            if n.done is not None:
+                n.done(ys)
 
     def decode_group(self, ws: tuple[PreparedWeight, ...]):
         """A prepared group of integer kernels (:class:`rosenblatt.cpu.KernelGroup`) for products

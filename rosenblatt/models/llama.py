@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..backends import MatmulBackend
+from ..backends import MatmulBackend, MatmulNode
 from .config import ModelConfig
 from ..errors import ModelFileError
 from ..gguf.file import GGUFFile
@@ -155,6 +155,9 @@ class LlamaModel:
         return (self.backend.matmul, self.backend.matmul_many, attention, rms_norm, apply_rope, silu_mul)
 
     _plan: tuple | None = None
+    #: layers times chunks run so far (a forward is one chunk unless its products ran as a graph
+    #: over several): what a per-layer count of the backend's work is divided by (bench)
+    layer_passes: int = 0
 
     def fused_plan(self, cache: KVCache | None = None) -> FusedPlan | None:
         """The fused layers (:mod:`.llama_step`) when they apply: built on first use, again when the
@@ -195,6 +198,12 @@ class LlamaModel:
             raise ValueError(f"context overflow: {start} + {t} tokens > n_ctx {self.n_ctx}")
         x = self.embed(tokens)
         plan = self.fused_plan(cache) if t <= self.backend.fused_rows() and ops is None else None
+        chunk = self.backend.graph_chunk(t) if plan is None and ops is None and type(cache) is KVCache else 0
+        if chunk:
+            self._layers_graph(x, cache, start, chunk)
+            cache.length = start + t
+            return self._logits(x, logits)
+        self.layer_passes += self.cfg.n_layers
         if plan is None:
             ops = ops or self.stage_ops()
             self._layers(x, cache, start, ops)
@@ -239,6 +248,69 @@ class LlamaModel:
             x = x[-1:]
         mm, _, _, rms_norm, _, _ = ops or self.stage_ops()
         return mm(np.ascontiguousarray(rms_norm(x, self.out_norm, self.cfg.rms_eps)), self.output)
+
+    def _layers_graph(self, x: np.ndarray, cache: KVCache, start: int, chunk: int) -> None:
+        """Every layer on ``x`` [T, d], its rows cut into chunks of about ``chunk`` rows, as a graph
+        of the backend's products (:meth:`MatmulBackend.run_graph`): per layer and chunk four nodes,
+        q/k/v -> o -> gate/up -> down, each depending on the one before (the CPU's RoPE and
+        attention, residual and norm, SiLU lie between them); o also on the previous chunk's q/k/v
+        (its attention reads that chunk's keys and values), and a layer's q/k/v on the chunk's
+        down of the layer before. The same operations on the same rows as :meth:`_layers`: every
+        one of them is per row (attention reads the keys up to each row's position), so the
+        result is the same bits."""
+        cfg = self.cfg
+        t = x.shape[0]
+        parts = -(-t // chunk)
+        cuts = [t * p // parts for p in range(parts + 1)]           # balanced chunks
+        self.layer_passes += cfg.n_layers * parts
+        nodes: list[MatmulNode] = []
+        last_down = [None] * parts
+        for i, L in enumerate(self.layers):
+            prev_qkv = None
+            for c in range(parts):
+                a, b = cuts[c], cuts[c + 1]
+                deps = () if last_down[c] is None else (last_down[c],)
+                qkv, o, gu, down = self._chunk_nodes(L, i, x[a:b], cache, start + a, len(nodes), deps, prev_qkv)
+                prev_qkv = len(nodes)
+                last_down[c] = len(nodes) + 3
+                nodes += [qkv, o, gu, down]
+        self.backend.run_graph(nodes)
+
+    def _chunk_nodes(self, L, i: int, xc: np.ndarray, cache: KVCache, pos: int, first: int, deps: tuple,
+                     prev_qkv: int | None):
+        """The four graph nodes of layer ``L`` (index ``i``) on the residual rows ``xc`` (a view,
+        updated in place) at positions ``pos``.., numbered from ``first``."""
+        cfg = self.cfg
+        t = xc.shape[0]
+        cos, sin = self.cos[pos:pos + t], self.sin[pos:pos + t]
+        st: dict = {}
+
+        def qkv_done(ys):
+            q, k, v = ys
+            if L.bq is not None:
+                q += L.bq
+                k += L.bk
+                v += L.bv
+            q = q.reshape(t, cfg.n_heads, cfg.head_dim)
+            k = k.reshape(t, cfg.n_kv_heads, cfg.head_dim)
+            apply_rope(q, cos, sin, cfg.rope_dim, cfg.rope_neox)
+            apply_rope(k, cos, sin, cfg.rope_dim, cfg.rope_neox)
+            st["q"] = q
+            st["kv"] = cache.store(i, pos, k, v.reshape(t, cfg.n_kv_heads, cfg.head_dim_v))
+
+        def add(ys):
+            xc[...] += ys[0]
+
+        def gu_done(ys):
+            st["h"] = silu_mul(*ys)
+
+        o_deps = (first,) if prev_qkv is None else (first, prev_qkv)
+        return (
+            MatmulNode(lambda: rms_norm(xc, L.attn_norm, cfg.rms_eps), (L.wq, L.wk, L.wv), t, deps, qkv_done),
+            MatmulNode(lambda: attention(st["q"], *st["kv"], pos, cfg.n_kv_heads), (L.wo,), t, o_deps, add),
+            MatmulNode(lambda: rms_norm(xc, L.ffn_norm, cfg.rms_eps), (L.w_gate, L.w_up), t, (first + 1,), gu_done),
+            MatmulNode(lambda: st.pop("h"), (L.w_down,), t, (first + 2,), add),
+        )
 
     def _layers(self, x: np.ndarray, cache: KVCache, start: int, ops) -> None:
         """Every layer, operation by operation, on the residual ``x`` [T, d] (updated in place)."""

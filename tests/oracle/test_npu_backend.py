@@ -26,6 +26,7 @@ from rosenblatt.gguf.quants import dequantize
 from support import FIXTURES, load_reference, micro_path, smollm2_path
 
 MATMULS_PER_LAYER = 7   # q, k, v, o, gate, up, down
+SUBMITS_PER_LAYER = 4   # a forward's graph: q/k/v | o | gate/up | down (the CPU's work between them)
 
 
 # --- the scheme written out in plain numpy, independently of backends/npu.py ----------------------
@@ -136,12 +137,13 @@ def test_forward_on_npu_equals_numpy_emulation(name):
     n_layers = npu.config.n_layers
 
     got = [npu.eval(prompt, logits="all")]
-    assert stats.submits == MATMULS_PER_LAYER * n_layers + 1     # every matmul, the lm_head too
+    assert stats.submits == SUBMITS_PER_LAYER * n_layers + 1     # every matmul, the lm_head too
+    assert stats.calls == MATMULS_PER_LAYER * n_layers + 1
     want = [emu.eval(prompt, logits="all")]
     for t in gen:                                                 # one-row products, also on the NPU
         got.append(npu.eval([t]))
         want.append(emu.eval([t]))
-    assert stats.submits == (MATMULS_PER_LAYER * n_layers + 1) * (1 + len(gen))
+    assert stats.submits == (SUBMITS_PER_LAYER * n_layers + 1) * (1 + len(gen))
     got, want = np.concatenate(got), np.concatenate(want)
     scale = np.abs(want).max()
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-6 * scale)
@@ -196,10 +198,11 @@ def test_default_threshold_decode_on_cpu_prefill_on_npu():
     assert stats.submits == 0
     engine.reset()
     engine.eval(meta["prompt_ids"])                                # prefill: every layer matmul on the NPU,
-    assert stats.submits == MATMULS_PER_LAYER * L                  # the last-row lm_head on the CPU
+    assert stats.submits == SUBMITS_PER_LAYER * L                  # the last-row lm_head on the CPU
+    assert stats.calls == MATMULS_PER_LAYER * L
     assert stats.tasks >= stats.jobs >= stats.submits
     engine.eval([meta["greedy_ids"][0]])
-    assert stats.submits == MATMULS_PER_LAYER * L
+    assert stats.submits == SUBMITS_PER_LAYER * L
     # the lazily quantized tied embedding was never needed on the NPU
     assert [w.packed for w in backend.weights if w.name == "token_embd.weight"] == [None]
 
@@ -209,7 +212,7 @@ def test_generate_runs_on_the_simulator():
     engine = Engine.load(micro_path("llama-micro-q4_0"), device="npu-sim", n_ctx=64, warm_up=False)
     out = list(engine.stream(meta["prompt_ids"], max_new_tokens=3, temperature=0))
     assert engine.stats.generated_tokens == 3 and out
-    assert engine.model.backend.device.stats.submits == MATMULS_PER_LAYER * engine.config.n_layers
+    assert engine.model.backend.device.stats.submits == SUBMITS_PER_LAYER * engine.config.n_layers
 
 
 # --- (d) device selection -------------------------------------------------------------------------------
@@ -246,3 +249,56 @@ def test_bad_backend_options():
         get_backend("npu-sim", npu_min_rows=-1)
     with pytest.raises(ValueError, match="unknown matmul backend"):
         get_backend("tpu")
+
+
+# --- (e) prefill as a graph: one SUBMIT per stage of a layer for every chunk ---------------------------
+
+def test_prefill_graph_over_chunks_equals_op_by_op():
+    """A forward cut into chunks and run as a graph (one SUBMIT for the same stage of every chunk
+    of a layer) gives the bits of the same forward operation by operation, with 4 SUBMITs per
+    layer whatever the number of chunks."""
+    from rosenblatt.backends.npu import GRAPH_CHUNK_TOKENS
+
+    name = "qwen2-micro-q8_0"
+    n = 2 * GRAPH_CHUNK_TOKENS + 5                                  # three chunks
+    graph = Engine.load(micro_path(name), device="npu-sim", n_ctx=n + 8, npu_min_rows=1, warm_up=False)
+    plain = Engine.load(micro_path(name), device="npu-sim", n_ctx=n + 8, npu_min_rows=1, warm_up=False)
+    ids = np.random.default_rng(5).integers(0, graph.config.vocab_size, n)
+    L = graph.config.n_layers
+    stats = graph.model.backend.device.stats
+    got = graph.model.forward(ids, graph.cache, "all")
+    assert stats.submits == SUBMITS_PER_LAYER * L + 1 and stats.calls == MATMULS_PER_LAYER * L * 3 + 1
+    assert graph.model.layer_passes == 3 * L
+    want = plain.model.forward(ids, plain.cache, "all", ops=plain.model.stage_ops())
+    assert plain.model.backend.device.stats.submits == MATMULS_PER_LAYER * L + 1
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(graph.cache.k_all[:, :, :n], plain.cache.k_all[:, :, :n])
+
+
+# --- (f) device="auto": the threshold per matrix is the cost model's crossover --------------------------
+
+def test_auto_threshold_follows_the_cost_model(monkeypatch):
+    from rosenblatt.backends.npu import NEVER, cost_min_rows
+    from rosenblatt.npu import cost
+
+    real = open_device
+    monkeypatch.setattr("rosenblatt.npu.open_device", lambda sim=False, **kw: real(sim=True))
+    engine = Engine.load(micro_path("qwen2-micro-q8_0"), device="auto", n_ctx=64, warm_up=False)
+    backend = engine.model.backend
+    assert isinstance(backend, NPUBackend) and backend.by_cost
+    for w in backend.weights:
+        assert w.min_rows == (cost_min_rows(w.n_in, w.n_out, 2) or NEVER)
+    # the 1.5B's q/o projection: the crossover, and the choice at a small and a large M
+    K = N = 1536
+    m = cost_min_rows(K, N, 2)
+    assert m == cost.crossover(K, N, npu_rows_per_row=2) and 16 < m < 1024
+    w = NPUBackend.__new__(NPUBackend)
+    w.by_cost, w.min_rows = True, m
+    qo = type("W", (), {"min_rows": m})()
+    for rows in (8, m - 1, m, 4 * m):
+        npu_faster = cost.npu_gemm_cost(2 * rows, K, N).seconds < cost.cpu_gemm_cost(rows, K, N).seconds
+        assert w.on_npu(rows, qo) == npu_faster == (rows >= m)
+    # k/v (1536 -> 256) never crosses at the DT clock with two terms: stays on the CPU
+    assert cost_min_rows(1536, 256, 2) is None
+    # an explicit npu_min_rows (e.g. from the board's bench) overrides the cost model
+    assert not get_backend("npu-sim", npu_min_rows=4).by_cost
