@@ -5,9 +5,9 @@ Sections: kernel and module state, ``/dev/accel`` nodes and their DRM_IOCTL_VERS
 NPU cores and their status, NPU clock / power-domain / runtime-PM state where sysfs or debugfs
 shows it, a self-test of int8 GEMMs chosen to exercise every assumption of ``hw_assumptions``
 (compared bit-exactly with numpy, first differing element printed), and a micro-benchmark
-(GOP/s, per-submit latency). ``explore=True`` also reruns the self-test with single
-assumptions switched (spare data bank, weight reuse, DPU_RDMA programming, QD_EN) so one board
-run shows which are needed (see docs/npu.md).
+(GOP/s, per-submit latency). Which of the disputed assumptions the board needs (spare data
+bank, weight reuse, DPU_RDMA programming, QD_EN, ...) is ``--selftest``'s experiment
+(``rosenblatt.npu.selftest``); the former ``--explore`` is a deprecated alias of it.
 
 Exit codes: 0 all good, 1 self-test mismatch, 2 no device or driver, 3 device error/timeout.
 ``--selftest`` runs ``rosenblatt.npu.selftest`` (variants of the disputed settings) instead.
@@ -43,15 +43,6 @@ SELF_TEST_SHAPES = [
     (16, 8960, 256, "three K tiles summed on the CPU; 3008-channel tasks"),
     (512, 32, 96, "512 rows per task (MAX_ROWS_PER_TASK, FEATURE_GRAINS)"),
 ]
-
-EXPLORE_VARIANTS = [
-    ("baseline", {}),
-    ("no spare data bank", {"DATA_BANK_MARGIN": 0}),
-    ("no weight reuse", {"WEIGHT_REUSE_WITHIN_JOB": False}),
-    ("no DPU_RDMA, op-enable 0x0D", {"PROGRAM_DPU_RDMA": False, "OP_ENABLE_MASK": 0x0D}),
-    ("QD_EN = 0", {"CORE_QD_EN": 0}),
-]
-
 
 def _read(path: str, limit: int = 1 << 16) -> str | None:
     try:
@@ -228,20 +219,6 @@ def benchmark(dev, repeats: int = 3) -> dict:
     }
 
 
-def explore(open_dev) -> list[dict]:
-    out = []
-    for name, overrides in EXPLORE_VARIANTS:
-        with assumptions(**overrides):
-            try:
-                with open_dev() as dev:
-                    r = self_test(dev)
-            except NPUError as e:
-                r = {"status": "error", "cases": [], "error": str(e)}
-        out.append({"variant": name, "overrides": overrides, "status": r["status"],
-                    "failed": [c["shape"] for c in r["cases"] if c["result"] != "ok"]})
-    return out
-
-
 def assumption_table() -> dict:
     names = ["CBUF_BANKS", "CBUF_BANK_BYTES", "DATA_BANK_MARGIN", "MAX_BYTES_PER_KERNEL", "WEIGHT_REUSE_WITHIN_JOB",
              "ROW_ALIGN", "MAX_ROWS_PER_TASK", "WEIGHT_KERNEL_GROUP", "WEIGHT_CHANNEL_CHUNK", "SIZE_E_INT32",
@@ -249,7 +226,7 @@ def assumption_table() -> dict:
     return {n: getattr(hw, n) for n in names}
 
 
-def _collect(sim: bool, do_explore: bool, bench: bool) -> tuple[dict, int]:
+def _collect(sim: bool, bench: bool) -> tuple[dict, int]:
     from . import open_device
 
     report: dict = {"mode": "simulator" if sim else "hardware", "system": system_info()}
@@ -285,8 +262,6 @@ def _collect(sim: bool, do_explore: bool, bench: bool) -> tuple[dict, int]:
             except NPUError as e:
                 report["benchmark"] = {"error": str(e)}
                 st["status"] = "error"
-    if do_explore:
-        report["explore"] = explore(open_dev)
     if st["status"] == "mismatch":
         code, verdict = EXIT_MISMATCH, "self-test MISMATCH: the NPU result differs from numpy"
     elif st["status"] != "ok":
@@ -341,12 +316,10 @@ def _print_text(report: dict, out) -> None:
           f"({bm['seconds'] * 1e3:.2f} ms, {bm['tasks']} tasks / {bm['jobs']} jobs; model peak "
           f"{bm['model_peak_gops']} GOP/s); submit latency min {bm['submit_latency_ms']['min']} ms, "
           f"median {bm['submit_latency_ms']['median']} ms")
-    for e in report.get("explore", []):
-        p(f"  explore {e['variant']:<28} {e['status']}" + (f" failed {e['failed']}" if e["failed"] else ""))
     p(f"  verdict           {report['verdict']}")
 
 
-def run_probe(sim: bool = False, json: bool = False, *, explore: bool = False, bench: bool = True, out=None,
+def run_probe(sim: bool = False, json: bool = False, *, bench: bool = True, out=None,
               check=None) -> int:
     """Run the probe, print a report (text or JSON) and return the exit code.
 
@@ -355,7 +328,7 @@ def run_probe(sim: bool = False, json: bool = False, *, explore: bool = False, b
     the exit code replaces the probe's (the CLI checks the board file's expectations this way)."""
     out = out or sys.stdout
     try:
-        report, code = _collect(sim, explore, bench)
+        report, code = _collect(sim, bench)
     except NPUError as e:  # pragma: no cover - every expected error is caught in _collect
         report, code = {"verdict": f"device error: {e}"}, EXIT_DEVICE_ERROR
     report["exit_code"] = code
@@ -377,18 +350,21 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="npu-probe", description=__doc__.split("\n\n")[0])
     ap.add_argument("--sim", action="store_true", help="run everything against the register-level simulator")
     ap.add_argument("--json", action="store_true", help="print the report as JSON")
-    ap.add_argument("--explore", action="store_true",
-                    help="rerun the self-test with single hardware assumptions switched (see docs/npu.md)")
+    ap.add_argument("--explore", action="store_true", help=argparse.SUPPRESS)  # deprecated: --selftest
     ap.add_argument("--no-bench", action="store_true", help="skip the micro-benchmark")
     ap.add_argument("--selftest", action="store_true",
                     help="run the disputed-settings variants instead (rosenblatt.npu.selftest; see docs/npu.md)")
     ap.add_argument("--report", metavar="PATH", help="with --selftest: where to write the JSON report")
     args = ap.parse_args(argv)
+    if args.explore:
+        print("npu-probe: --explore is deprecated and superseded by --selftest (the same switched "
+              "assumptions as variants, and more); running --selftest", file=sys.stderr)
+        args.selftest = True
     if args.selftest:
         from .selftest import main_selftest
 
         return main_selftest(sim=args.sim, json=args.json, report_path=args.report)
-    return run_probe(sim=args.sim, json=args.json, explore=args.explore, bench=not args.no_bench)
+    return run_probe(sim=args.sim, json=args.json, bench=not args.no_bench)
 
 
 if __name__ == "__main__":  # pragma: no cover

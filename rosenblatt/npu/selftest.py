@@ -3,7 +3,9 @@
 The public sources disagree on a few settings of the int8 GEMM program (docs/npu-reference.md
 §10, §11; ``hw_assumptions``): op-enable 0x1D with DPU_RDMA programmed (reads off) or 0x0D
 without it, exact or +1 data banks, M = 1 as one row or padded to 4, CORE.MISC_CFG.QD_EN 0 or 1,
-weights streamed through one task or split into tasks whose weights fit. Each *variant* runs the
+weights streamed through one task or split into tasks whose weights fit, WEIGHT_REUSE on the later
+tasks of a job or every task loading its weights (this group and ``data_banks``/``op_enable``/
+``qd_en`` are what the former ``probe --explore`` switched). Each *variant* runs the
 hardware recipe (mtx512's int8 GEMM, as ``regcmd`` builds it) with one setting switched, on a
 small GEMM chosen to exercise that setting, on a fresh device (a new fd: its own IOMMU domain and
 BOs), with a bounded wait, and compares every output element bit-exactly with numpy's
@@ -35,7 +37,7 @@ import os
 import platform
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -95,6 +97,10 @@ VARIANTS = [
             "mtx512: 1 MiB of weights streamed through one task's weight banks (default)"),
     Variant("weights-split-resident", "weights", {"STREAM_WEIGHTS": False}, (32, 1024, 1024),
             "Mesa-style: N split into tasks whose weights fit their banks whole"),
+    Variant("weight-reuse-on", "weight_reuse", {"WEIGHT_REUSE_WITHIN_JOB": True}, (1040, 64, 64),
+            "Mesa: three row tiles in one job, the later two with WEIGHT_REUSE on the resident weights (default)"),
+    Variant("weight-reuse-off", "weight_reuse", {"WEIGHT_REUSE_WITHIN_JOB": False}, (1040, 64, 64),
+            "every task loads its weights again (no WEIGHT_REUSE)"),
 ]
 
 
@@ -157,7 +163,8 @@ def run_variant(variant: Variant, open_dev, *, timeout_s: float | None = None, s
             w = PreparedWeights(dev, b)
             run = GemmRun(dev, a, w)
             plan = run.plan
-            details.update(tasks=plan.task_count, jobs=plan.job_count, regcmd_words=int(run.task_words[0].size))
+            details.update(tasks=plan.task_count, jobs=plan.job_count, regcmd_words=int(run.task_words[0].size),
+                           weight_reuse_tasks=sum(bool(t.weight_reuse) for t in plan.tasks))
             if variant.patch:
                 run.task_words = [PATCHES[variant.patch](wd, t) for wd, t in zip(run.task_words, plan.tasks)]
                 details["patched"] = variant.patch

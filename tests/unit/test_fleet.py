@@ -342,7 +342,7 @@ def fake_probe(monkeypatch):
     class Fake:
         report = _report()
 
-    def collect(sim, explore, bench):
+    def collect(sim, bench):
         r = copy.deepcopy(Fake.report)
         r.update(system={"kernel": "6.18", "kernel_ok": True, "machine": "aarch64", "rocket_module_loaded": True,
                          "rocket_in_sys_module": True, "rocket_bound_devices": []},

@@ -38,13 +38,17 @@ def test_every_variant_passes_or_is_refused_as_expected(sim_report):
 def test_the_variants_cover_every_disputed_setting_and_differ_where_they_should(sim_report):
     report, _ = sim_report
     by = {r["name"]: r for r in report["variants"]}
-    assert {r["group"] for r in report["variants"]} == {"op_enable", "data_banks", "rows", "qd_en", "weights"}
+    assert {r["group"] for r in report["variants"]} == {"op_enable", "data_banks", "rows", "qd_en", "weights",
+                                                        "weight_reuse"}
     assert by["op-enable-0x0D"]["details"]["regcmd_words"] == 108  # mtx512's program length
     assert by["op-enable-0x1D"]["details"]["regcmd_words"] == 126
     assert by["data-banks-exact"]["details"]["banks"] == [[10, 2]]  # the input fills its banks exactly
     assert by["data-banks+1"]["details"]["banks"] == [[11, 1]]
     assert by["weights-streamed-one-task"]["details"]["tasks"] == 1
     assert by["weights-split-resident"]["details"]["tasks"] > 1
+    # what probe --explore switched (now folded in): WEIGHT_REUSE on the later row tiles, or none
+    assert by["weight-reuse-on"]["details"]["weight_reuse_tasks"] == 2
+    assert by["weight-reuse-off"]["details"]["weight_reuse_tasks"] == 0
     assert {r["status"] for r in report["variants"]} == {"pass", "refused"}
     assert sum(r["status"] == "refused" for r in report["variants"]) == 3
 
