@@ -133,7 +133,7 @@ def compile_grammar(tokenizer, params) -> str | None:
     llg = _llguidance()
     err = llg.LLMatcher.validate_grammar(text, vocabulary(tokenizer))
     if err and not err.startswith("WARNING"):
-        raise ParamError(field, f"cannot be used: {err.strip().splitlines()[0]}")
+        raise ParamError(field, f"cannot be used: {' '.join(err.split())[:300]}")
     return text
 
 
@@ -180,23 +180,36 @@ class Constraint:
         """Tokens kept for closing: a few per open level, at least 8, at most a quarter of the budget."""
         return min(max(8, 4 * self._depth + 4), max(1, self.budget // 4))
 
-    def _track(self, token: int) -> None:
+    def _after(self, token: int) -> tuple[int, bool, bool]:
+        """(open levels, in a string, after a backslash) once ``token``'s text follows."""
+        depth, in_string, escaped = self._depth, self._in_string, self._escaped
         for c in self._tok.token_to_piece(token):
-            if self._in_string:
-                if self._escaped:
-                    self._escaped = False
+            if in_string:
+                if escaped:
+                    escaped = False
                 elif c == 0x5C:                     # backslash
-                    self._escaped = True
+                    escaped = True
                 elif c == 0x22:                     # closing quote
-                    self._in_string = False
-                    self._depth -= 1
+                    in_string = False
+                    depth -= 1
             elif c == 0x22:
-                self._in_string = True
-                self._depth += 1
+                in_string = True
+                depth += 1
             elif c in (0x5B, 0x7B):                 # [ {
-                self._depth += 1
+                depth += 1
             elif c in (0x5D, 0x7D):                 # ] }
-                self._depth -= 1
+                depth -= 1
+        return depth, in_string, escaped
+
+    def _closing(self, allowed: np.ndarray) -> np.ndarray | None:
+        """Of the allowed closing tokens, those that leave the fewest levels open (fewer than
+        now); None when none closes anything here (inside a string only a quote does)."""
+        close = self.closers[allowed[self.closers]]
+        if not close.size:
+            return None
+        depths = np.array([self._after(int(t))[0] for t in close])
+        best = depths.min()
+        return close[depths == best] if best < self._depth else None
 
     def allowed(self) -> np.ndarray:
         """Boolean mask over the tokenizer's ids: which tokens may come next."""
@@ -208,8 +221,8 @@ class Constraint:
         """Set the logits of tokens the grammar does not allow next to -inf (in place)."""
         allowed = self.allowed()
         if self.closers is not None and self.budget - self.used <= self.margin():
-            close = self.closers[allowed[self.closers]]
-            if close.size:
+            close = self._closing(allowed)
+            if close is not None:
                 allowed = np.zeros_like(allowed)
                 allowed[close] = True
         x[:self.n][~allowed] = -np.inf
@@ -222,7 +235,7 @@ class Constraint:
         self._check()
         self.used += 1
         if self.closers is not None:
-            self._track(int(token))
+            self._depth, self._in_string, self._escaped = self._after(int(token))
 
     @property
     def finished(self) -> bool:
