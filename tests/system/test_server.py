@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import re
 import signal
@@ -634,3 +635,72 @@ def test_one_access_log_line_per_request(server, client, caplog):
     assert len(lines) == 2
     assert "POST /v1/completions" in lines[0] and f"prompt={r.usage.prompt_tokens} completion=3" in lines[0]
     assert lines[1].endswith(" stream") and "completion=2" in lines[1]
+
+
+# -- structured output and tool calls -----------------------------------------------------------
+
+WEATHER_ARGS = {"type": "object", "properties": {"city": {"type": "string"},
+                                                 "unit": {"enum": ["celsius", "fahrenheit"]}},
+                "required": ["city", "unit"]}
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "The weather in a city now",
+                                            "parameters": WEATHER_ARGS}}
+PARIS = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+
+def test_response_format_json_schema_streamed_and_not(server, client):
+    import jsonschema
+    schema = {"type": "object", "properties": {"city": {"type": "string"},
+                                               "temperature": {"type": "integer", "minimum": -50, "maximum": 50}},
+              "required": ["city", "temperature"]}
+    fmt = {"type": "json_schema", "json_schema": {"name": "weather", "schema": schema}}
+    r = client.chat.completions.create(model=MODEL_ID, messages=PARIS, temperature=0, max_tokens=80,
+                                       response_format=fmt)
+    text = r.choices[0].message.content
+    jsonschema.validate(json.loads(text), schema)
+    streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+        model=MODEL_ID, messages=PARIS, temperature=0, max_tokens=80, response_format=fmt, stream=True)
+        if c.choices)
+    assert streamed == text
+    r = client.chat.completions.create(model=MODEL_ID, messages=PARIS, temperature=0.8, seed=3, max_tokens=80,
+                                       response_format={"type": "json_object"})
+    assert isinstance(json.loads(r.choices[0].message.content), dict)
+
+
+def test_required_tool_call_validates_and_the_conversation_continues(server, client):
+    import jsonschema
+    r = client.chat.completions.create(model=MODEL_ID, messages=PARIS, tools=[WEATHER], tool_choice="required",
+                                       temperature=0, max_tokens=80)
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    (call,) = choice.message.tool_calls
+    assert call.type == "function" and call.function.name == "get_weather" and call.id
+    jsonschema.validate(json.loads(call.function.arguments), WEATHER_ARGS)
+    # streamed: the same call, as a tool_calls delta, then finish_reason tool_calls
+    calls, finish = [], None
+    for c in client.chat.completions.create(model=MODEL_ID, messages=PARIS, tools=[WEATHER], tool_choice="required",
+                                            temperature=0, max_tokens=80, stream=True):
+        if c.choices:
+            calls += c.choices[0].delta.tool_calls or []
+            finish = c.choices[0].finish_reason or finish
+    assert finish == "tool_calls" and [(d.function.name, d.function.arguments) for d in calls] == \
+        [(call.function.name, call.function.arguments)]
+    # the tool's answer goes back; the model answers in text
+    history = PARIS + [choice.message.model_dump(exclude_none=True),
+                       {"role": "tool", "tool_call_id": call.id, "content": '{"temperature": 18, "sky": "clear"}'}]
+    r2 = client.chat.completions.create(model=MODEL_ID, messages=history, tools=[WEATHER], temperature=0,
+                                        max_tokens=40)
+    assert r2.choices[0].message.content and r2.choices[0].finish_reason in ("stop", "length")
+    assert r2.usage.prompt_tokens > r.usage.prompt_tokens + 10          # the call and the answer are in the prompt
+
+
+def test_named_tool_choice_and_none(server, client):
+    clock = {"type": "function", "function": {"name": "local_time", "parameters": {
+        "type": "object", "properties": {"zone": {"type": "string"}}, "required": ["zone"]}}}
+    r = client.chat.completions.create(model=MODEL_ID, messages=PARIS, tools=[WEATHER, clock], temperature=0,
+                                       tool_choice={"type": "function", "function": {"name": "local_time"}},
+                                       max_tokens=60)
+    (call,) = r.choices[0].message.tool_calls
+    assert call.function.name == "local_time" and "zone" in json.loads(call.function.arguments)
+    r = client.chat.completions.create(model=MODEL_ID, messages=PARIS, tools=[WEATHER], tool_choice="none",
+                                       temperature=0, max_tokens=20)
+    assert r.choices[0].message.tool_calls is None and r.choices[0].message.content
