@@ -13,7 +13,7 @@ with ``done: true``, the finish reason and the counts and durations (nanoseconds
 
 What does not apply is accepted and ignored (the load-time and llama.cpp-only options in
 :data:`IGNORED_OPTIONS`, ``keep_alive``, ``context``); what would change the answer and is not
-done is refused by name (``template``, ``suffix``, ``images``, ``tools``, ``think``, ``logprobs``,
+done is refused by name (``template``, ``suffix``, ``images``, ``think``, ``logprobs``,
 an unknown option).
 """
 
@@ -39,6 +39,7 @@ from starlette.routing import Route
 
 from .. import __version__
 from ..params import GenerationParams, ParamError, parse
+from ..text import tools as tool_calls
 from .app import _access, _cancel_on_disconnect, _Choices, _SSEResponse
 from .protocol import APIError, engine_error
 
@@ -343,7 +344,10 @@ class OllamaAPI:
         body = await self.srv._json(request)
         req = _parse(OllamaChatRequest, body)
         name = self._name(req.model)
-        req.refuse("tools", bool(req.tools), "are not supported on /api/chat yet")
+        try:
+            tools = tool_calls.check_tools(req.tools) if req.tools else None
+        except ParamError as e:
+            raise APIError(400, f"'{e.param}' {e.problem}") from None
         self._common(req, name)
         params = generation_params(req.options, req.format)
         if not req.messages:                    # Ollama's way to load a model: nothing to generate
@@ -351,9 +355,12 @@ class OllamaAPI:
         messages = []
         for i, m in enumerate(req.messages):
             req.refuse(f"messages[{i}].images", bool(m.images), "are not supported: the model reads text only")
-            req.refuse(f"messages[{i}].tool_calls", bool(m.tool_calls), "are not supported on /api/chat yet")
-            messages.append({"role": m.role, "content": m.content})
-        return await self._answer(request, lambda e: e.prepare_chat(messages, params), name, req.stream, chat=True)
+            msg: dict[str, Any] = {"role": m.role, "content": m.content}
+            if m.tool_calls:                    # Ollama's calls: {"function": {"name", "arguments": {...}}}
+                msg["tool_calls"] = [{"type": "function", **c} if isinstance(c, dict) else c for c in m.tool_calls]
+            messages.append(msg)
+        return await self._answer(request, lambda e: e.prepare_chat(messages, params, tools=tools), name, req.stream,
+                                  chat=True, calls=tools is not None)
 
     async def generate(self, request: Request) -> Response:
         body = await self.srv._json(request)
@@ -386,14 +393,18 @@ class OllamaAPI:
         out.update(done=True, done_reason="load")
         return out
 
-    def _part(self, name: str, chat: bool, text: str) -> dict:
+    def _part(self, name: str, chat: bool, text: str, calls: list | None = None) -> dict:
         out = {"model": name, "created_at": _now()}
         out.update({"message": {"role": "assistant", "content": text}} if chat else {"response": text})
+        if calls:                               # Ollama gives arguments as an object, not as JSON text
+            out["message"]["tool_calls"] = [{"function": {"name": c["function"]["name"],
+                                                          "arguments": json.loads(c["function"]["arguments"])}}
+                                            for c in calls]
         out["done"] = False
         return out
 
-    def _final(self, name: str, chat: bool, text: str, usage, stats, t0: float) -> dict:
-        out = self._part(name, chat, text)
+    def _final(self, name: str, chat: bool, text: str, usage, stats, t0: float, calls: list | None = None) -> dict:
+        out = self._part(name, chat, text, calls)
         out.update(done=True, done_reason=usage.finish_reason, total_duration=_ns(time.perf_counter() - t0),
                    load_duration=0, prompt_eval_count=usage.prompt_tokens,
                    prompt_eval_duration=_ns(stats.prefill_s if stats is not None else 0.0),
@@ -401,7 +412,8 @@ class OllamaAPI:
                    eval_duration=_ns(stats.decode_s if stats is not None else 0.0))
         return out
 
-    async def _answer(self, request: Request, start, name: str, stream: bool | None, chat: bool) -> Response:
+    async def _answer(self, request: Request, start, name: str, stream: bool | None, chat: bool,
+                      calls: bool = False) -> Response:
         """One generation through the worker (as the OpenAI routes' ``Server._run`` with one
         choice): errors before the first token as a status, then NDJSON lines or one object."""
         t0 = time.perf_counter()
@@ -419,7 +431,7 @@ class OllamaAPI:
                 return Response(status_code=499)                   # the client is gone
             if stream is None or stream:
                 handed_over = True
-                return _SSEResponse(self._lines(choices, name, chat, t0, request, rid), choices,
+                return _SSEResponse(self._lines(choices, name, chat, t0, request, rid, calls), choices,
                                     media_type="application/x-ndjson")
             pieces, stats, usage = [], None, None
             async with _cancel_on_disconnect(request, choices):
@@ -437,24 +449,31 @@ class OllamaAPI:
             if usage.finish_reason == "cancelled":
                 return Response(status_code=499)
             _access(request, rid, [usage], t0, False)
-            return JSONResponse(self._final(name, chat, "".join(pieces), usage, stats, t0))
+            text, found = tool_calls.parse_calls("".join(pieces)) if calls else ("".join(pieces), [])
+            return JSONResponse(self._final(name, chat, text, usage, stats, t0, found))
         finally:
             if not handed_over:
                 choices.cancel()
 
-    async def _lines(self, choices, name: str, chat: bool, t0: float, request: Request, rid: str):
+    async def _lines(self, choices, name: str, chat: bool, t0: float, request: Request, rid: str,
+                     calls: bool = False):
         stats = None
+        parser = tool_calls.CallParser() if calls else None
         try:
             while True:
                 _, kind, value = await choices.next()
                 if kind == "piece":
                     stats = value.stats
-                    if value.text:
-                        yield _line(self._part(name, chat, value.text))
+                    text = parser.feed(value.text) if parser else value.text
+                    if text:
+                        yield _line(self._part(name, chat, text))
                 elif kind == "done":
                     if value.finish_reason == "cancelled":
                         return
                     _access(request, rid, [value], t0, True)
+                    rest, found = parser.finish() if parser else ("", [])
+                    if rest or found:
+                        yield _line(self._part(name, chat, rest, found))
                     yield _line(self._final(name, chat, "", value, stats, t0))
                     return
                 elif kind == "error":

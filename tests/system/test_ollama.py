@@ -200,7 +200,7 @@ BAD = [
     ("bad role", "/api/chat", {"messages": [{"role": "wizard", "content": "Hi"}]}, 400, "messages[0].role"),
     ("content not text", "/api/chat", {"messages": [{"role": "user", "content": 5}]}, 400, "messages[0].content"),
     ("stream not a bool", "/api/chat", {"messages": FRANCE, "stream": "yes"}, 400, "stream"),
-    ("tools", "/api/chat", {"messages": FRANCE, "tools": [{"type": "function"}]}, 400, "tools"),
+    ("tools", "/api/chat", {"messages": FRANCE, "tools": [{"type": "function"}]}, 400, "tools[0]"),
     ("images", "/api/chat", {"messages": [{"role": "user", "content": "Hi", "images": ["AAAA"]}]}, 400, "images"),
     ("template", "/api/generate", {"prompt": "Hi", "template": "{{ .Prompt }}"}, 400, "template"),
     ("suffix", "/api/generate", {"prompt": "def f(", "suffix": "return 1"}, 400, "suffix"),
@@ -289,3 +289,31 @@ def test_metrics_count_the_ollama_routes(server, client):
     text = httpx.get(server.url + "/metrics", timeout=10).text
     assert 'rosenblatt_requests_total{endpoint="/api/generate",status="200"}' in text
     assert 'endpoint="/api/chat",status="400"' in text           # the refusals of the tests before
+
+
+# keys in the order the ollama client sends them (the functions are written into the prompt as given)
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "The weather in a city now",
+                                            "parameters": {"type": "object", "required": ["city"],
+                                                           "properties": {"city": {"type": "string"}}}}}
+
+
+def test_tools_on_chat_answer_as_the_openai_route_does(server, client):
+    """Ollama has no tool_choice (auto): at temperature 0 the answer, calls included, is the one
+    /v1/chat/completions gives with tool_choice auto; a call and the tool's answer sent back continue."""
+    msgs = [{"role": "user", "content": "What is the weather in Paris? Use the tool."}]
+    ref = openai_post(server, "/v1/chat/completions", {"messages": msgs, "tools": [WEATHER], "temperature": 0,
+                                                       "max_tokens": 60})["choices"][0]["message"]
+    for stream in (False, True):
+        parts = client.chat(model=MODEL_ID, messages=msgs, tools=[WEATHER], stream=stream,
+                            options={"temperature": 0, "num_predict": 60})
+        parts = list(parts) if stream else [parts]
+        content = "".join(p.message.content or "" for p in parts)
+        calls = [c for p in parts for c in (p.message.tool_calls or [])]
+        assert content == (ref["content"] or "")
+        assert [(c.function.name, dict(c.function.arguments)) for c in calls] == \
+            [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in ref.get("tool_calls") or []]
+    history = msgs + [{"role": "assistant", "content": "",
+                       "tool_calls": [{"function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
+                      {"role": "tool", "content": '{"temperature": 18}'}]
+    r = client.chat(model=MODEL_ID, messages=history, tools=[WEATHER], options={"temperature": 0, "num_predict": 30})
+    assert r.done and r.prompt_eval_count > 0 and (r.message.content or r.message.tool_calls)
