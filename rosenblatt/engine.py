@@ -328,6 +328,12 @@ class Engine:
     def chat(self, messages: Sequence[Mapping], params: GenerationParams | None = None, **kwargs) -> str:
         return "".join(self.stream_chat(messages, params, **kwargs))
 
+    def scheduler(self, parallel: int = 4):
+        """A :class:`~rosenblatt.scheduler.Scheduler`: generations from several threads at once,
+        batched (each gets the tokens it would get alone). Use it as a context manager."""
+        from .scheduler import Scheduler
+        return Scheduler(self, parallel)
+
     def __repr__(self) -> str:
         c = self.config
         return f"Engine({os.path.basename(self.path)!r}, arch={c.arch}, layers={c.n_layers}, device={self.device})"

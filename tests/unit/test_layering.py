@@ -38,13 +38,13 @@ STAGES = [
     {"backends"},                           # matmul seam: cpu | npu
     {"models"},                             # the forward
     {"sampling", "text"},                   # logits -> token -> text
-    {"generate", "engine"},                 # the loop, the holder
+    {"generate", "engine", "scheduler"},    # the loop, the holder, its threads
     {"serve", "bench", "fleet", "cli", "__init__", "__main__"},   # what people run
 ]
 RANK = {name: i for i, stage in enumerate(STAGES) for name in stage}
 #: (imported, importer) pairs forbidden inside one stage: the engine holds what the generation
 #: loop works on and imports the loop, never the other way round
-ORDER_INSIDE = {("engine", "generate"), ("text", "sampling"), ("npu", "cpu"), ("cpu", "npu")}
+ORDER_INSIDE = {("engine", "generate"), ("engine", "scheduler"), ("text", "sampling"), ("npu", "cpu"), ("cpu", "npu")}
 
 
 def _stage(dotted: str) -> str:
