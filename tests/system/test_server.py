@@ -553,6 +553,32 @@ def test_logprobs_are_the_engines_own_streamed_and_not(server, client):
     assert [t.logprob for t in streamed] == [t.logprob for t in content]
 
 
+def test_batched_logprobs_equal_log_softmax_of_engine_logits(server, client):
+    """Three long prompts (several prefill chunks) generated together: every chosen token's
+    logprob is log_softmax(Engine.logits(prompt + generated)) at its position, within 1e-3
+    (the prompt kernels give a row the same bits whatever else is in the call)."""
+    import numpy as np
+    from concurrent.futures import ThreadPoolExecutor
+    e = server.engine
+    prompts = [f"Chapter {i}. " + "The river ran past the old mill and the town. " * (8 + 3 * i) for i in range(3)]
+
+    def ask(p):
+        return client.completions.create(model=MODEL_ID, prompt=p, max_tokens=24, temperature=0, logprobs=1)
+
+    with ThreadPoolExecutor(3) as pool:
+        answers = list(pool.map(ask, prompts))
+    wait_idle(server)
+    for p, a in zip(prompts, answers):
+        ids = e.tokenize(p)
+        gen = [r.token for r in e.responses(ids, temperature=0, max_new_tokens=24) if r.token is not None]
+        assert len(ids) > 64 and e.detokenize(gen) == a.choices[0].text
+        x = e.logits(ids + gen[:-1]).astype(np.float64)[len(ids) - 1:]
+        top = x.max(axis=1, keepdims=True)
+        lsm = x - top - np.log(np.exp(x - top).sum(axis=1, keepdims=True))
+        want = lsm[np.arange(len(gen)), gen]
+        assert np.abs(np.array(a.choices[0].logprobs.token_logprobs) - want).max() <= 1e-3
+
+
 def test_n_choices_share_the_prompt_and_each_is_its_own_generation(server, client):
     """n choices: greedy ones all equal the single answer; seeded sampled ones equal single
     requests with seeds seed, seed + 1, ...; usage counts the prompt once; streamed choices carry
