@@ -14,6 +14,12 @@ string is not an integer), and validators carry the cross-field rules (the bench
 to A76 cores, the probe expects the NPU's core count, ...). Any problem raises
 :class:`FleetError`, one line naming the file and the dotted key at fault, e.g.
 ``fleet/boltzmann.yaml: npu.clock_mhz: must be > 0, got -5``.
+
+A board's optional ``serve`` section says what it serves in a fleet (model, context, slots, the A76
+cores and threads, the device); a fleet file (:class:`Fleet`, told apart from a board file by its
+``boards`` key) names the boards serving one model behind one endpoint, where each one's Ray node
+listens and which is the head. :func:`load_fleet` reads it and the board files beside it; the Ray
+side lives in :mod:`rosenblatt.serve.fleet` (this module never imports ray).
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from __future__ import annotations
 import os
 import re
 import string
+import types
 import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal, Sequence
@@ -44,9 +51,10 @@ from pydantic_core import PydanticCustomError
 from .errors import RosenblattError
 
 __all__ = [
-    "Anchor", "Bench", "Board", "BoardInfo", "Cpu", "FleetError", "Kernel", "Memory", "Models", "Npu",
-    "Probe", "ProbeExpect", "Soc", "Target", "check_probe", "compare_bench", "cpu_list", "default_board",
-    "fleet_dir", "load_board", "probe_exit_code",
+    "Anchor", "Bench", "Board", "BoardInfo", "Cpu", "Fleet", "FleetBoard", "FleetError", "Http", "Kernel",
+    "Memory", "Models", "Npu", "Probe", "ProbeExpect", "Serve", "Soc", "Target", "check_files", "check_probe",
+    "compare_bench", "cpu_list", "default_board", "fleet_dir", "is_fleet_file", "load_any", "load_board",
+    "load_fleet", "probe_exit_code",
 ]
 
 #: Environment variable overriding where board files are looked up (default: ``<repo>/fleet``).
@@ -237,6 +245,27 @@ class Bench(_Section):
         return self
 
 
+#: matmul backends a board may serve with (``Engine.load(device=...)``)
+DEVICES = ("cpu", "npu", "npu-sim", "auto")
+
+
+class Serve(_Section):
+    """What the board serves as a member of a fleet (``rosenblatt serve --fleet``)."""
+
+    model: Name  #: key into ``models.files``
+    ctx: Annotated[StrictInt, Field(ge=16, le=1 << 20)]  #: context per slot, in tokens
+    slots: Annotated[StrictInt, Field(ge=1, le=256)]  #: generations at once (the server's --parallel)
+    cpus: Annotated[CoreIds, Field(min_length=1)]  #: the replica is pinned here (A76 cores)
+    threads: Annotated[StrictInt, Field(ge=1, le=1024)]
+    device: Literal[DEVICES]  # type: ignore[valid-type]
+
+    @model_validator(mode="after")
+    def _threads_fit(self):
+        if self.threads > len(self.cpus):
+            raise _rule(f"{self.threads} threads on {len(self.cpus)} pinned CPUs", "threads")
+        return self
+
+
 class Board(_Section):
     """One board file. Sections and keys are the YAML's; :attr:`path` is the file it came from."""
 
@@ -251,6 +280,7 @@ class Board(_Section):
     models: Models
     probe: Probe
     bench: Bench
+    serve: Serve | None = None  #: only boards that serve in a fleet need it
 
     _path: Path | None = PrivateAttr(None)
 
@@ -271,6 +301,12 @@ class Board(_Section):
             raise _rule(f"CPU {not_big[0]} is not an A76 core (cpu.a76 = {list(self.cpu.a76)})", "bench", "cpus")
         if self.bench.model not in self.models.files:
             raise _rule(f"{self.bench.model!r} is not a key of models.files", "bench", "model")
+        if self.serve is not None:
+            not_big = sorted(set(self.serve.cpus) - set(self.cpu.a76))
+            if not_big:
+                raise _rule(f"CPU {not_big[0]} is not an A76 core (cpu.a76 = {list(self.cpu.a76)})", "serve", "cpus")
+            if self.serve.model not in self.models.files:
+                raise _rule(f"{self.serve.model!r} is not a key of models.files", "serve", "model")
         return self
 
     @property
@@ -306,6 +342,12 @@ class Board(_Section):
         values = {"model": model, "threads": str(self.bench.threads), "cpus": cpu_list(self.bench.cpus)}
         return [arg.format(**values) for arg in self.bench.command]
 
+    def serve_model_path(self) -> Path:
+        """The model file this board serves in a fleet (its ``serve.model``)."""
+        if self.serve is None:
+            raise FleetError(self.path or self.name, "serve", "this board has no serve section")
+        return self.model_path(self.serve.model)
+
     def anchor(self, name: str) -> Anchor:
         for a in self.bench.anchors:
             if a.name == name:
@@ -327,6 +369,76 @@ def cpu_list(cpus: Sequence[int]) -> str:
     return ",".join(out)
 
 
+# --- The fleet file: boards serving one model behind one endpoint.
+
+Port = Annotated[StrictInt, Field(ge=1, le=65535)]
+Address = Annotated[StrictStr, Field(pattern=r"^[A-Za-z0-9]([A-Za-z0-9.:-]*[A-Za-z0-9])?$")]
+
+
+class FleetBoard(_Section):
+    address: Address  #: host name or IP address the board's Ray node listens on
+
+
+class Http(_Section):
+    host: Address  #: where the HTTP endpoint listens (on the head)
+    port: Annotated[StrictInt, Field(ge=0, le=65535)]  #: 0 = any free port
+
+
+class Fleet(_Section):
+    """One fleet file: ``boards`` maps board names (``<name>.yaml`` beside the fleet file) to
+    where they are; :attr:`members` are those board files, loaded and checked."""
+
+    schema_version: Annotated[StrictInt, Field(ge=SCHEMA_VERSION, le=SCHEMA_VERSION, alias="schema")]
+    name: Name
+    head: Name  #: the board whose Ray node is the head (controller, HTTP endpoint)
+    ray_port: Port  #: the head's Ray (GCS) port
+    http: Http
+    boards: Annotated[dict[Name, FleetBoard], Field(min_length=1)]
+
+    _path: Path | None = PrivateAttr(None)
+    _members: dict[str, Board] = PrivateAttr(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _cross_check(self, info: ValidationInfo):
+        stem = (info.context or {}).get("stem")
+        if stem is not None and self.name != stem:
+            raise _rule(f"must match the file name {stem!r}, got {self.name!r}", "name")
+        if self.head not in self.boards:
+            raise _rule(f"{self.head!r} is not a key of boards", "head")
+        return self
+
+    @property
+    def path(self) -> Path | None:
+        return self._path
+
+    @property
+    def members(self) -> dict[str, Board]:
+        """Board name → its board file (validated, with a ``serve`` section)."""
+        return dict(self._members)
+
+    @property
+    def ray_address(self) -> str:
+        return f"{self.boards[self.head].address}:{self.ray_port}"
+
+
+def is_fleet_file(data: Any) -> bool:
+    """A fleet file is a mapping with a ``boards`` key; anything else is read as a board file."""
+    return isinstance(data, dict) and "boards" in data
+
+
+def is_local_address(address: str) -> bool:
+    """Whether ``address`` is this machine as far as can be told without a name lookup: a
+    loopback address, ``localhost`` or this host's name."""
+    import ipaddress
+    import socket
+    if address.lower() in ("localhost", socket.gethostname().lower()):
+        return True
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return False
+
+
 # --- pydantic's first error → "<dotted.key>: <problem>".
 
 
@@ -346,9 +458,9 @@ def _g(value: Any) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
-def _section_at(loc: Sequence[str | int]) -> type[BaseModel] | None:
+def _section_at(loc: Sequence[str | int], root: type[BaseModel] = Board) -> type[BaseModel] | None:
     """The model class validating the mapping at ``loc`` (to list its keys), if there is one."""
-    tp: Any = Board
+    tp: Any = root
     for part in loc:
         if isinstance(tp, type) and issubclass(tp, BaseModel):
             fields = {f.alias or n: f.annotation for n, f in tp.model_fields.items()}
@@ -361,6 +473,8 @@ def _section_at(loc: Sequence[str | int]) -> type[BaseModel] | None:
             return None
         while typing.get_origin(tp) is Annotated:
             tp = typing.get_args(tp)[0]
+        if typing.get_origin(tp) in (typing.Union, types.UnionType):      # an optional section
+            tp = next((a for a in typing.get_args(tp) if a is not type(None)), tp)
     return tp if isinstance(tp, type) and issubclass(tp, BaseModel) else None
 
 
@@ -385,14 +499,14 @@ _PROBLEMS = {
 }
 
 
-def _describe(err: dict) -> tuple[str, str]:
+def _describe(err: dict, root: type[BaseModel] = Board) -> tuple[str, str]:
     """(dotted key, one-line problem) for one entry of ``ValidationError.errors()``."""
     loc, kind, ctx, value = tuple(err["loc"]), err["type"], err.get("ctx") or {}, err.get("input")
     if kind == "board_rule":
         return _dotted(loc + tuple(ctx["at"])), ctx["problem"]
     if loc and loc[-1] == "[key]":  # a key of a free-keyed mapping (models.files, bench.targets)
         return _dotted(loc[:-1]), f"bad name {value!r} (must be a string matching {_NAME_RE})"
-    section = _section_at(loc[:-1]) if kind == "extra_forbidden" else None
+    section = _section_at(loc[:-1], root) if kind == "extra_forbidden" else None
     allowed = ", ".join(f.alias or n for n, f in section.model_fields.items()) if section else ""
     quote = isinstance(value, (int, float)) and not isinstance(value, bool)
     fields = {k: _g(x) for k, x in ctx.items()} | {
@@ -429,14 +543,22 @@ def _resolve(path_or_name: str | os.PathLike) -> tuple[Path, str | None]:
     return fleet_dir() / f"{s}.yaml", s
 
 
-def load_board(path_or_name: str | os.PathLike) -> Board:
-    """Read and validate a board file, given its path or its name (``"boltzmann"``)."""
-    path, stem = _resolve(path_or_name)
+def _is_board_file(path: Path) -> bool:
+    """Not a fleet file (no top-level ``boards`` key), as far as a glance tells."""
+    try:
+        return re.search(r"^boards\s*:", path.read_text(encoding="utf-8"), re.M) is None
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
+def _read(path: Path, what: str = "board file") -> Any:
+    """The YAML data of ``path`` (not None), or a FleetError saying why not."""
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        known = sorted(p.stem for p in path.parent.glob("*.yaml")) if path.parent == fleet_dir() else []
-        raise FleetError(path, "", "no such board file"
+        known = sorted(p.stem for p in path.parent.glob("*.yaml") if _is_board_file(p)) \
+            if path.parent == fleet_dir() else []
+        raise FleetError(path, "", f"no such {what}"
                          + (f" (boards here: {', '.join(known)})" if known else "")) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise FleetError(path, "", f"cannot read: {exc}") from None
@@ -449,12 +571,78 @@ def load_board(path_or_name: str | os.PathLike) -> Board:
         raise FleetError(path, "", f"not valid YAML{where}: {what}") from None
     if data is None:
         raise FleetError(path, "", "file is empty")
+    return data
+
+
+def _validate_board(path: Path, stem: str | None, data: Any) -> Board:
     try:
         board = Board.model_validate(data, context={"stem": stem})
     except ValidationError as exc:
         raise FleetError(path, *_describe(exc.errors(include_url=False)[0])) from None
     board._path = path
     return board
+
+
+def load_board(path_or_name: str | os.PathLike) -> Board:
+    """Read and validate a board file, given its path or its name (``"boltzmann"``)."""
+    path, stem = _resolve(path_or_name)
+    return _validate_board(path, stem, _read(path))
+
+
+def _validate_fleet(path: Path, data: Any) -> Fleet:
+    try:
+        fleet = Fleet.model_validate(data, context={"stem": path.stem})
+    except ValidationError as exc:
+        raise FleetError(path, *_describe(exc.errors(include_url=False)[0], Fleet)) from None
+    fleet._path = path
+    members: dict[str, Board] = {}
+    model_file = None
+    for name in fleet.boards:
+        board_path = path.parent / f"{name}.yaml"
+        if not board_path.is_file():
+            raise FleetError(path, f"boards.{name}", f"no board file {board_path.name} beside the fleet file")
+        board = load_board(board_path)         # its own errors name its own file
+        if board.serve is None:
+            raise FleetError(board_path, "serve", f"missing: board {name} is in fleet {fleet.name} "
+                                                  "but does not say what it serves")
+        file = board.models.files[board.serve.model]
+        if model_file is None:
+            model_file = (name, file)
+        elif file != model_file[1]:
+            raise FleetError(board_path, "serve.model", f"serves {file} but board {model_file[0]} serves "
+                                                        f"{model_file[1]}; a fleet serves one model")
+        members[name] = board
+    fleet._members = members
+    return fleet
+
+
+def load_fleet(path: str | os.PathLike) -> Fleet:
+    """Read and validate a fleet file and the board files it names (``<name>.yaml`` beside it);
+    each board must have a ``serve`` section, and all serve the same model file."""
+    path = Path(path)
+    data = _read(path, "fleet file")
+    if not is_fleet_file(data):
+        raise FleetError(path, "boards", "missing: not a fleet file (a fleet file lists its boards)")
+    return _validate_fleet(path, data)
+
+
+def load_any(path: str | os.PathLike) -> Board | Fleet:
+    """A board file or a fleet file (told apart by the ``boards`` key), read and validated."""
+    path = Path(path)
+    data = _read(path, "file")
+    return _validate_fleet(path, data) if is_fleet_file(data) else _validate_board(path, path.stem, data)
+
+
+def check_files(fleet: Fleet, only_local: bool = True) -> None:
+    """The model file each board serves exists (FleetError naming the board file and
+    ``serve.model`` if not); with ``only_local``, only for the boards at a local address (the
+    others' files are on their own disks, and their replicas report a missing one)."""
+    for name, board in fleet.members.items():
+        if only_local and not is_local_address(fleet.boards[name].address):
+            continue
+        p = board.serve_model_path()
+        if not p.is_file():
+            raise FleetError(board.path or name, "serve.model", f"model file {p} not found")
 
 
 def default_board() -> Board | None:

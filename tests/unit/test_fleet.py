@@ -444,3 +444,53 @@ def test_bench_cli_bad_board_fails_before_loading_anything(fake_bench):
     assert r.output.startswith("rosenblatt: error: ") and "nope.yaml: no such board file" in r.output
     assert len(r.output.strip().splitlines()) == 1
     assert fake_bench == []
+
+
+# ---------------------------------------------------------------- serve sections and fleet files
+
+
+def test_repository_fleet_file_validates():
+    from rosenblatt.fleet import load_any, load_fleet
+    f = load_fleet(REPO / "fleet" / "lab.yaml")
+    assert f.head == "boltzmann" and list(f.boards) == ["boltzmann"] and f.ray_port == 6379
+    b = f.members["boltzmann"]
+    assert b.serve.cpus == (4, 5, 6, 7) and b.serve.slots == 4 and b.serve.device == "cpu"
+    assert b.serve_model_path().name == "qwen2.5-1.5b-instruct-q4_k_m.gguf"
+    assert load_any(REPO / "fleet" / "lab.yaml").name == "lab" and load_any(BOLTZMANN).name == "boltzmann"
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda d: d["serve"].update(cpus=[0], threads=1), "boltzmann.yaml: serve.cpus: CPU 0 is not an A76 core (cpu.a76 = [4, 5, 6, 7])"),
+    (lambda d: d["serve"].update(threads=5), "boltzmann.yaml: serve.threads: 5 threads on 4 pinned CPUs"),
+    (lambda d: d["serve"].update(model="nope"), "boltzmann.yaml: serve.model: 'nope' is not a key of models.files"),
+    (lambda d: d["serve"].update(device="gpu"), "boltzmann.yaml: serve.device: must be one of"),
+    (lambda d: d["serve"].update(slot=2), "boltzmann.yaml: serve.slot: unknown key in serve (allowed: model, ctx"),
+])
+def test_serve_section_rules(tmp_path, raw, change, message):
+    change(raw)
+    with pytest.raises(FleetError) as e:
+        load_board(write(tmp_path, raw))
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_fleet_file_rules(tmp_path, raw):
+    from rosenblatt.fleet import load_fleet
+    write(tmp_path, raw)
+    fleet = {"schema": 1, "name": "lab", "head": "boltzmann", "ray_port": 6379,
+             "http": {"host": "127.0.0.1", "port": 8000}, "boards": {"boltzmann": {"address": "10.0.0.1"}}}
+    p = write(tmp_path, fleet, "lab")
+    assert load_fleet(p).ray_address == "10.0.0.1:6379"
+    for change, message in [
+        (lambda d: d.update(head="other"), "lab.yaml: head: 'other' is not a key of boards"),
+        (lambda d: d["boards"].update(ghost={"address": "10.0.0.2"}), "lab.yaml: boards.ghost: no board file ghost.yaml"),
+        (lambda d: d["http"].update(hots="x"), "lab.yaml: http.hots: unknown key in http (allowed: host, port)"),
+    ]:
+        bad = copy.deepcopy(fleet)
+        change(bad)
+        with pytest.raises(FleetError) as e:
+            load_fleet(write(tmp_path, bad, "lab"))
+        assert message in str(e.value)
+    del raw["serve"]
+    write(tmp_path, raw)
+    with pytest.raises(FleetError, match=r"boltzmann.yaml: serve: missing: board boltzmann is in fleet lab"):
+        load_fleet(write(tmp_path, fleet, "lab"))
