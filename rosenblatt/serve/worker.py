@@ -102,6 +102,11 @@ class EngineWorker:
             self._batch = BatchGenerator(self.engine, self.parallel)
         return self._batch
 
+    @property
+    def alive(self) -> bool:
+        """The engine's thread is running (started and not ended)."""
+        return self._thread is not None and self._thread.is_alive()
+
     # event-loop side
     def start(self) -> None:
         if self._thread is None or not self._thread.is_alive():
