@@ -410,9 +410,14 @@ def probe(sim, as_json, board_name, selftest, report_path):
                    "each slot reserves a KV cache of --ctx positions.")
 @click.option("--access-log/--no-access-log", default=True, show_default=True,
               help="One line per answered request on stderr (client, path, tokens, finish reason, seconds).")
+@click.option("--fleet", "fleet_path", type=str, default=None,
+              help="Serve a fleet of boards behind one endpoint on Ray Serve instead (a fleet file, e.g. "
+                   "fleet/lab.yaml; its boards' files say the model, context, slots, cores and device; the "
+                   "endpoint is the file's http.host/port). Run on the head once `rosenblatt fleet plan` "
+                   "has started Ray on every board (docs/fleet.md); --api-key applies, the other options not.")
 @user_errors
 def serve(model, host, port, device, api_key, n_ctx, threads, read_timeout, queue_timeout, max_queue,
-          max_connections, parallel, access_log):
+          max_connections, parallel, access_log, fleet_path):
     """OpenAI-compatible HTTP server: /v1/chat/completions, /v1/completions, /v1/models, /health.
 
     Up to --parallel requests are generated together (each joins and leaves between decode
@@ -420,6 +425,9 @@ def serve(model, host, port, device, api_key, n_ctx, threads, read_timeout, queu
     Limits: request bodies up to 4 MiB, --read-timeout for a request to arrive, --max-queue
     waiting requests for at most --queue-timeout seconds, --max-connections at once.
     """
+    if fleet_path is not None:
+        _serve_fleet(fleet_path, api_key, model)
+        return
     try:
         from .serve import create_app, is_loopback, make_server
     except ImportError as e:
@@ -453,6 +461,80 @@ def serve(model, host, port, device, api_key, n_ctx, threads, read_timeout, queu
     if not getattr(server, "started", False):
         _fail(f"could not listen on {host}:{port} (see the message above)")
     click.echo("server stopped", err=True)
+
+
+def _serve_fleet(fleet_path: str, api_key: str | None, model: str | None) -> None:
+    from .fleet import check_files, load_fleet
+    if model is not None:
+        _fail("--model does not go with --fleet: each board's file says what it serves (serve.model)")
+    fleet = load_fleet(fleet_path)          # every file checked before Ray is touched
+    check_files(fleet)
+    import importlib.util
+    if importlib.util.find_spec("ray") is None or importlib.util.find_spec("ray.serve") is None:
+        _fail("a fleet needs Ray Serve: pip install 'rosenblatt[fleet]'")
+    from .serve import is_loopback
+    from .serve.fleet import serve_fleet
+    if not is_loopback(fleet.http.host) and not api_key:
+        click.echo(f"warning: the fleet listens on {fleet.http.host} without --api-key", err=True)
+
+    def ready(url):
+        n = len(fleet.boards)
+        click.echo(f"serving fleet {fleet.name} ({n} board{'s' if n > 1 else ''}: {', '.join(fleet.boards)}) "
+                   f"at {url}/v1  (Ctrl-C to stop)", err=False)
+        sys.stdout.flush()
+
+    serve_fleet(fleet, api_key=api_key, on_ready=ready)
+    click.echo("fleet stopped", err=True)
+
+
+@main.group()
+def fleet():
+    """Board and fleet files (fleet/*.yaml): check them, print how to start a fleet on Ray.
+
+    \b
+    rosenblatt fleet check fleet/*.yaml     validate board and fleet files (one line per error)
+    rosenblatt fleet plan fleet/lab.yaml    the `ray start` command for each board
+    """
+
+
+@fleet.command("check")
+@click.argument("paths", nargs=-1, required=True)
+@click.option("--all-model-files", is_flag=True,
+              help="Check every board's model file on this machine (default: only the boards of a fleet whose "
+                   "address is this machine; the others' files are on their own disks).")
+def fleet_check(paths, all_model_files):
+    """Validate board files and fleet files; a fleet file's boards too, and their model files
+    where they are on this machine. One line per bad file on stderr, exit status 2."""
+    from .fleet import Fleet, FleetError, check_files, load_any
+    bad = 0
+    for path in paths:
+        try:
+            f = load_any(path)
+            if isinstance(f, Fleet):
+                check_files(f, only_local=not all_model_files)
+                click.echo(f"{path}: ok (fleet {f.name}: {', '.join(f.boards)}; head {f.head})")
+            else:
+                if all_model_files and f.serve is not None and not f.serve_model_path().is_file():
+                    raise FleetError(path, "serve.model", f"model file {f.serve_model_path()} not found")
+                click.echo(f"{path}: ok (board {f.name}{', serves ' + f.serve.model if f.serve else ''})")
+        except FleetError as e:
+            click.echo(f"rosenblatt: error: {e}", err=True)
+            bad += 1
+    if bad:
+        sys.exit(2)
+
+
+@fleet.command("plan")
+@click.argument("path")
+@user_errors
+def fleet_plan(path):
+    """Print the commands that start a fleet: `ray start` on each board (the head first, with
+    its board's resources and core count), then `rosenblatt serve --fleet` on the head."""
+    from .fleet import load_fleet
+    f = load_fleet(path)
+    from .serve.fleet import plan
+    for line in plan(f, path):
+        click.echo(line)
 
 
 if __name__ == "__main__":
