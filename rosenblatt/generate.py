@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .models.kv_cache import KVCache
 from .sampling import Sampler
 from .text import grammar
 
@@ -237,9 +238,11 @@ class BatchGenerator:
     the same chunks as :meth:`Engine.prefill` on an empty cache, and a batched decode row is the
     same bits as decoding it alone (``forward_batch``)."""
 
-    def __init__(self, engine, slots: int, prefill_chunk: int | None = None):
+    def __init__(self, engine, slots: int, prefill_chunk: int | None = None, prefixes: int = 2):
         if slots < 1:
             raise ValueError(f"slots must be >= 1, got {slots}")
+        if prefixes < 0:
+            raise ValueError(f"prefixes must be >= 0, got {prefixes}")
         self.engine = engine
         self.model = engine.model
         self.caches = self.model.new_caches(slots)
@@ -251,6 +254,13 @@ class BatchGenerator:
         #: (what a later prompt starting with the same tokens reuses: the same chunks, the same bits)
         self._kept: list[list[int]] = [[] for _ in range(slots)]
         self.reused_tokens = 0          # prompt tokens taken from a slot instead of computed
+        #: the prefix cache beyond the slots: when a slot is given to an unrelated prompt, what it
+        #: kept is copied into the least recently used of ``prefixes`` spare caches (plain caches
+        #: only: a sliding-window cache cannot be copied), from where a later prompt takes it back
+        plain = all(type(c) is KVCache for c in self.caches)
+        self._spares = self.model.new_caches(prefixes) if prefixes and plain else []
+        self._spare_kept: list[list[int]] = [[] for _ in self._spares]
+        self._spare_used: list[float] = [0.0 for _ in self._spares]
 
     @property
     def slots(self) -> int:
@@ -266,8 +276,9 @@ class BatchGenerator:
 
     @property
     def kv_bytes(self) -> int:
-        """Bytes reserved for the slots' keys and values (committed as positions are written)."""
-        return sum(c.nbytes for c in self.caches)
+        """Bytes reserved for the slots' keys and values and the spare prefixes' (committed as
+        positions are written)."""
+        return sum(c.nbytes for c in self.caches + self._spares)
 
     @property
     def kv_in_use(self) -> int:
@@ -280,11 +291,31 @@ class BatchGenerator:
         if not self._free:
             raise RuntimeError("no free slot")
         ids = [int(t) for t in ids]
-        # the free slot holding the longest reusable prefix of this prompt (prefix cache)
+        # the prefix cache: the free slot holding the longest reusable prefix of this prompt is
+        # truncated to it; a longer one held by a running generation's slot (its whole prompt
+        # chunks do not change while it runs) or by a spare is copied into a free slot
         slot, keep = max(((s, self._reusable(ids, s)) for s in self._free), key=lambda x: x[1])
+        source, spare, copy = None, None, keep
+        if type(self.caches[slot]) is KVCache:
+            for r in self._running.values():
+                k = self._reusable(ids, r.slot)
+                if k > copy:
+                    source, spare, copy = self.caches[r.slot], None, k
+            for s, kept in enumerate(self._spare_kept):
+                k = self._common(ids, kept)
+                if k > copy:
+                    source, spare, copy = self._spares[s], s, k
+        if source is not None or (keep == 0 and self._spares):   # the slot's own prefix is replaced:
+            slot = min(self._free, key=lambda s: len(self._kept[s]))    # the one with the least to lose,
+            self._save(slot, spare)                                     # kept in a spare first
         self._free.remove(slot)
         cache = self.caches[slot]
-        if keep:
+        if source is not None:
+            cache.copy_from(source, copy)
+            if spare is not None:
+                self._spare_used[spare] = time.monotonic()
+            keep = copy
+        elif keep:
             cache.truncate(keep) if cache.length >= keep else cache.reset()
         else:
             cache.reset()
@@ -302,12 +333,26 @@ class BatchGenerator:
     def _reusable(self, ids: list[int], slot: int) -> int:
         """Positions of slot ``slot`` that a prompt ``ids`` can reuse exactly: the common prefix
         of what the slot keeps, in whole prefill chunks, leaving the prompt's last token to run."""
-        kept = self._kept[slot]
+        return self._common(ids, self._kept[slot])
+
+    def _common(self, ids: list[int], kept: list[int]) -> int:
         n = 0
         limit = min(len(kept), len(ids) - 1)
         while n < limit and kept[n] == ids[n]:
             n += 1
         return n // self.chunk * self.chunk
+
+    def _save(self, slot: int, keep_spare: int | None) -> None:
+        """Copy what slot ``slot`` keeps into the least recently used spare but ``keep_spare``
+        (unless a spare already holds it or more of it)."""
+        kept = self._kept[slot]
+        others = [i for i in range(len(self._spares)) if i != keep_spare]
+        if not kept or not others or any(sk[:len(kept)] == kept for sk in self._spare_kept):
+            return
+        s = min(others, key=lambda i: self._spare_used[i])
+        self._spares[s].copy_from(self.caches[slot], len(kept))
+        self._spare_kept[s] = list(kept)
+        self._spare_used[s] = time.monotonic()
 
     def remove(self, uid: int, reason: str = "cancelled") -> GenerationResponse:
         """Stop generation ``uid`` now: its last response (finish reason ``reason``)."""

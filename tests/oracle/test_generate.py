@@ -364,11 +364,55 @@ def test_batch_generator_reuses_a_finished_prompts_whole_chunks_exactly(smollm2_
     assert batch.reused_tokens == common // batch.chunk * batch.chunk > 0
 
 
+def test_batch_generator_keeps_prefixes_beyond_its_slots(smollm2_engine):
+    """One slot, one spare: a long shared prefix survives an unrelated prompt in between (it is
+    copied to the spare when the slot is given away) and is reused exactly after it; with no
+    spare it is gone."""
+    from rosenblatt.generate import BatchGenerator
+    e = smollm2_engine
+    system = "You are a helpful assistant who answers briefly. " * 12            # ~120 tokens
+    prompts = [system + "Question: what is two plus two?", "Tell me a story about a fox. " * 10,
+               system + "Question: name a red fruit."]
+    p = GenerationParams(max_new_tokens=6, temperature=0)
+
+    def run(batch, prompt):
+        uid = batch.insert(*e.prepare(prompt, p))
+        text = ""
+        while batch.running:
+            for u, r in batch.step():
+                text += r.text if u == uid else ""
+        return text
+
+    fresh = [run(BatchGenerator(e, slots=1, prefixes=0), q) for q in prompts]
+    common = next(i for i, (a, b) in enumerate(zip(e.tokenize(prompts[0]), e.tokenize(prompts[2]))) if a != b)
+    for spares, reused in ((1, common // 64 * 64), (0, 0)):
+        batch = BatchGenerator(e, slots=1, prefill_chunk=64, prefixes=spares)
+        assert [run(batch, q) for q in prompts] == fresh
+        assert batch.reused_tokens == reused and (reused > 0 or spares == 0)
+    assert batch.kv_bytes == batch.caches[0].nbytes
+
+    # a prefix held by a generation still running is copied, not computed again
+    batch = BatchGenerator(e, slots=2, prefill_chunk=64, prefixes=0)
+    first = batch.insert(*e.prepare(prompts[0], p))
+    texts, started = {first: ""}, False
+    while not started:                              # until its first token: its prompt is in
+        for u, r in batch.step():
+            texts[u] += r.text
+            started = True
+    second = batch.insert(*e.prepare(prompts[2], p))
+    texts[second] = ""
+    assert batch.reused_tokens == common // 64 * 64
+    while batch.running:
+        for u, r in batch.step():
+            texts[u] += r.text
+    assert [texts[first], texts[second]] == [fresh[0], fresh[2]]
+
+
 def test_batch_generator_reports_the_kv_in_use(smollm2_engine):
     from rosenblatt.generate import BatchGenerator
     e = smollm2_engine
-    batch = BatchGenerator(e, slots=2)
-    assert batch.kv_in_use == 0 and batch.kv_bytes == sum(c.nbytes for c in batch.caches)
+    batch = BatchGenerator(e, slots=2, prefixes=1)
+    assert batch.kv_in_use == 0 and batch.kv_bytes == 3 * batch.caches[0].nbytes      # two slots, one spare
     ids, p = e.prepare("Once upon a time", GenerationParams(max_new_tokens=4, temperature=0))
     batch.insert(ids, p)
     for _ in range(3):
