@@ -164,6 +164,78 @@ def test_fleet_plan_prints_ray_start_per_board(tmp_path):
     assert f"rosenblatt serve --fleet {path}" in r.output
 
 
+# ------------------------------------------------------------------ the ingress, without Ray
+
+
+class _FakeBoards:
+    """A deployment handle whose replicas play the given scripts: a list of ASGI messages, or
+    an exception raised after them (the board dying)."""
+
+    def __init__(self, *scripts):
+        self.scripts = list(scripts)
+        self.calls = 0
+
+    def options(self, **kw):
+        return self
+
+    @property
+    def forward(self):
+        return self
+
+    def remote(self, req):
+        self.calls += 1
+        script = self.scripts.pop(0)
+        outer = self
+
+        class Gen:
+            def cancel(self):
+                outer.cancelled = True
+
+            async def __aiter__(self):
+                for item in script:
+                    if isinstance(item, BaseException):
+                        raise item
+                    yield item
+        return Gen()
+
+
+def _ingress_app(boards):
+    from rosenblatt.serve.fleet import Ingress
+    return Ingress(boards).__serve_build_asgi_app__()
+
+
+START_SSE = {"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]}
+START_JSON = {"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]}
+
+
+@pytest.mark.parametrize("case", ["dies twice", "dies once", "dies mid-stream"])
+def test_ingress_retries_once_then_503(case):
+    import asyncio
+
+    from ray.exceptions import ActorDiedError
+    died = ActorDiedError()
+    ok = [START_JSON, {"type": "http.response.body", "body": b'{"ok": 1}', "more_body": False}]
+    boards = {"dies twice": _FakeBoards([died], [died]),
+              "dies once": _FakeBoards([died], ok),
+              "dies mid-stream": _FakeBoards([START_SSE, {"type": "http.response.body", "body": b"data: {}\n\n",
+                                                          "more_body": True}, died])}[case]
+
+    async def go():
+        transport = httpx.ASGITransport(app=_ingress_app(boards))
+        async with httpx.AsyncClient(transport=transport, base_url="http://fleet") as c:
+            return await c.post("/v1/chat/completions", json={"messages": FRANCE})
+    r = asyncio.run(go())
+    if case == "dies twice":
+        assert boards.calls == 2 and r.status_code == 503 and r.headers["retry-after"] == "1"
+        assert r.json()["error"]["code"] == "board_unavailable"
+    elif case == "dies once":
+        assert boards.calls == 2 and r.status_code == 200 and r.json() == {"ok": 1}
+    else:                       # a byte went out: no second try, the stream ends with an error event
+        assert boards.calls == 1 and r.status_code == 200
+        assert r.text.startswith("data: {}\n\n") and '"code": "board_unavailable"' in r.text
+        assert "[DONE]" not in r.text
+
+
 # ------------------------------------------------------------------ the local cluster
 
 
@@ -294,6 +366,10 @@ def test_answers_through_the_ingress_match_the_engine(client, fleet, expected, s
     assert h.status_code == 200 and h.json()["slots"] == 4 and h.headers["x-rosenblatt-board"] in ("a", "b")
     m = httpx.get(fleet + "/metrics", timeout=30)
     assert m.status_code == 200 and "rosenblatt_requests_total" in m.text
+    # whatever else create_app serves comes through too: the Ollama routes
+    o = httpx.post(fleet + "/api/chat", timeout=60, json={"model": MODEL_ID, "messages": FRANCE, "stream": False,
+                                                          "options": {"temperature": 0, "num_predict": MAX_TOKENS}})
+    assert o.status_code == 200 and o.json()["message"]["content"] == expected, o.text
     bad = httpx.post(fleet + "/v1/chat/completions", json={"messages": "nope"}, timeout=30)
     assert bad.status_code == 400 and bad.json()["error"]["type"] == "invalid_request_error"
     # each replica sits on its own board, pinned to that board's serve.cpus
