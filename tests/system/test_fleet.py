@@ -236,6 +236,19 @@ def test_ingress_retries_once_then_503(case):
         assert "[DONE]" not in r.text
 
 
+def test_router_puts_boards_with_a_free_slot_first():
+    import asyncio
+    from types import SimpleNamespace
+
+    from rosenblatt.serve.fleet_router import SlotRouter
+    full = SimpleNamespace(routing_stats={"slots": 4, "running": 4, "queued": 1})
+    free = SimpleNamespace(routing_stats={"slots": 4, "running": 3, "queued": 0})
+    fresh = SimpleNamespace(routing_stats={})
+    ranks = asyncio.run(SlotRouter.choose_replicas(None, [full, free, fresh]))
+    assert [sorted(map(id, r)) for r in ranks] == [sorted([id(free), id(fresh)]), [id(full)]]
+    assert asyncio.run(SlotRouter.choose_replicas(None, [full])) == [[full]]
+
+
 # ------------------------------------------------------------------ the local cluster
 
 
