@@ -28,6 +28,9 @@ from .tokenizer import TokenAttr
 JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 
 _VOCABS: "weakref.WeakKeyDictionary[Any, Any]" = weakref.WeakKeyDictionary()
+#: JSON's closing characters: a token made of these only ends a string, array or object
+_CLOSERS = frozenset(b'"]}')
+_CLOSING: "weakref.WeakKeyDictionary[Any, np.ndarray]" = weakref.WeakKeyDictionary()
 
 
 def _llguidance():
@@ -44,15 +47,19 @@ class _Encoder:
 
     def __init__(self, tokenizer):
         attrs = tokenizer.token_attrs()
-        self.tokens, self.special_token_ids = [], []
+        self.tokens, self.special_token_ids, closers = [], [], []
         for i in range(len(attrs)):
             piece = tokenizer.token_to_piece(i)
             if attrs[i] & TokenAttr.CONTROL:
                 piece = b"\xff" + piece
                 self.special_token_ids.append(i)
+            elif piece and set(piece) <= _CLOSERS:
+                closers.append(i)
             self.tokens.append(piece)
+        self.closers = np.array(closers, dtype=np.int64)
         self.eog = [i for i in range(len(attrs)) if tokenizer.is_eog(i)]
-        self.eos_token_id = self.eog[0] if self.eog else len(attrs) - 1
+        eos = tokenizer.eos_id
+        self.eos_token_id = eos if eos in self.eog else (self.eog[0] if self.eog else len(attrs) - 1)
         self.bos_token_id = None
         self._tok = tokenizer
 
@@ -70,6 +77,7 @@ def vocabulary(tokenizer):
         enc = _Encoder(tokenizer)
         v = llg.LLTokenizer(llg.TokenizerWrapper(enc), eos_token=enc.eog or None)
         _VOCABS[tokenizer] = v
+        _CLOSING[tokenizer] = enc.closers           # found in the same pass over the vocabulary
     return v
 
 
@@ -137,20 +145,10 @@ def compile_grammar(tokenizer, params) -> str | None:
     return text
 
 
-#: JSON's closing characters: a token made of these only ends a string, array or object
-_CLOSERS = frozenset(b'"]}')
-_CLOSING: "weakref.WeakKeyDictionary[Any, np.ndarray]" = weakref.WeakKeyDictionary()
-
-
 def closing_tokens(tokenizer) -> np.ndarray:
     """Ids of the tokens whose text is only JSON closing characters (``"``, ``]``, ``}``)."""
-    ids = _CLOSING.get(tokenizer)
-    if ids is None:
-        attrs = tokenizer.token_attrs()
-        ids = np.array([i for i in range(len(attrs)) if not attrs[i] & TokenAttr.CONTROL
-                        and (p := tokenizer.token_to_piece(i)) and set(p) <= _CLOSERS], dtype=np.int64)
-        _CLOSING[tokenizer] = ids
-    return ids
+    vocabulary(tokenizer)
+    return _CLOSING[tokenizer]
 
 
 class Constraint:
