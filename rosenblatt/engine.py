@@ -223,7 +223,8 @@ class Engine:
             raise self.template
         if tools or any(isinstance(m, Mapping) and (m.get("tool_calls") or m.get("role") == "tool") for m in messages):
             checked = tool_calls.check_tools(list(tools or []))
-            messages, tools = tool_calls.render_messages(messages, checked, "tools" in self.template.source)
+            # the template's own tool support only where it teaches this syntax (Qwen2.5's, Hermes's)
+            messages, tools = tool_calls.render_messages(messages, checked, tool_calls.OPEN in self.template.source)
         return self.template.render(messages, add_generation_prompt=add_generation_prompt, tools=tools)
 
     def prefill(self, ids: Sequence[int], stats: GenerationStats | None = None) -> np.ndarray:

@@ -291,6 +291,7 @@ class BatchGenerator:
         if not self._free:
             raise RuntimeError("no free slot")
         ids = [int(t) for t in ids]
+        sampler = sampler_for(self.engine.tokenizer, params)        # may refuse the grammar: before any slot is taken
         # the prefix cache: the free slot holding the longest reusable prefix of this prompt is
         # truncated to it; a longer one held by a running generation's slot (its whole prompt
         # chunks do not change while it runs) or by a spare is copied into a free slot
@@ -308,23 +309,22 @@ class BatchGenerator:
         if source is not None or (keep == 0 and self._spares):   # the slot's own prefix is replaced:
             slot = min(self._free, key=lambda s: len(self._kept[s]))    # the one with the least to lose,
             self._save(slot, spare)                                     # kept in a spare first
-        self._free.remove(slot)
         cache = self.caches[slot]
         if source is not None:
             cache.copy_from(source, copy)
             if spare is not None:
                 self._spare_used[spare] = time.monotonic()
             keep = copy
-        elif keep:
-            cache.truncate(keep) if cache.length >= keep else cache.reset()
         else:
-            cache.reset()
+            keep = min(keep, cache.length, cache.reusable(keep)) // self.chunk * self.chunk
+            cache.truncate(keep) if keep else cache.reset()
+        self._free.remove(slot)
         self._kept[slot] = ids[:keep]
         uid, self._uid = self._uid, self._uid + 1
         st = GenerationStats(prompt_tokens=len(ids), cached_tokens=cache.length)
         text = TextStream(self.engine.tokenizer, st, params.max_new_tokens, params.stop, params.ignore_eos,
                           params.logprobs, params.top_logprobs)
-        run = _Running(uid, slot, cache, ids, sampler_for(self.engine.tokenizer, params), text)
+        run = _Running(uid, slot, cache, ids, sampler, text)
         run.filled = cache.length
         self.reused_tokens += cache.length
         self._running[uid] = run
@@ -367,7 +367,12 @@ class BatchGenerator:
         return run.text.finish(reason)
 
     def _sampled(self, run: _Running, logits: np.ndarray, out: list) -> None:
-        token = run.sampler(logits, run.history)
+        try:
+            token = run.sampler(logits, run.history)
+        except ValueError as e:         # this generation's grammar failed (or allows nothing): it alone ends
+            self._end(run, "error")
+            out.append((run.uid, e))
+            return
         run.history.append(token)
         if run.t1 is None:
             run.t1 = time.perf_counter()
@@ -395,9 +400,10 @@ class BatchGenerator:
                 other.filled = n - 1
                 self._kept[other.slot] = list(self._kept[run.slot])
 
-    def step(self) -> list[tuple[int, GenerationResponse]]:
+    def step(self) -> list[tuple[int, GenerationResponse | Exception]]:
         """One round: (generation id, response) pairs, a generation's last one with its finish
-        reason (after which the id is gone and its slot free)."""
+        reason (after which the id is gone and its slot free); a generation whose sampling failed
+        (its grammar) gets the exception instead, as its last."""
         out: list[tuple[int, GenerationResponse]] = []
         model = self.model
         waiting = [r for r in self._running.values() if r.t1 is None]

@@ -42,7 +42,8 @@ class Scheduler:
         self.batch = BatchGenerator(engine, parallel)
         self._inbox: queue.Queue = queue.Queue()
         self._thread = threading.Thread(target=self._main, name="rosenblatt-scheduler", daemon=True)
-        self._closed = False
+        self._closed = threading.Event()
+        self._lock = threading.Lock()           # a request is either queued before close or refused
         self._thread.start()
 
     # caller side
@@ -63,10 +64,11 @@ class Scheduler:
         return "".join(r.text for r in self.chat_responses(messages, params, **kwargs))
 
     def _submit(self, ids: list[int], params: GenerationParams) -> Iterator[GenerationResponse]:
-        if self._closed:
-            raise RuntimeError("the scheduler is closed")
         req = _Request(ids, params)
-        self._inbox.put(req)
+        with self._lock:
+            if self._closed.is_set():
+                raise RuntimeError("the scheduler is closed")
+            self._inbox.put(req)
         return self._read(req)
 
     @staticmethod
@@ -83,11 +85,12 @@ class Scheduler:
             req.cancelled.set()             # a no-op once finished; frees the slot if left early
 
     def close(self, timeout: float = 30.0) -> None:
-        """Stop after cancelling what runs; waits for the thread."""
-        if not self._closed:
-            self._closed = True
-            self._inbox.put(_STOP)
-            self._thread.join(timeout)
+        """Stop at the next step: what runs ends with finish reason "cancelled", what waits gets
+        a RuntimeError; waits for the thread."""
+        with self._lock:
+            self._closed.set()
+            self._inbox.put(_STOP)              # wakes the thread if it waits for work
+        self._thread.join(timeout)
 
     def __enter__(self) -> "Scheduler":
         return self
@@ -96,18 +99,30 @@ class Scheduler:
         self.close()
 
     # the scheduler's thread
+    def _stop(self, active: dict) -> None:
+        for uid, req in active.items():
+            req.out.put(self.batch.remove(uid))
+        while True:
+            try:
+                req = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if req is not _STOP:
+                req.out.put(RuntimeError("the scheduler was closed before this generation started"))
+
     def _main(self) -> None:
         batch, active = self.batch, {}
         while True:
+            if self._closed.is_set():
+                self._stop(active)
+                return
             while batch.free:
                 try:
                     req = self._inbox.get(block=not active)
                 except queue.Empty:
                     break
                 if req is _STOP:
-                    for uid, r in active.items():
-                        r.out.put(batch.remove(uid))
-                    return
+                    break
                 if req.cancelled.is_set():
                     continue
                 try:
@@ -136,5 +151,5 @@ class Scheduler:
                 if req is None:
                     continue
                 req.out.put(r)
-                if r.finish_reason is not None:
+                if isinstance(r, Exception) or r.finish_reason is not None:
                     del active[uid]

@@ -215,9 +215,11 @@ class Server:
         self._check_model(req)
         params = req.checked().generation(body)
         messages = req.chat()
-        tools = req.tool_list() or None
-        calls = tools is not None and req.tool_mode() != "none"     # the answer is searched for calls
-        await self._check_grammar(params, req)
+        # tool_choice "none": no tools in the prompt, nothing searched for calls
+        tools = (req.tool_list() or None) if req.tool_mode() != "none" else None
+        calls = tools is not None
+        await self._check_grammar(params, {"json_schema": "response_format" if req.response_format else "json_schema",
+                                           "grammar": "tools" if req.tool_fields({}) else "grammar"})
         return await self._run(request, lambda p: (lambda e: e.prepare_chat(messages, p, tools=tools)), params, req,
                                chat=True, calls=calls)
 
@@ -227,17 +229,18 @@ class Server:
         self._check_model(req)
         params = req.checked(self.engine.config.vocab_size).generation(body)
         prompt = req.prompt
-        await self._check_grammar(params, req)
+        await self._check_grammar(params, {"json_schema": "response_format" if req.response_format else "json_schema"})
         return await self._run(request, lambda p: (lambda e: e.prepare(prompt, p)), params, req, chat=False)
 
-    async def _check_grammar(self, params, req) -> None:
-        """A response format, grammar or forced tool call the vocabulary cannot serve: a 400 now."""
+    async def _check_grammar(self, params, names: dict[str, str]) -> None:
+        """A response format, grammar or forced tool call the vocabulary cannot serve: a 400 now,
+        naming what the client sent (``names``: the parameter's name -> the request's field)."""
         if params.json_schema is None and params.grammar is None:
             return
         try:
             await asyncio.to_thread(grammar.compile_grammar, self.engine.tokenizer, params)
         except ParamError as e:
-            name = "response_format" if req.response_format is not None and e.param == "json_schema" else e.param
+            name = names.get(e.param, e.param)
             raise bad_request(f"'{name}' {e.problem}", param=name, code=e.kind) from None
 
     async def _run(self, request: Request, make, params, req, chat: bool, calls: bool = False) -> Response:

@@ -352,6 +352,7 @@ class OllamaAPI:
         params = generation_params(req.options, req.format)
         if not req.messages:                    # Ollama's way to load a model: nothing to generate
             return JSONResponse(self._loaded(name, chat=True))
+        await self.srv._check_grammar(params, {"json_schema": "format"})
         messages = []
         for i, m in enumerate(req.messages):
             req.refuse(f"messages[{i}].images", bool(m.images), "are not supported: the model reads text only")
@@ -374,6 +375,7 @@ class OllamaAPI:
         params = generation_params(req.options, req.format)
         if not req.prompt:
             return JSONResponse(self._loaded(name, chat=False))
+        await self.srv._check_grammar(params, {"json_schema": "format"})
         prompt = req.prompt
         if req.raw:
             start = lambda e: e.prepare(prompt, params)             # noqa: E731

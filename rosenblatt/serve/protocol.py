@@ -231,8 +231,8 @@ class ChatRequest(OpenAIRequest):
         except ParamError as e:
             raise bad_request(f"'{e.param}' {e.problem}", param=e.param, code=e.kind) from None
 
-    def tool_mode(self) -> str:
-        """"none", "auto", "required" or the one function's name (tool_choice, checked)."""
+    def tool_mode(self) -> str | tuple[str, str]:
+        """"none", "auto", "required" or ("function", name) (tool_choice, checked)."""
         try:
             return tool_calls.choice(self.tool_choice, self.tool_list())
         except ParamError as e:
@@ -246,7 +246,7 @@ class ChatRequest(OpenAIRequest):
         if "json_schema" in fields or "grammar" in fields:
             raise bad_request("a forced tool call cannot be combined with a response format or a grammar",
                               param="tool_choice", code="invalid_value")
-        only = None if mode == "required" else mode
+        only = None if mode == "required" else mode[1]
         # one call unless parallel calls are asked for: a small model forced to call tends to repeat the call
         return {"grammar": tool_calls.call_grammar(self.tool_list(), only, self.parallel_tool_calls is True)}
 

@@ -208,6 +208,11 @@ class EngineWorker:
                 job = self._active.get(uid)
                 if job is None:
                     continue
+                if isinstance(r, Exception):            # its own grammar failed: it alone ends
+                    del self._active[uid]
+                    self.failed += 1
+                    job.post("error", r)
+                    continue
                 if not job.first_token:
                     self._first_token(job, r.stats)
                 if r.text or r.token is not None:

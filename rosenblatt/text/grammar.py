@@ -131,6 +131,12 @@ def json_in_lark(schema: dict) -> str:
     return "%json " + json.dumps({**closed_objects(schema), "x-guidance": JSON_OPTIONS})
 
 
+def _limits():
+    """Per-step work bounds (llguidance's defaults allow ~15 ms a token; a client's ambiguous
+    grammar must not hold every slot's step): past them the generation fails, alone."""
+    return _llguidance().LLParserLimits(step_max_items=20_000, step_lexer_fuel=100_000)
+
+
 def compile_grammar(tokenizer, params) -> str | None:
     """The grammar of ``params`` (its ``json_schema`` or ``grammar``), checked against the
     tokenizer's vocabulary; None when the generation is free."""
@@ -139,7 +145,7 @@ def compile_grammar(tokenizer, params) -> str | None:
     field = "json_schema" if params.json_schema is not None else "grammar"
     text = json_schema_grammar(params.json_schema) if field == "json_schema" else lark_grammar(params.grammar)
     llg = _llguidance()
-    err = llg.LLMatcher.validate_grammar(text, vocabulary(tokenizer))
+    err = llg.LLMatcher.validate_grammar(text, vocabulary(tokenizer), limits=_limits())
     if err and not err.startswith("WARNING"):
         raise ParamError(field, f"cannot be used: {' '.join(err.split())[:300]}")
     return text
@@ -160,10 +166,11 @@ class Constraint:
     grammar allows one (the most likely of them), so that a model repeating itself inside a
     list still ends with valid JSON rather than being cut off."""
 
-    def __init__(self, tokenizer, grammar: str, budget: int | None = None, close_json: bool = False):
+    def __init__(self, tokenizer, grammar: str, budget: int | None = None, close_json: bool = False,
+                 required: int = 0):
         llg = _llguidance()
         self.vocab = vocabulary(tokenizer)
-        self.matcher = llg.LLMatcher(self.vocab, grammar, log_level=0)
+        self.matcher = llg.LLMatcher(self.vocab, grammar, log_level=0, limits=_limits())
         if self.matcher.is_error():
             raise ParamError("grammar", f"cannot be used: {self.matcher.get_error()}")
         self.n = self.vocab.vocab_size
@@ -172,15 +179,19 @@ class Constraint:
         self.closers = closing_tokens(tokenizer) if close_json and budget is not None else None
         self._depth = 0                 # open strings, arrays and objects in the JSON so far
         self._in_string = self._escaped = False
+        self._keys = 0                  # keys written so far (colons outside strings)
+        self.required = required        # required properties in the schema (an upper bound on those missing)
         self._tok = tokenizer
 
     def margin(self) -> int:
-        """Tokens kept for closing: a few per open level, at least 8, at most a quarter of the budget."""
-        return min(max(8, 4 * self._depth + 4), max(1, self.budget // 4))
+        """Tokens kept for closing: a few per open level and per required key not written yet
+        (at least 8), at most half of the budget."""
+        missing = max(0, self.required - self._keys)
+        return min(max(8, 4 * self._depth + 4 + 6 * missing), max(1, self.budget // 2))
 
-    def _after(self, token: int) -> tuple[int, bool, bool]:
-        """(open levels, in a string, after a backslash) once ``token``'s text follows."""
-        depth, in_string, escaped = self._depth, self._in_string, self._escaped
+    def _after(self, token: int) -> tuple[int, bool, bool, int]:
+        """(open levels, in a string, after a backslash, keys) once ``token``'s text follows."""
+        depth, in_string, escaped, keys = self._depth, self._in_string, self._escaped, self._keys
         for c in self._tok.token_to_piece(token):
             if in_string:
                 if escaped:
@@ -197,7 +208,9 @@ class Constraint:
                 depth += 1
             elif c in (0x5D, 0x7D):                 # ] }
                 depth -= 1
-        return depth, in_string, escaped
+            elif c == 0x3A:                         # : after a key
+                keys += 1
+        return depth, in_string, escaped, keys
 
     def _closing(self, allowed: np.ndarray) -> np.ndarray | None:
         """Of the allowed closing tokens, those that leave the fewest levels open (fewer than
@@ -233,7 +246,7 @@ class Constraint:
         self._check()
         self.used += 1
         if self.closers is not None:
-            self._depth, self._in_string, self._escaped = self._after(int(token))
+            self._depth, self._in_string, self._escaped, self._keys = self._after(int(token))
 
     @property
     def finished(self) -> bool:
@@ -250,4 +263,19 @@ def constraint(tokenizer, params) -> Constraint | None:
     g = compile_grammar(tokenizer, params)
     if g is None:
         return None
-    return Constraint(tokenizer, g, params.max_new_tokens, close_json=params.json_schema is not None)
+    # closing applies to grammars too (a forced tool call is JSON inside tags): it only ever
+    # chooses among the tokens the grammar allows
+    schema = params.json_schema
+    return Constraint(tokenizer, g, params.max_new_tokens, close_json=True,
+                      required=_required(schema) if schema is not None else 0)
+
+
+def _required(schema: Any) -> int:
+    """How many required properties ``schema`` names, nested ones included (each counted once
+    per place it appears: an upper bound for one object, not for arrays of them)."""
+    if isinstance(schema, dict):
+        own = len(schema["required"]) if isinstance(schema.get("required"), list) else 0
+        return own + sum(_required(v) for k, v in schema.items() if k != "required")
+    if isinstance(schema, list):
+        return sum(_required(v) for v in schema)
+    return 0

@@ -69,8 +69,8 @@ def check_tools(tools: Any) -> list[dict]:
     return out
 
 
-def choice(tool_choice: Any, tools: list[dict]) -> str | None:
-    """``"none"``, ``"auto"``, ``"required"`` or the name of the one function to call."""
+def choice(tool_choice: Any, tools: list[dict]) -> str | tuple[str, str]:
+    """``"none"``, ``"auto"``, ``"required"``, or ``("function", name)`` for the one function to call."""
     if tool_choice is None:
         return "auto" if tools else "none"
     if tool_choice in ("none", "auto", "required"):
@@ -80,9 +80,9 @@ def choice(tool_choice: Any, tools: list[dict]) -> str | None:
     if isinstance(tool_choice, Mapping) and tool_choice.get("type") == "function" \
             and isinstance(tool_choice.get("function"), Mapping):
         name = tool_choice["function"].get("name")
-        if name not in {t["function"]["name"] for t in tools}:
+        if not isinstance(name, str) or name not in {t["function"]["name"] for t in tools}:
             raise ParamError("tool_choice", f"names the function {name!r}, which is not among the tools")
-        return name
+        return ("function", name)
     raise ParamError("tool_choice", "must be 'none', 'auto', 'required' or "
                      '{"type": "function", "function": {"name": ...}}')
 

@@ -81,6 +81,26 @@ def test_json_closes_before_the_budget(tok):
         jsonschema.validate(json.loads(tok.decode(out)), schema)
 
 
+def test_json_with_required_keys_closes_before_the_budget(tok):
+    """Four required string properties under random logits: the last tokens of the budget are
+    kept for the keys not yet written, so the object is complete and valid."""
+    schema = {"type": "object", "properties": {k: {"type": "string"} for k in "abcd"}, "required": list("abcd")}
+    n = len(tok.token_attrs())
+    rng = np.random.default_rng(4)
+    for budget in (64, 96):
+        for _ in range(5):
+            p = GenerationParams(json_schema=schema, max_new_tokens=budget, temperature=1.0, top_k=0, top_p=1.0,
+                                 min_p=0)
+            s = Sampler(p.sampling(), grammar.constraint(tok, p))
+            out: list[int] = []
+            for _ in range(budget):
+                t = s(rng.standard_normal(n) * 4, out)
+                if tok.is_eog(t):
+                    break
+                out.append(t)
+            jsonschema.validate(json.loads(tok.decode(out)), schema)
+
+
 def test_closed_objects_only_narrows():
     schema = {"type": "object", "properties": {"properties": {"type": "object", "properties": {"a": {}}},
                                                "b": {"type": "array", "items": {"properties": {"c": {}}}}},
@@ -133,24 +153,26 @@ def test_forced_call_grammar_yields_calls_that_validate(tok):
     rng = np.random.default_rng(2)
     n = len(tok.token_attrs())
     checked = tools.check_tools([WEATHER, CLOCK])
+    parsed = 0
     for only in (None, "time_in"):
         for _ in range(3):
-            c = grammar.Constraint(tok, grammar.lark_grammar(tools.call_grammar(checked, only, parallel=False)))
-            s = Sampler(SamplingParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0), c)
+            p = GenerationParams(grammar=tools.call_grammar(checked, only, parallel=False), max_new_tokens=120,
+                                 temperature=1.0, top_k=0, top_p=1.0, min_p=0)
+            s = Sampler(p.sampling(), grammar.constraint(tok, p))
             out: list[int] = []
-            while len(out) < 300:
+            while len(out) < 120:           # rambling strings are closed within the budget
                 t = s(rng.standard_normal(n) * 2, out)
                 if tok.is_eog(t):
                     break
                 out.append(t)
-            if not tok.is_eog(t):
-                continue                    # a string that rambled past 300 tokens: nothing to parse
             content, calls = tools.parse_calls(tok.decode(out))
             assert content == "" and len(calls) == 1
             fn = calls[0]["function"]
             spec = {"get_weather": WEATHER, "time_in": CLOCK}[fn["name"]]
             assert only in (None, fn["name"])
             jsonschema.validate(json.loads(fn["arguments"]), spec["function"]["parameters"])
+            parsed += 1
+    assert parsed == 6
 
 
 def test_call_parser_streams_content_and_holds_calls():
@@ -192,6 +214,14 @@ def test_messages_for_a_template_without_tools():
     out, t = tools.render_messages(msgs, tools.check_tools([WEATHER]), template_has_tools=True)
     assert t and out[1]["tool_calls"][0]["function"]["arguments"] == {"city": "Oslo", "unit": "celsius"}
     assert out[2] == {"role": "tool", "content": '{"t": 3}', "tool_call_id": "c1"}
+
+
+def test_tool_choice_names_a_function_even_one_called_none():
+    checked = tools.check_tools([{"type": "function", "function": {"name": "none"}}])
+    assert tools.choice({"type": "function", "function": {"name": "none"}}, checked) == ("function", "none")
+    assert tools.choice("none", checked) == "none" and tools.choice(None, checked) == "auto"
+    with pytest.raises(ParamError, match="tool_choice"):
+        tools.choice({"type": "function", "function": {"name": ["f"]}}, checked)
 
 
 @pytest.mark.parametrize("bad, param", [
