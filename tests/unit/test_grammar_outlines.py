@@ -8,13 +8,11 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import pytest
+import outlines_core as oc                      # the test extra brings it
 
 from rosenblatt.text import grammar
 from rosenblatt.text.tokenizer import TokenAttr, Tokenizer
 from support import smollm2_path
-
-oc = pytest.importorskip("outlines_core", reason="outlines-core is in the bench extra, not the test extra")
 
 # no free strings: the two libraries' string grammars differ on purpose (\u escapes, C1 controls)
 SCHEMA = {"type": "object", "properties": {
