@@ -257,8 +257,8 @@ class BatchGenerator:
         #: the prefix cache beyond the slots: when a slot is given to an unrelated prompt, what it
         #: kept is copied into the least recently used of ``prefixes`` spare caches (plain caches
         #: only: a sliding-window cache cannot be copied), from where a later prompt takes it back
-        plain = all(type(c) is KVCache for c in self.caches)
-        self._spares = self.model.new_caches(prefixes) if prefixes and plain else []
+        self._plain = all(type(c) is KVCache for c in self.caches)     # copyable between slots
+        self._spares = self.model.new_caches(prefixes) if prefixes and self._plain else []
         self._spare_kept: list[list[int]] = [[] for _ in self._spares]
         self._spare_used: list[float] = [0.0 for _ in self._spares]
 
@@ -297,7 +297,7 @@ class BatchGenerator:
         # chunks do not change while it runs) or by a spare is copied into a free slot
         slot, keep = max(((s, self._reusable(ids, s)) for s in self._free), key=lambda x: x[1])
         source, spare, copy = None, None, keep
-        if type(self.caches[slot]) is KVCache:
+        if self._plain:
             for r in self._running.values():
                 k = self._reusable(ids, r.slot)
                 if k > copy:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import threading
 from functools import lru_cache
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T, GGUFReader, GGUFValueType, GGUFWriter
@@ -124,3 +127,24 @@ def rewrite(src, dst, meta=None, drop_meta=(), tensors=None, drop_tensors=()):
     w.write_tensors_to_file()
     w.close()
     return dst
+
+
+@contextlib.contextmanager
+def serving(engine, app_kw: dict | None = None, **server_kw):
+    """``python -m rosenblatt serve``'s app and uvicorn on a free loopback port, on a thread:
+    a namespace with its ``url``, ``worker`` and ``engine``; stopped (and checked stopped) after."""
+    from rosenblatt.serve import create_app, make_server
+    app = create_app(engine, **(app_kw or {}))
+    ready, urls = threading.Event(), []
+    srv = make_server(app, host="127.0.0.1", port=0, on_ready=lambda u: (urls.append(u), ready.set()),
+                      graceful_timeout=2, **server_kw)
+    thread = threading.Thread(target=srv.run, name="test-uvicorn", daemon=True)
+    thread.start()
+    try:
+        assert ready.wait(60), "the server did not start"
+        assert urls[0].startswith("http://127.0.0.1:")
+        yield SimpleNamespace(url=urls[0], worker=app.state.server.worker, engine=engine)
+    finally:
+        srv.should_exit = True
+        thread.join(30)
+    assert not thread.is_alive(), "the server did not shut down"

@@ -286,17 +286,7 @@ class LlamaModel:
         st: dict = {}
 
         def qkv_done(ys):
-            q, k, v = ys
-            if L.bq is not None:
-                q += L.bq
-                k += L.bk
-                v += L.bv
-            q = q.reshape(t, cfg.n_heads, cfg.head_dim)
-            k = k.reshape(t, cfg.n_kv_heads, cfg.head_dim)
-            apply_rope(q, cos, sin, cfg.rope_dim, cfg.rope_neox)
-            apply_rope(k, cos, sin, cfg.rope_dim, cfg.rope_neox)
-            st["q"] = q
-            st["kv"] = cache.store(i, pos, k, v.reshape(t, cfg.n_kv_heads, cfg.head_dim_v))
+            st["q"], st["kv"] = self._qkv_stored(L, i, *ys, cache, pos, cos, sin, apply_rope)
 
         def add(ys):
             xc[...] += ys[0]
@@ -312,6 +302,21 @@ class LlamaModel:
             MatmulNode(lambda: st.pop("h"), (L.w_down,), t, (first + 2,), add),
         )
 
+    def _qkv_stored(self, L, i: int, q, k, v, cache: KVCache, pos: int, cos, sin, apply_rope):
+        """Layer ``i``'s q/k/v products of rows at ``pos``..: biases, heads, RoPE; the keys and
+        values stored. (queries, the cache's keys and values for attention)."""
+        cfg = self.cfg
+        t = q.shape[0]
+        if L.bq is not None:
+            q += L.bq
+            k += L.bk
+            v += L.bv
+        q = q.reshape(t, cfg.n_heads, cfg.head_dim)
+        k = k.reshape(t, cfg.n_kv_heads, cfg.head_dim)
+        apply_rope(q, cos, sin, cfg.rope_dim, cfg.rope_neox)
+        apply_rope(k, cos, sin, cfg.rope_dim, cfg.rope_neox)
+        return q, cache.store(i, pos, k, v.reshape(t, cfg.n_kv_heads, cfg.head_dim_v))
+
     def _layers(self, x: np.ndarray, cache: KVCache, start: int, ops) -> None:
         """Every layer, operation by operation, on the residual ``x`` [T, d] (updated in place)."""
         cfg = self.cfg
@@ -320,16 +325,8 @@ class LlamaModel:
         cos, sin = self.cos[start:start + t], self.sin[start:start + t]
         for i, L in enumerate(self.layers):
             n = rms_norm(x, L.attn_norm, cfg.rms_eps)
-            q, k, v = mm_many(n, (L.wq, L.wk, L.wv))
-            if L.bq is not None:
-                q += L.bq
-                k += L.bk
-                v += L.bv
-            q = q.reshape(t, cfg.n_heads, cfg.head_dim)
-            k = k.reshape(t, cfg.n_kv_heads, cfg.head_dim)
-            apply_rope(q, cos, sin, cfg.rope_dim, cfg.rope_neox)
-            apply_rope(k, cos, sin, cfg.rope_dim, cfg.rope_neox)
-            kc, vc = cache.store(i, start, k, v.reshape(t, cfg.n_kv_heads, cfg.head_dim_v))
+            q, (kc, vc) = self._qkv_stored(L, i, *mm_many(n, (L.wq, L.wk, L.wv)), cache, start, cos, sin,
+                                           apply_rope)
             a = attention(q, kc, vc, start, cfg.n_kv_heads)
             x += mm(np.ascontiguousarray(a), L.wo)
             m = rms_norm(x, L.ffn_norm, cfg.rms_eps)

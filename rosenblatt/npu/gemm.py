@@ -68,6 +68,18 @@ def _check_matrix(x, name: str) -> np.ndarray:
     return x
 
 
+def _check_pair(device: RocketDevice, a, weights: PreparedWeights) -> np.ndarray:
+    """``a`` as an int8 matrix that can multiply ``weights`` (prepared on ``device``, still open)."""
+    a = _check_matrix(a, "a")
+    if weights.device is not device:
+        raise NPUPlanError("the weights were prepared on another device")
+    if weights.bo.closed:
+        raise NPUPlanError("the weights BO has been closed")
+    if a.shape[1] != weights.K:
+        raise NPUPlanError(f"a is {a.shape}, weights are {weights.shape}: K differs")
+    return a
+
+
 def prepare_weights(device: RocketDevice, b: np.ndarray) -> PreparedWeights:
     return PreparedWeights(device, b)
 
@@ -76,13 +88,7 @@ class GemmRun:
     """One staged C = A @ B on ``device`` with prepared weights."""
 
     def __init__(self, device: RocketDevice, a: np.ndarray, weights: PreparedWeights):
-        a = _check_matrix(a, "a")
-        if weights.device is not device:
-            raise NPUPlanError("the weights were prepared on another device")
-        if weights.bo.closed:
-            raise NPUPlanError("the weights BO has been closed")
-        if a.shape[1] != weights.K:
-            raise NPUPlanError(f"a is {a.shape}, weights are {weights.shape}: K differs")
+        a = _check_pair(device, a, weights)
         self.device = device
         self.weights = weights
         self.M = a.shape[0]
@@ -166,13 +172,7 @@ class GemmBatch:
         self.device = device
         self.arrays, self.weights, self.plans = [], [], []
         for a, w in items:
-            a = _check_matrix(a, "a")
-            if w.device is not device:
-                raise NPUPlanError("the weights were prepared on another device")
-            if w.bo.closed:
-                raise NPUPlanError("the weights BO has been closed")
-            if a.shape[1] != w.K:
-                raise NPUPlanError(f"a is {a.shape}, weights are {w.shape}: K differs")
+            a = _check_pair(device, a, w)
             self.arrays.append(a)
             self.weights.append(w)
             self.plans.append(planmod.plan_gemm(a.shape[0], w.K, w.N))

@@ -219,7 +219,7 @@ class Server:
         tools = (req.tool_list() or None) if req.tool_mode() != "none" else None
         calls = tools is not None
         await self._check_grammar(params, {"json_schema": "response_format" if req.response_format else "json_schema",
-                                           "grammar": "tools" if req.tool_fields({}) else "grammar"})
+                                           "grammar": "grammar" if req.tool_mode() in ("none", "auto") else "tools"})
         return await self._run(request, lambda p: (lambda e: e.prepare_chat(messages, p, tools=tools)), params, req,
                                chat=True, calls=calls)
 

@@ -339,6 +339,16 @@ def test_batch_generator_shares_an_identical_prompt(smollm2_engine):
     assert [texts[u] for u in uids] == alone
 
 
+def _alone_in(batch, engine, prompt, params) -> str:
+    """The text of ``prompt`` generated as the only generation in ``batch``."""
+    uid = batch.insert(*engine.prepare(prompt, params))
+    text = ""
+    while batch.running:
+        for u, r in batch.step():
+            text += r.text if u == uid else ""
+    return text
+
+
 def test_batch_generator_reuses_a_finished_prompts_whole_chunks_exactly(smollm2_engine):
     """A later prompt sharing a long prefix with what a slot holds reuses the prefix's whole
     prefill chunks (and computes only the rest); its text is the one a fresh batch gives."""
@@ -349,12 +359,7 @@ def test_batch_generator_reuses_a_finished_prompts_whole_chunks_exactly(smollm2_
     p = GenerationParams(max_new_tokens=8, temperature=0)
 
     def run(batch, prompt):
-        uid = batch.insert(*e.prepare(prompt, p))
-        text = ""
-        while batch.running:
-            for u, r in batch.step():
-                text += r.text if u == uid else ""
-        return text
+        return _alone_in(batch, e, prompt, p)
 
     fresh = [run(BatchGenerator(e, slots=1), q) for q in prompts]
     batch = BatchGenerator(e, slots=1)
@@ -376,12 +381,7 @@ def test_batch_generator_keeps_prefixes_beyond_its_slots(smollm2_engine):
     p = GenerationParams(max_new_tokens=6, temperature=0)
 
     def run(batch, prompt):
-        uid = batch.insert(*e.prepare(prompt, p))
-        text = ""
-        while batch.running:
-            for u, r in batch.step():
-                text += r.text if u == uid else ""
-        return text
+        return _alone_in(batch, e, prompt, p)
 
     fresh = [run(BatchGenerator(e, slots=1, prefixes=0), q) for q in prompts]
     common = next(i for i, (a, b) in enumerate(zip(e.tokenize(prompts[0]), e.tokenize(prompts[2]))) if a != b)

@@ -10,17 +10,14 @@ module is skipped, unless ``CI`` is set (CI installs both; a skip there would hi
 
 from __future__ import annotations
 
-import contextlib
 import os
-import threading
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import httpx
 import pytest
 
-from support import smollm2_path
+from support import serving, smollm2_path
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
@@ -41,28 +38,9 @@ def _missing() -> str | None:
     return None
 
 
-@contextlib.contextmanager
-def serving(engine, **app_kw):
-    """A real uvicorn on a free loopback port, on a thread."""
-    from rosenblatt.serve import create_app, make_server
-    app = create_app(engine, **app_kw)
-    ready, urls = threading.Event(), []
-    srv = make_server(app, host="127.0.0.1", port=0, on_ready=lambda u: (urls.append(u), ready.set()),
-                      graceful_timeout=2)
-    thread = threading.Thread(target=srv.run, name="test-uvicorn-browser", daemon=True)
-    thread.start()
-    try:
-        assert ready.wait(60), "the server did not start"
-        yield SimpleNamespace(url=urls[0], worker=app.state.server.worker)
-    finally:
-        srv.should_exit = True
-        thread.join(30)
-    assert not thread.is_alive(), "the server did not shut down"
-
-
 @pytest.fixture(scope="module")
 def server(smollm2_engine):
-    with serving(smollm2_engine, api_key=KEY) as srv:
+    with serving(smollm2_engine, app_kw={"api_key": KEY}) as srv:
         yield srv
 
 
@@ -333,7 +311,7 @@ def test_server_error_is_shown(server, browser):
 def test_busy_server_is_shown(smollm2_engine, browser):
     """A server that takes no more requests (503 queue_full) is one clear message with the
     server's words and its Retry-After."""
-    with serving(smollm2_engine, max_queue=0) as busy:      # every request is refused
+    with serving(smollm2_engine, app_kw={"max_queue": 0}) as busy:      # every request is refused
         browser.get(busy.url + "/")
         wait(browser, lambda d: text(d, by_testid(d, "model-id")) == MODEL_ID, 15, "the model's id is not shown")
         ask(browser, "Are you there?", answered=False)

@@ -7,10 +7,8 @@ the engine's own greedy `Engine.chat` / `Engine.generate` (at temperature 0 all 
 from __future__ import annotations
 
 import json
-import threading
 import time
 from datetime import datetime
-from types import SimpleNamespace
 
 import httpx
 import ollama
@@ -18,7 +16,7 @@ import pytest
 
 from rosenblatt import __version__
 from rosenblatt.params import GenerationParams
-from support import smollm2_path
+from support import serving, smollm2_path
 
 MODEL_ID = smollm2_path().stem
 FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
@@ -28,20 +26,8 @@ GREEDY = {"temperature": 0, "num_predict": 12}
 
 @pytest.fixture(scope="module")
 def server(smollm2_engine):
-    from rosenblatt.serve import create_app, make_server
-    app = create_app(smollm2_engine)
-    ready, urls = threading.Event(), []
-    srv = make_server(app, host="127.0.0.1", port=0, on_ready=lambda u: (urls.append(u), ready.set()),
-                      graceful_timeout=2)
-    thread = threading.Thread(target=srv.run, name="test-uvicorn-ollama", daemon=True)
-    thread.start()
-    try:
-        assert ready.wait(60), "the server did not start"
-        yield SimpleNamespace(url=urls[0], worker=app.state.server.worker, engine=smollm2_engine)
-    finally:
-        srv.should_exit = True
-        thread.join(30)
-    assert not thread.is_alive(), "the server did not shut down"
+    with serving(smollm2_engine) as srv:
+        yield srv
 
 
 @pytest.fixture(scope="module")

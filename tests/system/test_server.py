@@ -7,7 +7,6 @@ SmolLM2 engine; the `serve` command itself is tested once as a subprocess (with 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import re
@@ -16,7 +15,6 @@ import socket
 import sys
 import threading
 import time
-from types import SimpleNamespace
 
 import httpx          # the 'test' extra brings the server's packages and the clients: a missing
 import openai         # one fails the suite instead of skipping it
@@ -24,7 +22,7 @@ import pytest
 import starlette      # noqa: F401
 import uvicorn        # noqa: F401
 
-from support import smollm2_path
+from support import serving, smollm2_path
 
 MODEL_ID = smollm2_path().stem
 FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
@@ -33,25 +31,8 @@ COUNT = "1, 2, 3, 4, 5,"
 
 @pytest.fixture(scope="module")
 def server(smollm2_engine):
-    from rosenblatt.serve import create_app, make_server
-    app = create_app(smollm2_engine)
-    ready, urls = threading.Event(), []
-
-    def on_ready(url):
-        urls.append(url)
-        ready.set()
-
-    srv = make_server(app, host="127.0.0.1", port=0, on_ready=on_ready, graceful_timeout=2)
-    thread = threading.Thread(target=srv.run, name="test-uvicorn", daemon=True)
-    thread.start()
-    try:
-        assert ready.wait(60), "the server did not start"
-        assert urls[0].startswith("http://127.0.0.1:")
-        yield SimpleNamespace(url=urls[0], worker=app.state.server.worker, engine=smollm2_engine)
-    finally:
-        srv.should_exit = True
-        thread.join(30)
-    assert not thread.is_alive(), "the server did not shut down"
+    with serving(smollm2_engine) as srv:
+        yield srv
 
 
 @pytest.fixture(scope="module")
@@ -344,29 +325,11 @@ def test_serve_refuses_a_missing_model():
     assert out.returncode == 2 and re.search(r"no-such-model\.gguf: no such file", out.stderr)
 
 
-@contextlib.contextmanager
-def running(engine, app_kw=None, **server_kw):
-    """A second server on a free loopback port, with its own limits."""
-    from rosenblatt.serve import create_app, make_server
-    app = create_app(engine, **(app_kw or {}))
-    ready, urls = threading.Event(), []
-    srv = make_server(app, host="127.0.0.1", port=0, on_ready=lambda u: (urls.append(u), ready.set()),
-                      graceful_timeout=2, **server_kw)
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    try:
-        assert ready.wait(60), "the server did not start"
-        yield SimpleNamespace(url=urls[0], worker=app.state.server.worker)
-    finally:
-        srv.should_exit = True
-        thread.join(30)
-
-
 def test_stalled_connections_are_closed_and_others_served(smollm2_engine):
     """Slow clients (headers a byte at a time and then nothing, a body that stops half-way, a
     connection that never sends) are closed once --read-timeout passes; requests from others are
     answered meanwhile and afterwards. Loopback only, every wait bounded."""
-    with running(smollm2_engine, read_timeout=1.0) as srv:
+    with serving(smollm2_engine, read_timeout=1.0) as srv:
         host, port = srv.url.removeprefix("http://").split(":")
         body = b'{"prompt": "Hi", "max_tokens": 2}'
         stalls = [b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Ty",           # headers cut
@@ -397,7 +360,7 @@ def test_stalled_connections_are_closed_and_others_served(smollm2_engine):
 def test_a_request_that_waited_too_long_gets_503(smollm2_engine):
     """One long generation holds the engine; a request queued behind it past --queue-timeout is
     answered 503 (queue_timeout) when its turn comes, and the next one is served."""
-    with running(smollm2_engine, app_kw={"queue_timeout": 0.5, "parallel": 1}) as srv:
+    with serving(smollm2_engine, app_kw={"queue_timeout": 0.5, "parallel": 1}) as srv:
         def long():
             return httpx.post(srv.url + "/v1/completions", timeout=120,
                               json={"prompt": COUNT, "max_tokens": 300, "temperature": 0})
@@ -432,7 +395,7 @@ def sample(metrics: dict, name: str, **labels) -> float:
 
 
 def test_metrics_need_no_key_and_count_refusals(smollm2_engine):
-    with running(smollm2_engine, app_kw={"api_key": "sekrit"}) as srv:
+    with serving(smollm2_engine, app_kw={"api_key": "sekrit"}) as srv:
         assert httpx.get(srv.url + "/v1/models", timeout=10).status_code == 401
         m = scrape(srv.url)                                  # no Authorization header
         assert sample(m, "rosenblatt_requests_total", endpoint="/v1/models", status="401") == 1
@@ -485,7 +448,7 @@ def test_a_full_queue_gets_503_with_retry_after(smollm2_engine):
             errors.append(e)
 
     threads = []
-    with running(smollm2_engine, app_kw={"max_queue": 1, "parallel": 1}) as srv:
+    with serving(smollm2_engine, app_kw={"max_queue": 1, "parallel": 1}) as srv:
         deadline = time.monotonic() + 30
         for cond in (lambda: srv.worker.busy, lambda: srv.worker.queued == 1):
             threads.append(threading.Thread(target=post, args=(srv.url,), daemon=True))

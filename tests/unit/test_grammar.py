@@ -63,42 +63,39 @@ def test_sampler_never_leaves_the_language(tok):
             assert re.fullmatch(pattern, tok.decode(out)), tok.decode(out)
 
 
+def _random_answer(tok, rng, scale: float = 4.0, **fields) -> str:
+    """The text a constrained generation with ``fields`` gives under random logits (unfiltered
+    sampling at temperature 1), ended by an end token or its ``max_new_tokens``."""
+    p = GenerationParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0, **fields)
+    s = Sampler(p.sampling(), grammar.constraint(tok, p))
+    n = len(tok.token_attrs())
+    out: list[int] = []
+    for _ in range(p.max_new_tokens):
+        t = s(rng.standard_normal(n) * scale, out)
+        if tok.is_eog(t):
+            break
+        out.append(t)
+    return tok.decode(out)
+
+
 def test_json_closes_before_the_budget(tok):
     """A list of strings under random logits (which would ramble forever) is closed within its
     token budget: the text parses and validates."""
     schema = {"type": "array", "items": {"type": "string"}}
-    n = len(tok.token_attrs())
     rng = np.random.default_rng(1)
     for budget in (12, 24, 48):
-        p = GenerationParams(json_schema=schema, max_new_tokens=budget, temperature=1.0, top_k=0, top_p=1.0, min_p=0)
-        s = Sampler(p.sampling(), grammar.constraint(tok, p))
-        out: list[int] = []
-        for _ in range(budget):
-            t = s(rng.standard_normal(n) * 4, out)
-            if tok.is_eog(t):
-                break
-            out.append(t)
-        jsonschema.validate(json.loads(tok.decode(out)), schema)
+        jsonschema.validate(json.loads(_random_answer(tok, rng, json_schema=schema, max_new_tokens=budget)), schema)
 
 
 def test_json_with_required_keys_closes_before_the_budget(tok):
     """Four required string properties under random logits: the last tokens of the budget are
     kept for the keys not yet written, so the object is complete and valid."""
     schema = {"type": "object", "properties": {k: {"type": "string"} for k in "abcd"}, "required": list("abcd")}
-    n = len(tok.token_attrs())
     rng = np.random.default_rng(4)
     for budget in (64, 96):
         for _ in range(5):
-            p = GenerationParams(json_schema=schema, max_new_tokens=budget, temperature=1.0, top_k=0, top_p=1.0,
-                                 min_p=0)
-            s = Sampler(p.sampling(), grammar.constraint(tok, p))
-            out: list[int] = []
-            for _ in range(budget):
-                t = s(rng.standard_normal(n) * 4, out)
-                if tok.is_eog(t):
-                    break
-                out.append(t)
-            jsonschema.validate(json.loads(tok.decode(out)), schema)
+            text = _random_answer(tok, rng, json_schema=schema, max_new_tokens=budget)
+            jsonschema.validate(json.loads(text), schema)
 
 
 def test_closed_objects_only_narrows():
@@ -151,21 +148,14 @@ def test_forced_call_grammar_yields_calls_that_validate(tok):
     """Random logits through the forced-call grammar: the text parses into one call of a
     listed function whose arguments validate against its schema."""
     rng = np.random.default_rng(2)
-    n = len(tok.token_attrs())
     checked = tools.check_tools([WEATHER, CLOCK])
     parsed = 0
     for only in (None, "time_in"):
         for _ in range(3):
-            p = GenerationParams(grammar=tools.call_grammar(checked, only, parallel=False), max_new_tokens=120,
-                                 temperature=1.0, top_k=0, top_p=1.0, min_p=0)
-            s = Sampler(p.sampling(), grammar.constraint(tok, p))
-            out: list[int] = []
-            while len(out) < 120:           # rambling strings are closed within the budget
-                t = s(rng.standard_normal(n) * 2, out)
-                if tok.is_eog(t):
-                    break
-                out.append(t)
-            content, calls = tools.parse_calls(tok.decode(out))
+            # rambling strings are closed within the budget
+            text = _random_answer(tok, rng, scale=2.0, grammar=tools.call_grammar(checked, only, parallel=False),
+                                  max_new_tokens=120)
+            content, calls = tools.parse_calls(text)
             assert content == "" and len(calls) == 1
             fn = calls[0]["function"]
             spec = {"get_weather": WEATHER, "time_in": CLOCK}[fn["name"]]
