@@ -16,6 +16,7 @@ model left free to choose whitespace can fill its whole budget with it.
 from __future__ import annotations
 
 import json
+import re
 import weakref
 from typing import Any
 
@@ -266,8 +267,14 @@ def constraint(tokenizer, params) -> Constraint | None:
     # closing applies to grammars too (a forced tool call is JSON inside tags): it only ever
     # chooses among the tokens the grammar allows
     schema = params.json_schema
-    return Constraint(tokenizer, g, params.max_new_tokens, close_json=True,
-                      required=_required(schema) if schema is not None else 0)
+    required = _required(schema) if schema is not None else sum(
+        _required(json.loads(m)) for m in _JSON_RULE.findall(params.grammar))
+    return Constraint(tokenizer, g, params.max_new_tokens, close_json=True, required=required)
+
+
+#: a JSON schema embedded in a Lark grammar (``rule: %json {...}`` on one line, as
+#: :func:`json_in_lark` writes it)
+_JSON_RULE = re.compile(r"%json\s+(\{.*\})\s*$", re.M)
 
 
 def _required(schema: Any) -> int:

@@ -66,7 +66,7 @@ def test_sampler_never_leaves_the_language(tok):
 def _random_answer(tok, rng, scale: float = 4.0, **fields) -> str:
     """The text a constrained generation with ``fields`` gives under random logits (unfiltered
     sampling at temperature 1), ended by an end token or its ``max_new_tokens``."""
-    p = GenerationParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0, **fields)
+    p = GenerationParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0, seed=int(rng.integers(2**32)), **fields)
     s = Sampler(p.sampling(), grammar.constraint(tok, p))
     n = len(tok.token_attrs())
     out: list[int] = []
