@@ -57,6 +57,7 @@ declare <32 x i8> @llvm.x86.avx2.psign.b(<32 x i8>, <32 x i8>)
 declare <32 x i8> @llvm.abs.v32i8(<32 x i8>, i1)
 declare void @llvm.masked.store.v8f32.p0(<8 x float>, <8 x float>*, i32, <8 x i1>)
 declare <8 x i32> @llvm.x86.avx512.vpdpbusd.256(<8 x i32>, <8 x i32>, <8 x i32>)
+declare void @llvm.prefetch.p0(i8*, i32, i32, i32)
 declare <4 x i32> @llvm.aarch64.neon.sdot.v4i32.v16i8(<4 x i32>, <16 x i8>, <16 x i8>)
 """
 
@@ -87,7 +88,7 @@ mend:
 # (float); each result is sum(accv) + {cs} * accs. The weight block is unpacked once for the
 # {R} rows. Strides in bytes.
 _SKELETON = """
-define void @mm{R}_{name}(i8* %w, i64 %row_bytes, i64 %r0, i64 %r1, i64 %nblk, i64 %m_rows,
+define void @mm{R}{tag}_{name}(i8* %w, i64 %row_bytes, i64 %r0, i64 %r1, i64 %nblk, i64 %m_rows,
                        i8* %x_, i64 %sx, float* %out_, i64 %so) {{
 entry:
   %empty_r = icmp sge i64 %r0, %r1
@@ -163,8 +164,9 @@ class _IR:
     def __init__(self, isa: str):
         self.lines: list[str] = []
         self.n = 0
-        isa, _, extra = isa.partition("+")
-        self.vnni = extra == "vnni"          # "avx2+vnni": vpdpbusd may be used (AVX-512 VNNI or AVX-VNNI)
+        isa, *extra = isa.split("+")
+        self.vnni = "vnni" in extra          # "avx2+vnni": vpdpbusd may be used (AVX-512 VNNI or AVX-VNNI)
+        self.prefetching = "prefetch" in extra   # "+prefetch": the weight-streaming form (:meth:`prefetch`)
         self.isa = isa
         self.x86 = isa == "avx2"
         self.sdot = isa in ("sdot", "sdot-emulated")
@@ -181,6 +183,15 @@ class _IR:
 
     def load(self, base: str, offset, ty: str) -> str:
         return self(f"load {ty}, {ty}* {self.ptr(base, offset, ty)}, align 1")
+
+    def prefetch(self, base: str, offset, nbytes: int) -> None:
+        """In the prefetching kernels only: ask for the ``nbytes`` weight bytes :data:`PREFETCH_AHEAD`
+        past ``base`` + ``offset``, a line at a time (a hint: no fault, no effect on any result)."""
+        if not self.prefetching:
+            return
+        for line in range(0, nbytes, 64):
+            p = self(f"getelementptr i8, i8* {base}, i64 {self(f'add i64 {offset}, {PREFETCH_AHEAD + line}')}")
+            self.lines.append(f"  call void @llvm.prefetch.p0(i8* {p}, i32 0, i32 3, i32 1)")
 
     def half(self, base: str, offset) -> str:
         return self(f"fpext half {self.load(base, offset, 'half')} to float")
@@ -355,6 +366,8 @@ def _body_q32(kind: str, isa: str, rows: int):
     bsize, qs_at, qh_at = {"q8_0": (34, 2, None), "q4_0": (18, 2, None), "q4_1": (20, 4, None),
                            "q5_0": (22, 6, 2), "q5_1": (24, 8, 4)}[kind]
     boff = e(f"mul i64 %b, {bsize}")
+    if kind == "q8_0":
+        e.prefetch("%row", boff, 1)       # a line every block: 34-byte blocks cover every line
     d = e.half("%row", boff)
     if kind == "q8_0":
         wq = e.signed_weights(e.load("%row", e(f"add i64 {boff}, {qs_at}"), "<32 x i8>"))
@@ -389,6 +402,7 @@ def _body_q45_k(isa: str, rows: int, five: bool):
     Q5_K adds qh[32] before the nibbles: bit j of qh[l] is the 5th bit of element l of sub-block j."""
     e = _IR(isa)
     boff = e(f"mul i64 %b, {176 if five else 144}")
+    e.prefetch("%row", boff, 176 if five else 144)
     d = e.half("%row", boff)
     dmin = e.half("%row", e(f"add i64 {boff}, 2"))
     # the 12 scale bytes a|b|c (4 each) hold 6-bit scales and mins: j < 4: a_j & 63, b_j & 63;
@@ -437,6 +451,7 @@ def _body_q6_k(isa: str, rows: int):
     """Q6_K against Q8_256: unsigned 6-bit quants, sum_i sc_i * dot_i in int32; -32 from the 16-sums."""
     e = _IR(isa)
     boff = e("mul i64 %b, 210")
+    e.prefetch("%row", boff, 210)
     d = e.half("%row", e(f"add i64 {boff}, 208"))
     scv = e(f"sext <16 x i8> {e.load('%row', e(f'add i64 {boff}, 192'), '<16 x i8>')} to <16 x i16>")
     sumi = ["zeroinitializer"] * rows
@@ -481,7 +496,7 @@ PACKED_ISAS = ("avx2",)
 _PACKED_MODULES = PACKED_ISAS + ("portable",)
 
 _PACKED_SKELETON = """
-define void @px{R}_{name}(i8* %w, i64 %gbytes, i64 %r0, i64 %r1, i64 %nblk, i64 %m_rows,
+define void @px{R}{tag}_{name}(i8* %w, i64 %gbytes, i64 %r0, i64 %r1, i64 %nblk, i64 %m_rows,
                        i8* %x_, i64 %sx, float* %out_, i64 %so) {{
 entry:
   %empty_r = icmp sge i64 %r0, %r1
@@ -531,6 +546,7 @@ def _body_q4_k_packed(isa: str, rows: int):
     the row-major kernels update their float (:meth:`_IR.fma_int`)."""
     e = _IR(isa)
     blk = e(f"mul i64 %b, {PACKED_BLOCK[Q4_K]}")
+    e.prefetch("%row", blk, PACKED_BLOCK[Q4_K])
     at = lambda off: e(f"add i64 {blk}, {off}")
     d = e(f"fpext <8 x half> {e.load('%row', blk, '<8 x half>')} to <8 x float>")
     dmin = e(f"fpext <8 x half> {e.load('%row', at(16), '<8 x half>')} to <8 x float>")
@@ -588,6 +604,7 @@ def _body_q8_0_packed(isa: str, rows: int):
     taken back exactly: the lanes start at -128 x (4-sums of the activations)."""
     e = _IR(isa)
     blk = e("mul i64 %b, 272")
+    e.prefetch("%row", blk, 272)
     d = e(f"fpext <8 x half> {e.load('%row', e(f'add i64 {blk}, 256'), '<8 x half>')} to <8 x float>")
     ab = e(f"mul i64 %b, {ACT_BLOCK[Q8_32]}")
     w = {(c, h): e.load("%row", e(f"add i64 {blk}, {(c * 2 + h) * 32}"), "<32 x i8>") for c in range(4) for h in range(2)}
@@ -623,7 +640,7 @@ _Q8_0_PACKED_STORES = """  %ev{i} = shufflevector <8 x float> %half{i}_0, <8 x f
 _PACKED_KERNELS = {Q4_K: ("q4_k", _body_q4_k_packed), Q8_0: ("q8_0", _body_q8_0_packed)}
 
 
-def _packed_ir(name: str, body, isa: str, rows: int) -> str:
+def _packed_ir(name: str, body, isa: str, rows: int, tag: str = "") -> str:
     lines, accs = body(isa, rows)
     if isinstance(accs[0], list):       # Q8_0: 8 float accumulators an activation row
         phis = "\n".join(_Q8_0_PACKED_PHIS.format(i=i, **{f"a{k}": a for k, a in enumerate(acc)})
@@ -635,7 +652,7 @@ def _packed_ir(name: str, body, isa: str, rows: int) -> str:
         phis = "\n".join(_PACKED_PHIS.format(i=i, a=a) for i, a in enumerate(accs))
         stores = "\n".join(_PACKED_STORES.format(i=i, a=a) for i, a in enumerate(accs))
     pointers = "\n".join(_POINTERS.format(i=i) for i in range(len(accs)))
-    return _PACKED_SKELETON.format(name=name, R=rows, body=lines, pointers=pointers, phis=phis, stores=stores)
+    return _PACKED_SKELETON.format(name=name, R=rows, tag=tag, body=lines, pointers=pointers, phis=phis, stores=stores)
 
 
 #: ggml type -> (kernel name, activation format, IR body, factor of the scalar accumulator)
@@ -660,6 +677,20 @@ ROWS = 4
 #: two, docs/performance.md). The results do not depend on it: each row's sums are its own.
 WIDE = {"avx2": 8}
 
+# Decode of a few sequences at once (4-7 activation rows) against a matrix with a long input: the
+# activation rows no longer fit L1 beside the streamed weights (4 x 8960 inputs of Q8_256 are
+# 45 KB), and the hardware's prefetch stops keeping up: on the development machine (AMD EPYC, 32 KB
+# L1) the 1.5B model's 4-row ffn_down took 2.2-2.5x its one-row time while gate/up (1536 inputs)
+# took 1.2x. Kernels that prefetch their weights PREFETCH_AHEAD bytes ahead bring a 4-row down
+# projection from ~1.05 to ~0.75 ms (Q4_K, one thread) and ~1.7 to ~1.2 ms (Q6_K); the same
+# prefetch slows short inputs (gate/up -15 %) and one-row products (-5 to -50 %), so the x86
+# multi-row entry takes the prefetching 4-row kernels only from PREFETCH_MIN_INPUTS inputs and for
+# the 4-row pass (docs/performance.md). Results do not depend on it.
+PREFETCH_AHEAD = 2048
+PREFETCH_MIN_INPUTS = 4096
+#: ggml types with a prefetching 4-row kernel (row-major and packed) in the wide ISAs' modules
+_PREFETCHED = frozenset({Q4_K, Q5_K, Q6_K, Q8_0})
+
 _WIDE_ENTRY = """
 define void @{P}w_{name}(i8* %w, i64 %row_bytes, i64 %r0, i64 %r1, i64 %nblk, i64 %m_rows,
                       i8* %x_, i64 %sx, float* %out_, i64 %so) {{
@@ -671,10 +702,23 @@ entry:
   %xr = getelementptr i8, i8* %x_, i64 %xoff
   %ooff = mul i64 %mw, %so
   %outr = getelementptr float, float* %out_, i64 %ooff
-  call void @{P}{R}_{name}(i8* %w, i64 %row_bytes, i64 %r0, i64 %r1, i64 %nblk, i64 %rest, i8* %xr, i64 %sx, float* %outr, i64 %so)
+{rest}
   ret void
 }}
 """
+_REST_CALL = """  call void @{P}{R}{tag}_{name}(i8* %w, i64 %row_bytes, i64 %r0, i64 %r1, i64 %nblk, i64 %rest, i8* %xr, i64 %sx, float* %outr, i64 %so)"""
+_REST_CHOICE = """  %long = icmp sge i64 %nblk, {blocks}
+  br i1 %long, label %ahead, label %plain
+ahead:
+""" + _REST_CALL.replace("{tag}", "p") + """
+  ret void
+plain:
+""" + _REST_CALL.replace("{tag}", "")
+
+
+def _wide_entry(P: str, name: str, W: int, prefetched: bool, fmt: int) -> str:
+    rest = (_REST_CHOICE.replace("{blocks}", str(PREFETCH_MIN_INPUTS // fmt)) if prefetched else _REST_CALL.replace("{tag}", ""))
+    return _WIDE_ENTRY.format(P=P, name=name, W=W, R=ROWS, rest=rest.format(P=P, R=ROWS, name=name))
 
 
 # Float dot products of one query row with n key rows (attention scores), for ops.attention_decode:
@@ -769,17 +813,22 @@ def module_ir(isa: str, vnni: bool = False) -> str:
     counts = (1, ROWS) + ((wide,) if wide else ())
     packed = [_PACKED_KERNELS[qt] for qt in packed_types(isa, vnni)]
     flavour = isa + ("+vnni" if vnni and isa == "avx2" else "")
+    ahead = {qt for qt in _PREFETCHED if wide}
+    pk = {n: qt for qt, (n, _) in _PACKED_KERNELS.items()}
     return (_HEADER + "".join(_kernel_ir(n, cs, body, isa, r) for n, _, body, cs in _KERNELS.values() for r in counts)
-            + "".join(_WIDE_ENTRY.format(P="mm", name=n, W=wide, R=ROWS) for n, _, _, _ in _KERNELS.values() if wide)
+            + "".join(_kernel_ir(n, cs, body, isa + "+prefetch", ROWS, "p")
+                      for qt, (n, _, body, cs) in _KERNELS.items() if qt in ahead)
+            + "".join(_wide_entry("mm", n, wide, qt in ahead, fmt) for qt, (n, fmt, _, _) in _KERNELS.items() if wide)
             + "".join(_packed_ir(n, body, flavour, r) for n, body in packed for r in (1, ROWS, 8))
-            + "".join(_WIDE_ENTRY.format(P="px", name=n, W=8, R=ROWS) for n, _ in packed)
+            + "".join(_packed_ir(n, body, flavour + "+prefetch", ROWS, "p") for n, body in packed if pk[n] in ahead)
+            + "".join(_wide_entry("px", n, 8, pk[n] in ahead, ACT_FORMAT[pk[n]]) for n, _ in packed)
             + _DOTS_IR)
 
 
-def _kernel_ir(name: str, cs: str, body, isa: str, rows: int) -> str:
+def _kernel_ir(name: str, cs: str, body, isa: str, rows: int, tag: str = "") -> str:
     lines, accs = body(isa, rows)
     scalar = accs[0][0] is None         # the K-quants: one float per row, no vector accumulator
     phis, stores = (_PHIS_SCALAR, _STORES_SCALAR) if scalar else (_PHIS, _STORES)
     fill = lambda template: "\n".join(template.format(i=i, accv1=v, accs1=a, cs=cs) for i, (v, a) in enumerate(accs))
-    return _SKELETON.format(name=name, R=rows, body=lines, pointers=fill(_POINTERS), phis=fill(phis),
+    return _SKELETON.format(name=name, R=rows, tag=tag, body=lines, pointers=fill(_POINTERS), phis=fill(phis),
                             stores=fill(stores))

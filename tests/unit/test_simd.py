@@ -152,13 +152,16 @@ def test_kernel_equals_numpy_emulation(qtype, isa):
         assert np.abs(out - exact[:rows_m]).max() <= 0.02 * np.abs(exact).max()
 
 
+@pytest.mark.parametrize("k", [2048, 4608], ids=["short", "long"])
 @pytest.mark.parametrize("qtype", SIMD, ids=lambda t: t.name)
-def test_every_isa_gives_the_same_floats(qtype):
+def test_every_isa_gives_the_same_floats(qtype, k):
     """Not close: equal. The integer lanes, the fused multiply-adds and the order of the final
     sum are the same in every ISA's kernels, so a model's output does not depend on the machine
-    (the A76 lane runs this with the real sdot instruction as the host's)."""
+    (the A76 lane runs this with the real sdot instruction as the host's). Long inputs (from
+    PREFETCH_MIN_INPUTS) take x86's prefetching 4-row kernels."""
+    assert 2048 < simd.PREFETCH_MIN_INPUTS <= 4608
     rng = np.random.default_rng(100 + int(qtype))
-    n, k, m = 96, 2048, simd.ROWS + 3
+    n, m = 96, simd.ROWS + 3
     bs, ts = GGML_QUANT_SIZES[qtype]
     rows = random_blocks(rng, qtype, n * k // bs, small=True).reshape(n, k // bs * ts)
     acts = simd.quantize_activations(rng.standard_normal((m, k)).astype(np.float32) * 3, simd.ACT_FORMAT[int(qtype)])
@@ -232,16 +235,18 @@ def test_pack_takes_whole_groups_of_eight_rows_of_its_types():
     assert [simd.cut(100, p, 3) for p in range(4)] == [0, 32, 64, 100]
 
 
+@pytest.mark.parametrize("k", [1536, 4608], ids=["short", "long"])
 @pytest.mark.parametrize("qtype", PACKED, ids=lambda t: t.name)
 @pytest.mark.parametrize("isa", [None, "portable"], ids=["host", "portable"])
-def test_packed_kernels_give_the_row_major_floats(isa, qtype):
+def test_packed_kernels_give_the_row_major_floats(isa, qtype, k):
     """Eight rows interleaved (the backend's layout on x86; the plain-IR form runs anywhere):
     the same floats as the portable row-major kernel, bit for bit: 1, 3, 4, 8, 13 activation
     rows (the 8- and 4-row passes and the rest), split over 1-3 threads, a row range that
-    starts and ends inside a group of 8, and a packed matrix beside a row-major one in a group."""
+    starts and ends inside a group of 8, and a packed matrix beside a row-major one in a group;
+    short inputs and long ones (x86's prefetching 4-row kernels, from PREFETCH_MIN_INPUTS)."""
     isa = isa or (simd.host_isa() if PACKED_HOST and ("packed", int(qtype)) in simd.kernels() else "portable")
     rng = np.random.default_rng(12)
-    n, k = 96, 1536
+    n = 96
     qt, fmt = int(qtype), simd.ACT_FORMAT[int(qtype)]
     rows = _matrix(rng, qtype, n, k)
     packed = simd.pack(qt, rows)
