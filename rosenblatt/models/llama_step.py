@@ -11,8 +11,10 @@ product for the rows that want logits. The products read each weight row once fo
 per pass), so a batch of
 sequences costs little more weight traffic than one.
 
-Work sharing (:mod:`rosenblatt.cpu.parallel`): the products are cut into chunks of ~64 KiB of
-weights, attention into (row, kv head) pairs, the row operations into rows. With one row the
+Work sharing (:mod:`rosenblatt.cpu.parallel`): the products are cut into chunks of weights
+(a few of ~1 MiB or more a thread when every row of the call is one pass of the kernels, so each
+thread streams long runs of weights; ~64 KiB when the rows take several passes over a chunk,
+which then stays in L2), attention into (row, kv head) pairs, the row operations into rows. With one row the
 row operations are cheaper than a wait: every thread then repeats them on its own copy of the
 residual (the same operations on the same values, so the copies stay identical) and the shared
 rows have one row per layer, so that a thread that falls behind never reads a row another has
@@ -249,9 +251,14 @@ def run_rows(threads, run, args):
         call_native(run, (np.int64(tid),) + args)
 
 
-#: weight bytes per chunk of a product phase (a few tens of microseconds of work for one row:
-#: claiming a chunk costs well under one); at most MAX_CHUNKS chunks a product
+#: weight bytes per chunk of a product phase whose activation rows take several passes (each
+#: chunk's weights stay in L2 between them); at most MAX_CHUNKS chunks a product
 CHUNK_BYTES, MAX_CHUNKS = 1 << 16, 64
+#: the same when the call's rows are one pass (decode, a batched step, short prompts): chunks of
+#: at least STREAM_CHUNK_BYTES, at most STREAM_CHUNKS a thread. Each chunk starts a new stream for
+#: the hardware prefetchers; 64 KiB chunks made the 1.5B shape's one-row step 25.3 ms against
+#: 22.2 ms with these (2 threads, alternating, docs/performance.md)
+STREAM_CHUNK_BYTES, STREAM_CHUNKS = 1 << 20, 4
 #: int8 activation bytes a product keeps in L2 while a chunk's weight rows pass over them
 ACT_CHUNK_BYTES = 1 << 18
 
@@ -268,6 +275,7 @@ class FusedPlan:
         self.f1, self.fr, self.w, self.rb = i64(), i64(), i64(), i64()
         self.col = np.zeros((size, 4), np.int64)
         self.nmat, self.nchunk, self.mchunk, self.fmt = (np.zeros(size, np.int64) for _ in range(4))
+        self.nstream = np.zeros(size, np.int64)
         self._keep = groups              # the KernelGroups own the weight mappings' references
         inputs = (cfg.d_model, cfg.n_heads * cfg.head_dim_v, cfg.d_model, cfg.d_ff)     # of GROUPS' products
         for i, kg in enumerate(groups):
@@ -277,6 +285,7 @@ class FusedPlan:
             self.nmat[i], self.fmt[i] = m, kg.fmt
             weight_bytes = int(kg.nbytes.sum())
             self.nchunk[i] = 1 if threads == 1 else min(MAX_CHUNKS, max(threads, weight_bytes // CHUNK_BYTES))
+            self.nstream[i] = 1 if threads == 1 else min(STREAM_CHUNKS * threads, max(threads, weight_bytes // STREAM_CHUNK_BYTES))
             k = inputs[i % 4] if i < 4 * len(layers) else cfg.d_model
             self.mchunk[i] = fused.chunk_rows(fused.act_row_bytes(k, kg.fmt), ACT_CHUNK_BYTES)
         self.threads, self.with_output = threads, with_output
@@ -291,6 +300,7 @@ class FusedPlan:
         self.sync = parallel.new_sync(len(layers) * LAYER_PHASES + 3)
         self.vocab = int(groups[-1].col[-1]) if with_output else 0
         self._buffers = {}
+        self._chunks = {}
         self._run_addr = None
         self._one = self._rows_buffers(1)
 
@@ -358,8 +368,11 @@ class FusedPlan:
                 bufs = self._buffers[t] = self._rows_buffers(t)
         n_logits = n_logits if self.with_output else 0
         out = np.empty((n_logits, self.vocab), np.float32)
+        chunks = self._chunks.get(t)
+        if chunks is None:      # per product: streamed chunks where the t rows are one pass
+            chunks = self._chunks[t] = np.where(self.mchunk >= t, self.nstream, self.nchunk)
         args = (self.sync, x, pos, slot, n_logits, self.f1, self.fr, self.w, self.rb, self.col,
-                self.nmat, self.nchunk, self.mchunk, self.fmt, self.attn_norm, self.ffn_norm, c.rms_eps, self.bias,
+                self.nmat, chunks, self.mchunk, self.fmt, self.attn_norm, self.ffn_norm, c.rms_eps, self.bias,
                 cos, sin, c.rope_dim, c.rope_neox, c.n_heads, c.n_kv_heads, c.head_dim, c.head_dim_v, k_cache, v_cache,
                 self.scale, self.dots, *bufs[0], *bufs[1], *bufs[2], self.out_norm, out)
         if self.threads == 1:
