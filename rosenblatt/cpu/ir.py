@@ -30,14 +30,17 @@ structure with the dot product in plain IR bit for bit, and lower the sdot modul
 Each kernel computes ``out[m, r] = dot(row r, x[m])`` for rows ``[r0, r1)`` and ``m_rows``
 activation rows; the weight row is read once per ``m`` loop, so it stays in L1 for prefill.
 
-Q4_K and Q8_0 also have packed kernels (x86, Q8_0 where VNNI's vpdpbusd exists; plain IR for the
-tests): the CPU backend repacks their matrices at load, eight rows interleaved (:func:`pack`),
-which roughly doubles the products per instruction (see the layouts' comments below). Packed
-and row-major kernels give the same floats: Q4_K sums each row's super-block into one exact
-integer in every layout and ISA; packed Q8_0 keeps the row-major kernels' eight float lanes.
+Q4_K, Q8_0, Q4_0 and Q4_1 also have packed kernels (x86; Q8_0/Q4_0/Q4_1 where VNNI's vpdpbusd
+exists; plain IR for the tests): the CPU backend repacks their matrices at load, eight rows
+interleaved (:func:`pack`), which roughly doubles the products per instruction (see the layouts'
+comments below). Packed and row-major kernels give the same floats: Q4_K sums each row's
+super-block into one exact integer in every layout and ISA; packed Q8_0/Q4_0/Q4_1 keep the
+row-major kernels' eight float lanes (and Q4_0/Q4_1's second accumulator).
 """
 
 from __future__ import annotations
+
+import functools
 
 from .isa import ISAS
 from ..gguf.quants import Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0
@@ -488,7 +491,12 @@ def _body_q6_k(isa: str, rows: int):
 # scales [sub-block j][row] and mins [j][row] as bytes, then the quants as 32-byte slices
 # [32-byte chunk cc][8-byte slice c][row half h]: rows 4h..4h+3, bytes 8c..8c+7 of chunk cc
 # (low nibbles: sub-block 2cc, high: 2cc + 1).
-PACKED_BLOCK = {Q4_K: 1184, Q8_0: 272}
+#
+# Q8_0, per group and block: the slices [c][h] (rows 4h..4h+3, quants 8c..8c+7, each + 128 as an
+# unsigned byte), then d[8]. Q4_0 / Q4_1: the same slices as 4-bit quants, slice c in the low
+# nibbles of register (c % 2, h) and slice c + 2 in its high nibbles (128 bytes), then d[8] and,
+# Q4_1, m[8] (f16): the row-major blocks' bytes, rearranged.
+PACKED_BLOCK = {Q4_K: 1184, Q8_0: 272, Q4_0: 144, Q4_1: 160}
 #: ISAs whose matrices the CPU backend packs (elsewhere it keeps the row-major blocks; the A76's
 #: sdot kernels have no packed form yet)
 PACKED_ISAS = ("avx2",)
@@ -595,59 +603,89 @@ def _body_q4_k_packed(isa: str, rows: int):
     return "\n".join(e.lines), accs
 
 
-def _body_q8_0_packed(isa: str, rows: int):
-    """Q8_0, 8 packed weight rows (stored + 128, unsigned) against ``rows`` Q8_32 activation rows.
-    The 4-product sums of a slice are the row-major kernels' int32 lanes (lane j: products
+def _body_q32_packed(kind: str, isa: str, rows: int):
+    """Q8_0 / Q4_0 / Q4_1, 8 packed weight rows (unsigned bytes) against ``rows`` Q8_32 activation
+    rows. The 4-product sums of a slice are the row-major kernels' int32 lanes (lane j: products
     4j..4j+3 of the block), one register of them per 4 rows, so each activation row keeps the
     row-major float lanes: 8 accumulators (slice c, row half h) whose lanes are (row, j), summed
-    in the row-major kernels' order at the end (:data:`_Q8_0_PACKED_STORES`). The + 128 is
-    taken back exactly: the lanes start at -128 x (4-sums of the activations)."""
+    in the row-major kernels' order at the end (:data:`_Q32_PACKED_STORES`). Q8_0's + 128 is
+    taken back exactly: its lanes start at -128 x (4-sums of the activations). Q4_0 and Q4_1 keep
+    the row-major kernels' second accumulator too, one lane a row (``factor x (scale x sum)`` per
+    block: Q4_0's d, times -8 at the end; Q4_1's m)."""
     e = _IR(isa)
-    blk = e("mul i64 %b, 272")
-    e.prefetch("%row", blk, 272)
-    d = e(f"fpext <8 x half> {e.load('%row', e(f'add i64 {blk}, 256'), '<8 x half>')} to <8 x float>")
+    size = PACKED_BLOCK[_Q32_PACKED_TYPES[kind]]
+    blk = e(f"mul i64 %b, {size}")
+    e.prefetch("%row", blk, size)
+    quants = 256 if kind == "q8_0" else 128
+    d = e(f"fpext <8 x half> {e.load('%row', e(f'add i64 {blk}, {quants}'), '<8 x half>')} to <8 x float>")
+    factor = None
+    if kind != "q8_0":
+        factor = d if kind == "q4_0" else \
+            e(f"fpext <8 x half> {e.load('%row', e(f'add i64 {blk}, {quants + 16}'), '<8 x half>')} to <8 x float>")
     ab = e(f"mul i64 %b, {ACT_BLOCK[Q8_32]}")
-    w = {(c, h): e.load("%row", e(f"add i64 {blk}, {(c * 2 + h) * 32}"), "<32 x i8>") for c in range(4) for h in range(2)}
+    if kind == "q8_0":
+        w = {(c, h): e.load("%row", e(f"add i64 {blk}, {(c * 2 + h) * 32}"), "<32 x i8>") for c in range(4) for h in range(2)}
+    else:       # slice c in the low nibbles of register (c % 2, h), slice c + 2 in the high ones
+        w = {}
+        for c in range(2):
+            for h in range(2):
+                q = e.load("%row", e(f"add i64 {blk}, {(c * 2 + h) * 32}"), "<32 x i8>")
+                w[c, h], w[c + 2, h] = e.and_bytes(q, 15), e.lshr_bytes(q, 4)
     accs = []
     for i in range(rows):
         scale = e(f"fmul <8 x float> {d}, {e.splat('float', 8, e.act(i, Q8_32, 'd'))}")
         acc = []
         for c in range(4):
             x = e(f"bitcast <4 x i64> {e.splat('i64', 4, e.load(f'%x{i}', e(f'add i64 {ab}, {8 * c}'), 'i64'))} to <32 x i8>")
-            start = e(f"sub <8 x i32> zeroinitializer, {e.udot4(e.bytes_(128), x)}")
+            start = e(f"sub <8 x i32> zeroinitializer, {e.udot4(e.bytes_(128), x)}") if kind == "q8_0" else "zeroinitializer"
             for h in range(2):
                 sh = e(f"shufflevector <8 x float> {scale}, <8 x float> undef, {_mask([4 * h + l // 2 for l in range(8)])}")
                 acc.append(e._fma(e.udot4(w[c, h], x, start), sh, f"%acc{i}_{c}_{h}"))
+        if factor is not None:
+            xs = e.splat("float", 8, e.act(i, Q8_32, "s", ty="float"))
+            acc.append(e(f"call <8 x float> @llvm.fma.v8f32(<8 x float> {factor}, <8 x float> {xs}, <8 x float> %accs{i})"))
         accs.append(acc)
     return "\n".join(e.lines), accs
 
 
-_Q8_0_PACKED_PHIS = "\n".join(f"  %acc{{i}}_{c}_{h} = phi <8 x float> [zeroinitializer, %mloop], [{{a{c * 2 + h}}}, %bloop]"
-                               for c in range(4) for h in range(2))
+_Q32_PACKED_PHIS = "\n".join(f"  %acc{{i}}_{c}_{h} = phi <8 x float> [zeroinitializer, %mloop], [{{a{c * 2 + h}}}, %bloop]"
+                              for c in range(4) for h in range(2))
+_Q32_PACKED_PHI_S = "  %accs{i} = phi <8 x float> [zeroinitializer, %mloop], [{a}, %bloop]"
 # per row r (lanes (r, j) of accumulators (c = j // 2, h = r // 4)): ((l0 + l4) + (l2 + l6)) +
-# ((l1 + l5) + (l3 + l7)) + 0.0, the row-major kernels' sum (_STORES, Q8_0's scalar part 0 x 0)
-_Q8_0_PACKED_SUM = """  %e02_{i}_{h} = fadd <8 x float> {c0}, {c2}
+# ((l1 + l5) + (l3 + l7)) + accs x factor, the row-major kernels' sum (_STORES; Q8_0's scalar part
+# is 0 x 0)
+_Q32_PACKED_SUM = """  %e02_{i}_{h} = fadd <8 x float> {c0}, {c2}
   %e13_{i}_{h} = fadd <8 x float> {c1}, {c3}
   %half{i}_{h} = fadd <8 x float> %e02_{i}_{h}, %e13_{i}_{h}"""
-_Q8_0_PACKED_STORES = """  %ev{i} = shufflevector <8 x float> %half{i}_0, <8 x float> %half{i}_1, <8 x i32> <i32 0, i32 2, i32 4, i32 6, i32 8, i32 10, i32 12, i32 14>
+_Q32_PACKED_STORES = """  %ev{i} = shufflevector <8 x float> %half{i}_0, <8 x float> %half{i}_1, <8 x i32> <i32 0, i32 2, i32 4, i32 6, i32 8, i32 10, i32 12, i32 14>
   %od{i} = shufflevector <8 x float> %half{i}_0, <8 x float> %half{i}_1, <8 x i32> <i32 1, i32 3, i32 5, i32 7, i32 9, i32 11, i32 13, i32 15>
   %rowsum{i} = fadd <8 x float> %ev{i}, %od{i}
-  %rowtot{i} = fadd <8 x float> %rowsum{i}, zeroinitializer
+  %rowtot{i} = fadd <8 x float> %rowsum{i}, {ssum}
 """ + _PACKED_STORES.replace("{a}", "%rowtot{i}")
+_Q32_PACKED_SSUM = """  %ssum{i} = fmul <8 x float> {a}, {cs}"""
 
 
+_Q32_PACKED_TYPES = {"q8_0": Q8_0, "q4_0": Q4_0, "q4_1": Q4_1}
 #: ggml type -> (kernel name, IR body) of the packed kernels
-_PACKED_KERNELS = {Q4_K: ("q4_k", _body_q4_k_packed), Q8_0: ("q8_0", _body_q8_0_packed)}
+_PACKED_KERNELS = {Q4_K: ("q4_k", _body_q4_k_packed),
+                   **{qt: (n, functools.partial(_body_q32_packed, n)) for n, qt in _Q32_PACKED_TYPES.items()}}
+#: the row-major kernels' factor of the second accumulator (see _KERNELS' "factor")
+_Q32_FACTOR = {"q4_0": "-8.0", "q4_1": "1.0"}
 
 
 def _packed_ir(name: str, body, isa: str, rows: int, tag: str = "") -> str:
     lines, accs = body(isa, rows)
-    if isinstance(accs[0], list):       # Q8_0: 8 float accumulators an activation row
-        phis = "\n".join(_Q8_0_PACKED_PHIS.format(i=i, **{f"a{k}": a for k, a in enumerate(acc)})
+    if isinstance(accs[0], list):       # Q8_0/Q4_0/Q4_1: 8 float accumulators an activation row (+ one)
+        phis = "\n".join(_Q32_PACKED_PHIS.format(i=i, **{f"a{k}": a for k, a in enumerate(acc[:8])})
+                         + ("\n" + _Q32_PACKED_PHI_S.format(i=i, a=acc[8]) if len(acc) > 8 else "")
                          for i, acc in enumerate(accs))
-        stores = "\n".join(_Q8_0_PACKED_SUM.format(i=i, h=h, **{f"c{c}": acc[c * 2 + h] for c in range(4)})
+        cs = _Q32_FACTOR.get(name)
+        ssum = lambda i: f"%ssum{i}" if cs else "zeroinitializer"
+        stores = "\n".join(_Q32_PACKED_SUM.format(i=i, h=h, **{f"c{c}": acc[c * 2 + h] for c in range(4)})
                            for i, acc in enumerate(accs) for h in range(2)) + "\n" \
-            + "\n".join(_Q8_0_PACKED_STORES.format(i=i) for i in range(len(accs)))
+            + "".join(_Q32_PACKED_SSUM.format(i=i, a=acc[8], cs=_vec("float", [cs] * 8)) + "\n"
+                      for i, acc in enumerate(accs) if cs) \
+            + "\n".join(_Q32_PACKED_STORES.format(i=i, ssum=ssum(i)) for i in range(len(accs)))
     else:
         phis = "\n".join(_PACKED_PHIS.format(i=i, a=a) for i, a in enumerate(accs))
         stores = "\n".join(_PACKED_STORES.format(i=i, a=a) for i, a in enumerate(accs))
@@ -690,6 +728,7 @@ PREFETCH_AHEAD = 2048
 PREFETCH_MIN_INPUTS = 4096
 #: ggml types with a prefetching 4-row kernel (row-major and packed) in the wide ISAs' modules
 _PREFETCHED = frozenset({Q4_K, Q5_K, Q6_K, Q8_0})
+_PREFETCHED_PACKED = frozenset({Q4_K, Q8_0, Q4_0, Q4_1})
 
 _WIDE_ENTRY = """
 define void @{P}w_{name}(i8* %w, i64 %row_bytes, i64 %r0, i64 %r1, i64 %nblk, i64 %m_rows,
@@ -717,8 +756,14 @@ plain:
 
 
 def _wide_entry(P: str, name: str, W: int, prefetched: bool, fmt: int) -> str:
+    """The multi-row entry ``{P}w_{name}``: W rows a pass, then ROWS (W == ROWS: ROWS only)."""
     rest = (_REST_CHOICE.replace("{blocks}", str(PREFETCH_MIN_INPUTS // fmt)) if prefetched else _REST_CALL.replace("{tag}", ""))
-    return _WIDE_ENTRY.format(P=P, name=name, W=W, R=ROWS, rest=rest.format(P=P, R=ROWS, name=name))
+    text = _WIDE_ENTRY.format(P=P, name=name, W=W, R=ROWS, rest=rest.format(P=P, R=ROWS, name=name))
+    if W == ROWS:           # every row in the ROWS-row passes
+        text = text.replace(f"  %mw = and i64 %m_rows, -{W}\n", "  %mw = add i64 0, 0\n")
+        text = "\n".join(line for line in text.split("\n") if not line.startswith(f"  call void @{P}{W}_{name}(")
+                         or "%rest" in line)
+    return text
 
 
 # Float dot products of one query row with n key rows (attention scores), for ops.attention_decode:
@@ -798,11 +843,11 @@ exit:
 
 
 def packed_types(isa: str, vnni: bool = False) -> tuple[int, ...]:
-    """The types with packed kernels in ``isa``'s module: Q4_K; Q8_0 where its 4-product
-    dot is one instruction (x86 with VNNI) or plain IR (portable)."""
+    """The types with packed kernels in ``isa``'s module: Q4_K; Q8_0, Q4_0 and Q4_1 where their
+    4-product dot is one instruction (x86 with VNNI) or plain IR (portable)."""
     if isa not in _PACKED_MODULES:
         return ()
-    return tuple(qt for qt in _PACKED_KERNELS if qt != Q8_0 or vnni or isa == "portable")
+    return tuple(qt for qt in _PACKED_KERNELS if qt == Q4_K or vnni or isa == "portable")
 
 
 def module_ir(isa: str, vnni: bool = False) -> str:
@@ -814,14 +859,16 @@ def module_ir(isa: str, vnni: bool = False) -> str:
     packed = [_PACKED_KERNELS[qt] for qt in packed_types(isa, vnni)]
     flavour = isa + ("+vnni" if vnni and isa == "avx2" else "")
     ahead = {qt for qt in _PREFETCHED if wide}
+    ahead_packed = {qt for qt in _PREFETCHED_PACKED if wide}
     pk = {n: qt for qt, (n, _) in _PACKED_KERNELS.items()}
     return (_HEADER + "".join(_kernel_ir(n, cs, body, isa, r) for n, _, body, cs in _KERNELS.values() for r in counts)
             + "".join(_kernel_ir(n, cs, body, isa + "+prefetch", ROWS, "p")
                       for qt, (n, _, body, cs) in _KERNELS.items() if qt in ahead)
             + "".join(_wide_entry("mm", n, wide, qt in ahead, fmt) for qt, (n, fmt, _, _) in _KERNELS.items() if wide)
-            + "".join(_packed_ir(n, body, flavour, r) for n, body in packed for r in (1, ROWS, 8))
-            + "".join(_packed_ir(n, body, flavour + "+prefetch", ROWS, "p") for n, body in packed if pk[n] in ahead)
-            + "".join(_wide_entry("px", n, 8, pk[n] in ahead, ACT_FORMAT[pk[n]]) for n, _ in packed)
+            + "".join(_packed_ir(n, body, flavour, r) for n, body in packed for r in (1, ROWS) + (() if n in _Q32_PACKED_TYPES else (8,)))
+            + "".join(_packed_ir(n, body, flavour + "+prefetch", ROWS, "p") for n, body in packed if pk[n] in ahead_packed)
+            + "".join(_wide_entry("px", n, ROWS if n in _Q32_PACKED_TYPES else 8, pk[n] in ahead_packed, ACT_FORMAT[pk[n]])
+                      for n, _ in packed)
             + _DOTS_IR)
 
 

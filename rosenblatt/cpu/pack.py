@@ -7,7 +7,7 @@ import numpy as np
 from numba import njit, prange
 
 from .ir import PACKED_BLOCK
-from ..gguf.quants import Q4_K, Q8_0
+from ..gguf.quants import Q4_0, Q4_1, Q4_K, Q8_0
 
 
 @njit(parallel=True, nogil=True, cache=True)
@@ -52,8 +52,41 @@ def _pack_q8_0(rows, out):
                         out[g, dst + t] = src[s + 2 + 8 * c + t] ^ 128
 
 
+@njit(parallel=True, nogil=True, cache=True)
+def _pack_q4_x(rows, out, bsize, scales):
+    """Q4_0 (``bsize`` 18, ``scales`` 1: d) / Q4_1 (20, 2: d, m) rows [8G, nblk * bsize] -> out
+    [G, nblk * (128 + 16 * scales)]: per block the 4-bit slices (quants 8c..8c+7 of rows
+    4h..4h+3; slice c in the low nibbles of the 32 bytes at (c % 2 * 2 + h) * 32, slice c + 2 in
+    their high nibbles), then d[8] (and m[8]). A row-major block's quant i is byte 2 * scales + i
+    % 16's low (i < 16) or high nibble."""
+    nblk = rows.shape[1] // bsize
+    osize = 128 + 16 * scales
+    for g in prange(out.shape[0]):
+        for b in range(nblk):
+            o, s = b * osize, b * bsize
+            for r in range(8):
+                src = rows[8 * g + r]
+                for t in range(2 * scales):
+                    out[g, o + 128 + 16 * (t // 2) + 2 * r + t % 2] = src[s + t]
+                for c in range(2):
+                    dst = o + (c * 2 + r // 4) * 32 + (r % 4) * 8
+                    for t in range(8):
+                        lo, hi = 8 * c + t, 8 * (c + 2) + t          # quants of slices c and c + 2
+                        qlo = src[s + 2 * scales + lo % 16] >> (4 * (lo // 16)) & 15
+                        qhi = src[s + 2 * scales + hi % 16] >> (4 * (hi // 16)) & 15
+                        out[g, dst + t] = qlo | (qhi << 4)
+
+
+def _pack_q4_0(rows, out):
+    _pack_q4_x(rows, out, 18, 1)
+
+
+def _pack_q4_1(rows, out):
+    _pack_q4_x(rows, out, 20, 2)
+
+
 #: packed type -> (bytes of one of its blocks in a GGUF row, the function that packs its rows)
-_PACKERS = {Q4_K: (144, _pack_q4_k), Q8_0: (34, _pack_q8_0)}
+_PACKERS = {Q4_K: (144, _pack_q4_k), Q8_0: (34, _pack_q8_0), Q4_0: (18, _pack_q4_0), Q4_1: (20, _pack_q4_1)}
 
 
 class Packed:
