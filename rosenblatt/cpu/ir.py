@@ -734,8 +734,7 @@ _WIDE_ENTRY = """
 define void @{P}w_{name}(i8* %w, i64 %row_bytes, i64 %r0, i64 %r1, i64 %nblk, i64 %m_rows,
                       i8* %x_, i64 %sx, float* %out_, i64 %so) {{
 entry:
-  %mw = and i64 %m_rows, -{W}
-  call void @{P}{W}_{name}(i8* %w, i64 %row_bytes, i64 %r0, i64 %r1, i64 %nblk, i64 %mw, i8* %x_, i64 %sx, float* %out_, i64 %so)
+{wide}
   %rest = sub i64 %m_rows, %mw
   %xoff = mul i64 %mw, %sx
   %xr = getelementptr i8, i8* %x_, i64 %xoff
@@ -755,15 +754,16 @@ plain:
 """ + _REST_CALL.replace("{tag}", "")
 
 
+_WIDE_PASS = """  %mw = and i64 %m_rows, -{W}
+  call void @{P}{W}_{name}(i8* %w, i64 %row_bytes, i64 %r0, i64 %r1, i64 %nblk, i64 %mw, i8* %x_, i64 %sx, float* %out_, i64 %so)"""
+
+
 def _wide_entry(P: str, name: str, W: int, prefetched: bool, fmt: int) -> str:
-    """The multi-row entry ``{P}w_{name}``: W rows a pass, then ROWS (W == ROWS: ROWS only)."""
+    """The multi-row entry ``{P}w_{name}``: W rows a pass, then ROWS (W == ROWS: ROWS only); the
+    ROWS-row pass prefetching (``prefetched``) from PREFETCH_MIN_INPUTS inputs."""
     rest = (_REST_CHOICE.replace("{blocks}", str(PREFETCH_MIN_INPUTS // fmt)) if prefetched else _REST_CALL.replace("{tag}", ""))
-    text = _WIDE_ENTRY.format(P=P, name=name, W=W, R=ROWS, rest=rest.format(P=P, R=ROWS, name=name))
-    if W == ROWS:           # every row in the ROWS-row passes
-        text = text.replace(f"  %mw = and i64 %m_rows, -{W}\n", "  %mw = add i64 0, 0\n")
-        text = "\n".join(line for line in text.split("\n") if not line.startswith(f"  call void @{P}{W}_{name}(")
-                         or "%rest" in line)
-    return text
+    wide = _WIDE_PASS.format(P=P, name=name, W=W) if W != ROWS else "  %mw = add i64 0, 0"
+    return _WIDE_ENTRY.format(P=P, name=name, wide=wide, rest=rest.format(P=P, R=ROWS, name=name))
 
 
 # Float dot products of one query row with n key rows (attention scores), for ops.attention_decode:
