@@ -138,6 +138,14 @@ MUTATION_SCRIPT = textwrap.dedent("""
     data_start = GGUFReader(src).data_offset
     rng = np.random.default_rng(seed)
     Engine.load(src, n_ctx=8).logits([1, 2, 3])   # compile/load the kernels before measuring
+
+    def repacked(e):
+        # bytes of the weights' copies in a packed kernel's layout (x86): the one allocation of a
+        # load that legitimately scales with the file (the file's own pages are let go instead)
+        ws = {id(w): w for L in e.model.layers for w in vars(L).values()}
+        ws.update({id(w): w for w in vars(e.model).values()})
+        return sum(w.packed.data.nbytes + 64 for w in ws.values() if getattr(w, 'packed', None) is not None)
+
     results = {'loaded': 0, 'refused': 0, 'nonfinite_with_bad_weights': 0, 'max_alloc_ratio': 0.0}
     for i in range(n):
         buf = bytearray(original)
@@ -156,7 +164,7 @@ MUTATION_SCRIPT = textwrap.dedent("""
             e = Engine.load(path, n_ctx=8)
             _, peak = tracemalloc.get_traced_memory()
             tracemalloc.stop()
-            results['max_alloc_ratio'] = max(results['max_alloc_ratio'], peak / len(buf))
+            results['max_alloc_ratio'] = max(results['max_alloc_ratio'], (peak - repacked(e)) / len(buf))
             out = e.logits([1, 2, 3])
             results['loaded'] += 1
             if not np.isfinite(out).all():
@@ -178,7 +186,8 @@ MUTATION_SCRIPT = textwrap.dedent("""
 @pytest.mark.slow
 def test_mutated_files_load_or_refuse_cleanly(tmp_path, src):
     """>= 200 truncated/bit-flipped copies: each loads and runs, or raises ModelFileError;
-    no crash, no hang (subprocess with a time limit), and loading allocates less than the file size."""
+    no crash, no hang (subprocess with a time limit), and loading allocates less than the file size
+    beside the weights' repacked copies (x86's packed kernels; their exact bytes are subtracted)."""
     proc = subprocess.run([sys.executable, "-c", MUTATION_SCRIPT, str(micro_path(src)), str(tmp_path), "120", "11"],
                           capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONWARNINGS": "ignore"})
     assert proc.returncode == 0, proc.stderr[-3000:]
