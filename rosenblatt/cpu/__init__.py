@@ -24,6 +24,7 @@ from .ir import (ACT_BLOCK, ACT_FORMAT, PACKED_BLOCK, PACKED_ISAS, PREFETCH_MIN_
                  SIMD_TYPES, WIDE, module_ir, packed_types)
 from .pack import Packed, pack
 
-__all__ = ["ACT_BLOCK", "ACT_FORMAT", "Activations", "KernelGroup", "PACKED_BLOCK", "PACKED_ISAS", "PREFETCH_MIN_INPUTS",
-           "Packed", "Q8_32", "Q8_256", "ROWS", "SIMD_TYPES", "WIDE", "chunk_rows", "cut", "dots_address", "host_isa", "kernels",
-           "matmul", "module_ir", "pack", "packed_types", "quantize_activations", "quantize_row_into", "rows_kernel"]
+__all__ = ["ACT_BLOCK", "ACT_FORMAT", "Activations", "KernelGroup", "PACKED_BLOCK", "PACKED_ISAS",
+           "PREFETCH_MIN_INPUTS", "Packed", "Q8_32", "Q8_256", "ROWS", "SIMD_TYPES", "WIDE", "chunk_rows", "cut",
+           "dots_address", "host_isa", "kernels", "matmul", "module_ir", "pack", "packed_types",
+           "quantize_activations", "quantize_row_into", "rows_kernel"]

@@ -369,8 +369,6 @@ def _body_q32(kind: str, isa: str, rows: int):
     bsize, qs_at, qh_at = {"q8_0": (34, 2, None), "q4_0": (18, 2, None), "q4_1": (20, 4, None),
                            "q5_0": (22, 6, 2), "q5_1": (24, 8, 4)}[kind]
     boff = e(f"mul i64 %b, {bsize}")
-    if kind == "q8_0":
-        e.prefetch("%row", boff, 1)       # a line every block: 34-byte blocks cover every line
     d = e.half("%row", boff)
     if kind == "q8_0":
         wq = e.signed_weights(e.load("%row", e(f"add i64 {boff}, {qs_at}"), "<32 x i8>"))
@@ -726,8 +724,9 @@ WIDE = {"avx2": 8}
 # the 4-row pass (docs/performance.md). Results do not depend on it.
 PREFETCH_AHEAD = 2048
 PREFETCH_MIN_INPUTS = 4096
-#: ggml types with a prefetching 4-row kernel (row-major and packed) in the wide ISAs' modules
-_PREFETCHED = frozenset({Q4_K, Q5_K, Q6_K, Q8_0})
+#: ggml types with a prefetching 4-row kernel in the wide ISAs' modules: row-major (the K-quants;
+#: measured on Q6_K) and packed (measured on Q4_K and Q8_0)
+_PREFETCHED = frozenset({Q4_K, Q5_K, Q6_K})
 _PREFETCHED_PACKED = frozenset({Q4_K, Q8_0, Q4_0, Q4_1})
 
 _WIDE_ENTRY = """

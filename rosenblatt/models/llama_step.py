@@ -285,7 +285,8 @@ class FusedPlan:
             self.nmat[i], self.fmt[i] = m, kg.fmt
             weight_bytes = int(kg.nbytes.sum())
             self.nchunk[i] = 1 if threads == 1 else min(MAX_CHUNKS, max(threads, weight_bytes // CHUNK_BYTES))
-            self.nstream[i] = 1 if threads == 1 else min(STREAM_CHUNKS * threads, max(threads, weight_bytes // STREAM_CHUNK_BYTES))
+            self.nstream[i] = 1 if threads == 1 else min(STREAM_CHUNKS * threads,
+                                                         max(threads, weight_bytes // STREAM_CHUNK_BYTES))
             k = inputs[i % 4] if i < 4 * len(layers) else cfg.d_model
             self.mchunk[i] = fused.chunk_rows(fused.act_row_bytes(k, kg.fmt), ACT_CHUNK_BYTES)
         self.threads, self.with_output = threads, with_output
@@ -300,7 +301,6 @@ class FusedPlan:
         self.sync = parallel.new_sync(len(layers) * LAYER_PHASES + 3)
         self.vocab = int(groups[-1].col[-1]) if with_output else 0
         self._buffers = {}
-        self._chunks = {}
         self._run_addr = None
         self._one = self._rows_buffers(1)
 
@@ -368,9 +368,7 @@ class FusedPlan:
                 bufs = self._buffers[t] = self._rows_buffers(t)
         n_logits = n_logits if self.with_output else 0
         out = np.empty((n_logits, self.vocab), np.float32)
-        chunks = self._chunks.get(t)
-        if chunks is None:      # per product: streamed chunks where the t rows are one pass
-            chunks = self._chunks[t] = np.where(self.mchunk >= t, self.nstream, self.nchunk)
+        chunks = np.where(self.mchunk >= t, self.nstream, self.nchunk)   # streamed where the rows are one pass
         args = (self.sync, x, pos, slot, n_logits, self.f1, self.fr, self.w, self.rb, self.col,
                 self.nmat, chunks, self.mchunk, self.fmt, self.attn_norm, self.ffn_norm, c.rms_eps, self.bias,
                 cos, sin, c.rope_dim, c.rope_neox, c.n_heads, c.n_kv_heads, c.head_dim, c.head_dim_v, k_cache, v_cache,
