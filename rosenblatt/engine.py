@@ -21,6 +21,7 @@ from .params import GenerationParams, ParamError
 from .text import grammar
 from .text import tools as tool_calls
 from .text.tokenizer import Tokenizer
+from .text.tokenizer import compiled as tokenizer_compiled
 
 #: on the CPU, prompts are evaluated in chunks of this many tokens. It bounds prefill's scratch
 #: memory: the MLP activations (3 x chunk x d_ff float32) and attention scores (heads x chunk x
@@ -100,31 +101,58 @@ class Engine:
         cfg = ModelConfig.from_gguf(g)
         n_ctx = min(n_ctx, cfg.context_length)
         md = g.raw_metadata     # vocabulary and merges as views of the file, not lists of str
-        tokenizer = Tokenizer.from_metadata(md, g.path) if "tokenizer.ggml.tokens" in md else None
-        template = None
-        if tokenizer is not None:
+        has_tokenizer = "tokenizer.ggml.tokens" in md
+        # A first run compiles the tokenizer's kernels (~4 s) and the step's parallel region (~2 s)
+        # in a second process while this one builds the model and compiles the step; the tokenizer
+        # is built after the model, from the cache.
+        helper = None
+        if warm_up and has_tokenizer and jit.Helper.useful() and not tokenizer_compiled(md):
+            helper = jit.Helper("rosenblatt.text.tokenizer:precompile", os.fspath(g.path))
+        try:
+            backend = get_backend(device, threads=threads, npu_min_rows=npu_min_rows)
+            model = build_model(g, cfg, backend, n_ctx, progress=progress)
+            engine = cls(g, cfg, model, backend.name, n_ctx)   # "auto" resolved
+            if warm_up:
+                with jit.helping(helper, engine._compile_report(progress)):
+                    engine._warm_model(progress)
+            if helper is not None:
+                if progress and helper.proc.poll() is None:
+                    progress(0, 0, "compiling tokenizer (in a second process)")
+                helper.finish()
+        finally:
+            if helper is not None:
+                helper.stop()
+        if has_tokenizer:
+            engine.tokenizer = Tokenizer.from_metadata(md, g.path)
             try:
-                template = ChatTemplate.from_metadata(md, tokenizer)
+                engine.template = ChatTemplate.from_metadata(md, engine.tokenizer)
             except ChatTemplateError as e:   # the model still runs; chat() reports this when used
-                template = ModelFileError(g.path, "metadata 'tokenizer.chat_template'", str(e))
+                engine.template = ModelFileError(g.path, "metadata 'tokenizer.chat_template'", str(e))
         del md
-        backend = get_backend(device, threads=threads, npu_min_rows=npu_min_rows)
-        model = build_model(g, cfg, backend, n_ctx, progress=progress)
-        engine = cls(g, cfg, model, backend.name, n_ctx, tokenizer, template)   # "auto" resolved
         g.evict_metadata_pages()    # parsed; the few token texts read later come back from the file
         if warm_up:
-            engine.warm_up(progress)
+            engine._warm_tokenizer(progress)
         return engine
+
+    @staticmethod
+    def _compile_report(progress):
+        return (lambda name: progress(0, 0, f"compiling {name}")) if progress else (lambda name: None)
+
+    def _warm_model(self, progress=None) -> None:
+        with jit.compiling(self._compile_report(progress)):
+            self.eval([0], logits="last")
+        self.reset()
+
+    def _warm_tokenizer(self, progress=None) -> None:
+        if self.tokenizer is not None:
+            with jit.compiling(self._compile_report(progress)):
+                self.tokenizer.encode("Hello", add_special=False)
 
     def warm_up(self, progress=None) -> None:
         """Compile (or read back from numba's cache) what generation runs: one token through the
         model (then an empty context again) and the tokenizer's encoder on a word."""
-        report = (lambda name: progress(0, 0, f"compiling {name}")) if progress else (lambda name: None)
-        with jit.compiling(report):
-            self.eval([0], logits="last")
-            if self.tokenizer is not None:
-                self.tokenizer.encode("Hello", add_special=False)
-        self.reset()
+        self._warm_model(progress)
+        self._warm_tokenizer(progress)
 
     def _check_tokens(self, token_ids, name: str = "token_ids") -> np.ndarray:
         """Token ids as int64, or a :class:`ParamError` naming ``name``: a sequence (or 1-D integer

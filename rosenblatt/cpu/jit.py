@@ -5,7 +5,12 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import importlib
 import os
+import pickle
+import select
+import subprocess
+import sys
 import types
 
 from llvmlite import ir as llvm_ir
@@ -88,6 +93,132 @@ def source_stamp(dispatcher) -> object | None:
     functions (None without ``cache=True``)."""
     impl = getattr(getattr(dispatcher, "_cache", None), "_impl", None)
     return impl.locator.get_source_stamp() if impl is not None else None
+
+
+def cached(dispatcher) -> bool:
+    """Whether numba's on-disk cache holds an entry of ``dispatcher`` for the current sources
+    (any signature): False on a first run, after an upgrade or an edit of the package."""
+    cache_file = getattr(getattr(dispatcher, "_cache", None), "_cache_file", None)
+    if cache_file is None:
+        return False
+    try:
+        return bool(cache_file._load_index())   # {} when missing, unreadable or of other sources
+    except Exception:
+        return False
+
+
+class Helper:
+    """A second Python process that fills numba's on-disk cache while this one does other work.
+    numba compiles under one lock a process, so on two or more cores a first run's compilation
+    can take place in two processes at once; this process then reads the result back from the
+    cache. Should the helper fail or be late, this process compiles as usual: nothing but time
+    depends on it.
+
+    The helper first calls ``target`` ("module:function") with the string ``args``, then compiles
+    what :meth:`compile` sends it (a function and its signature), one at a time, until
+    :meth:`finish`."""
+
+    def __init__(self, target: str, *args: str):
+        module, function = target.split(":")
+        env = dict(os.environ)
+        root = os.path.dirname(_PACKAGE)           # this package, not another installed copy
+        env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        code = (f"import sys; from {module} import {function} as f; f(*sys.argv[1:]); "
+                f"from {__name__} import serve_compiles; serve_compiles()")
+        self.proc = subprocess.Popen([sys.executable, "-c", code, *args], env=env, stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        self.report = None                         # report(name) while waiting for a compile
+
+    @staticmethod
+    def useful() -> bool:
+        """More than one core for this process (on one core a helper only competes with it)."""
+        try:
+            return len(os.sched_getaffinity(0)) > 1
+        except (AttributeError, OSError):
+            return (os.cpu_count() or 1) > 1
+
+    def compile(self, dispatcher, args):
+        """Send ``dispatcher`` with the types of ``args`` to be compiled; returns a function that
+        waits (at most ``timeout`` s) until the helper's entry is in the cache, False if it failed
+        or timed out."""
+        fn = dispatcher.py_func
+        job = pickle.dumps((fn.__module__, fn.__name__, tuple(typeof(a) for a in args)))
+        try:
+            self.proc.stdin.write(len(job).to_bytes(8, "little") + job)
+            self.proc.stdin.flush()
+        except OSError:
+            return lambda timeout=0.0: False
+
+        def wait(timeout: float = 120.0) -> bool:
+            if self.report is not None:
+                self.report(f"{fn.__qualname__} (in a second process)")
+            ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
+            return bool(ready) and self.proc.stdout.read(1) == b"1"
+        return wait
+
+    def finish(self, timeout: float = 120.0) -> bool:
+        """No more jobs: wait for the helper (at most ``timeout`` s, then stop it); True if it
+        succeeded."""
+        try:
+            self.proc.stdin.close()
+        except OSError:
+            pass
+        try:
+            return self.proc.wait(timeout) == 0
+        except subprocess.TimeoutExpired:
+            self.stop()
+            return False
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        for f in (self.proc.stdin, self.proc.stdout):
+            try:
+                f.close()
+            except OSError:
+                pass
+
+
+def serve_compiles() -> None:
+    """A :class:`Helper`'s loop: compile each (module, function name, argument types) read from
+    stdin, answer b"1" (done) or b"0" (failed) on stdout, until stdin closes."""
+    inp, out = sys.stdin.buffer, sys.stdout.buffer
+    while len(header := inp.read(8)) == 8:
+        module, name, sig = pickle.loads(inp.read(int.from_bytes(header, "little")))
+        try:
+            getattr(importlib.import_module(module), name).compile(sig)
+            ok = b"1"
+        except Exception:
+            ok = b"0"
+        out.write(ok)
+        out.flush()
+
+
+_helper: Helper | None = None
+
+
+@contextlib.contextmanager
+def helping(helper: Helper | None, on_compile=None):
+    """Inside the block :func:`compile_elsewhere` sends its jobs to ``helper`` (if not None);
+    ``on_compile(name)`` is called when this process waits for one."""
+    global _helper
+    previous, _helper = _helper, helper
+    if helper is not None:
+        helper.report = on_compile
+    try:
+        yield
+    finally:
+        _helper = previous
+
+
+def compile_elsewhere(dispatcher, args):
+    """With a :class:`Helper` at work (see :func:`helping`) and ``dispatcher``'s cache empty,
+    have the helper compile it for the types of ``args`` while this process goes on; returns a
+    function waiting for it (call it before calling ``dispatcher``), or None."""
+    if _helper is None or cached(dispatcher):
+        return None
+    return _helper.compile(dispatcher, args)
 
 
 class _CompileListener(event.Listener):

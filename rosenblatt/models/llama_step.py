@@ -37,6 +37,7 @@ from numba import njit, prange
 
 from ..cpu import ops, parallel
 from ..backends import fused
+from ..cpu import jit
 from ..cpu.jit import call_native, native_address
 
 #: the products of one layer, in order: q/k/v, o, gate/up, down
@@ -378,6 +379,10 @@ class FusedPlan:
             _run(np.int64(0), *args)
         else:
             if self._run_addr is None:          # the argument types are the same on every call
+                # on a first run the parallel region compiles elsewhere while _run compiles here
+                elsewhere = jit.compile_elsewhere(run_rows, (self.threads, 0, args))
                 self._run_addr = native_address(_run, (np.int64(0),) + args)
+                if elsewhere is not None:
+                    elsewhere()
             run_rows(self.threads, self._run_addr, args)
         return out if n_logits else None

@@ -745,3 +745,7 @@ class SentencePieceBPE:
 
 
 __all__ = ["BYTE_TO_CHAR", "ByteLevelBPE", "ByteVocab", "SentencePieceBPE", "pack_strings"]
+
+
+#: the compiled functions a tokenizer of each ``tokenizer.ggml.model`` runs to load and to encode
+KERNELS = {"gpt2": (_build_vocab, _build_merges, _encode_bytelevel), "llama": (_build_vocab, _encode_spm)}

@@ -117,3 +117,61 @@ def test_compiling_reports_each_function_numba_compiles():
     names.clear()
     assert outer(5) == 12
     assert names == []                        # outside the block: no listener
+
+
+_HELPED = """
+from numba import njit
+
+@njit(cache=True)
+def twice(x):
+    return 2 * x
+
+def noop():
+    pass
+"""
+
+_HELPED_RUN = """
+from rosenblatt.cpu import jit
+import probe_helped as p
+assert not jit.cached(p.twice)
+assert jit.compile_elsewhere(p.twice, (3,)) is None         # no helper at work: nothing sent
+h = jit.Helper("probe_helped:noop")
+with jit.helping(h):
+    wait = jit.compile_elsewhere(p.twice, (3,))
+    assert wait is not None and wait()
+    assert jit.cached(p.twice)
+    assert jit.compile_elsewhere(p.twice, (3,)) is None     # in the cache now: nothing to send
+assert h.finish()
+print(p.twice(3), len(p.twice.stats.cache_hits), len(p.twice.stats.cache_misses))
+"""
+
+
+def test_a_helper_compiles_into_the_cache_this_process_reads(tmp_path):
+    """jit.Helper: a second process compiles what compile_elsewhere sends it; this process then
+    loads the function from numba's cache instead of compiling it (a first run's two cores)."""
+    (tmp_path / "probe_helped.py").write_text(_HELPED)
+    env = dict(os.environ, PYTHONPATH=str(tmp_path), NUMBA_CACHE_DIR=str(tmp_path / "cache"))
+    p = subprocess.run([sys.executable, "-c", _HELPED_RUN], env=env, cwd=tmp_path, capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.split() == ["6", "1", "0"]              # right answer, one cache hit, no compile here
+
+
+_FAILED_RUN = """
+from rosenblatt.cpu import jit
+import probe_helped as p
+h = jit.Helper("probe_helped:boom")
+with jit.helping(h):
+    wait = jit.compile_elsewhere(p.twice, (3,))
+    assert wait is not None and not wait(30)                # the helper died before any job
+assert not h.finish()
+print(p.twice(3), len(p.twice.stats.cache_hits), len(p.twice.stats.cache_misses))
+"""
+
+
+def test_a_failed_helper_costs_nothing_but_time(tmp_path):
+    """A helper whose target fails answers no job: the wait says False and this process compiles."""
+    (tmp_path / "probe_helped.py").write_text(_HELPED + "\n\ndef boom():\n    raise SystemExit(3)\n")
+    env = dict(os.environ, PYTHONPATH=str(tmp_path), NUMBA_CACHE_DIR=str(tmp_path / "cache"))
+    p = subprocess.run([sys.executable, "-c", _FAILED_RUN], env=env, cwd=tmp_path, capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.split() == ["6", "0", "1"]              # compiled here instead
