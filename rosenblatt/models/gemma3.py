@@ -25,6 +25,9 @@ The same skeleton as the llama family (:mod:`.llama`, whose pieces are reused); 
   windows, so neither is done here.
 * **Cache.** The local layers keep about three windows of keys and values, not the whole context
   (:class:`~rosenblatt.models.kv_cache.SlidingWindowKVCache`); attention gets each layer's offset.
+* **Fused layers.** With the CPU's int8 kernels the layers run in :mod:`.llama_step`'s single
+  call as the llama family's do (decode, prompt chunks, batched steps over a pool of caches),
+  with the extras above as per-layer arrays; the same bits as operation by operation.
 """
 
 from __future__ import annotations
@@ -37,24 +40,14 @@ from ..backends import MatmulBackend
 from .config import ModelConfig
 from ..gguf.file import GGUFFile
 from .kv_cache import KVCache, SlidingWindowKVCache
+from ..cpu import ops as kernels
 from .llama import Layer, LlamaModel, _vector, rope_tables
 
-_SQRT_2_OVER_PI = np.float32(np.sqrt(2.0 / np.pi))
-
-
-def gelu_tanh_mul(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
-    """``gelu(gate) * up`` with GELU's tanh approximation (as ggml_gelu), in place in ``gate``."""
-    inner = gate * gate
-    inner *= np.float32(0.044715)
-    inner += np.float32(1.0)
-    inner *= gate
-    inner *= _SQRT_2_OVER_PI
-    np.tanh(inner, out=inner)
-    inner += np.float32(1.0)
-    gate *= np.float32(0.5)
-    gate *= inner
-    gate *= up
-    return gate
+def gelu_mul(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
+    """gelu(gate) * up with GELU's tanh approximation (ggml_gelu's formula; see ``ops.gelu_mul``)."""
+    out = np.empty_like(gate)
+    (kernels.gelu_mul_rows if gate.shape[0] >= 8 else kernels.gelu_mul)(gate, up, out)
+    return out
 
 
 class Gemma3Layer(Layer):
@@ -73,6 +66,8 @@ class Gemma3Layer(Layer):
 
 class Gemma3Model(LlamaModel):
     layer_class = Gemma3Layer
+    gelu = True
+    graph_layers = False
 
     def __init__(self, g: GGUFFile, cfg: ModelConfig, backend: MatmulBackend, n_ctx: int, progress=None):
         super().__init__(g, cfg, backend, n_ctx, progress=progress)
@@ -80,29 +75,35 @@ class Gemma3Model(LlamaModel):
         # the global layers rotate as cfg says (self.cos/self.sin); the local ones with rope_base_swa and,
         # as in llama.cpp, without the (linear) RoPE scaling of the global layers
         self.cos_swa, self.sin_swa = rope_tables(replace(cfg, rope_base=cfg.rope_base_swa, rope_freq_scale=1.0), n_ctx)
+        self.rope_cos, self.rope_sin = np.stack([self.cos, self.cos_swa]), np.stack([self.sin, self.sin_swa])
 
     def new_cache(self) -> KVCache:
         """The local layers keep about 3 windows of keys, the global ones the whole context."""
-        c = self.cfg
-        return SlidingWindowKVCache(c.n_layers, c.n_kv_heads, self.n_ctx, c.head_dim, c.head_dim_v,
-                                    [L.window for L in self.layers])
+        return self.new_caches(1)[0]
 
-    def forward(self, tokens: np.ndarray, cache: KVCache, logits: str = "last", ops=None) -> np.ndarray | None:
-        """As :meth:`LlamaModel.forward`: ``tokens`` at positions ``cache.length`` onward (always
-        operation by operation: gemma3 has no fused layers yet)."""
+    def new_caches(self, n: int) -> list[KVCache]:
+        """``n`` caches as :meth:`new_cache`'s, slots of one pool (for :meth:`forward_batch`)."""
+        c = self.cfg
+        return SlidingWindowKVCache.pool(n, c.n_layers, c.n_kv_heads, self.n_ctx, c.head_dim, c.head_dim_v,
+                                         [L.window for L in self.layers])
+
+    def stage_ops(self):
+        return super().stage_ops()[:5] + (gelu_mul,)
+
+    def embed(self, tokens: np.ndarray) -> np.ndarray:
+        x = super().embed(tokens)
+        x *= self.embed_scale
+        return x
+
+    def _layers(self, x: np.ndarray, cache: KVCache, start: int, ops) -> None:
+        """Every layer, operation by operation, on the residual ``x`` [T, d] (updated in place)."""
         cfg = self.cfg
-        ops = ops or self.stage_ops()
-        mm, mm_many, attention, rms_norm, apply_rope, _ = ops
+        mm, mm_many, attention, rms_norm, apply_rope, gelu_mul = ops
         eps = cfg.rms_eps
-        t = len(tokens)
-        start = cache.length
-        if start + t > self.n_ctx:
-            raise ValueError(f"context overflow: {start} + {t} tokens > n_ctx {self.n_ctx}")
+        t = x.shape[0]
         stop = start + t
         rope = {False: (self.cos[start:stop], self.sin[start:stop]),          # global layers
                 True: (self.cos_swa[start:stop], self.sin_swa[start:stop])}   # sliding-window layers
-        x = self.embed(tokens)
-        x *= self.embed_scale
         for i, L in enumerate(self.layers):
             n = rms_norm(x, L.attn_norm, eps)
             q = rms_norm(mm(n, L.wq).reshape(t * cfg.n_heads, cfg.head_dim), L.q_norm, eps)
@@ -118,11 +119,5 @@ class Gemma3Model(LlamaModel):
             a = attention(q, kc, vc, start - first, cfg.n_kv_heads, L.window, cfg.attn_scale)
             x += rms_norm(mm(np.ascontiguousarray(a), L.wo), L.post_attn_norm, eps)
             m = rms_norm(x, L.ffn_norm, eps)
-            f = mm(gelu_tanh_mul(*mm_many(m, (L.w_gate, L.w_up))), L.w_down)
+            f = mm(gelu_mul(*mm_many(m, (L.w_gate, L.w_up))), L.w_down)
             x += rms_norm(f, L.post_ffn_norm, eps)
-        cache.length = stop
-        if logits == "none":
-            return None
-        if logits == "last":
-            x = x[-1:]
-        return mm(np.ascontiguousarray(rms_norm(x, self.out_norm, eps)), self.output)

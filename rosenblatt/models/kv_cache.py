@@ -23,6 +23,10 @@ def _lazy_zeros(shapes: Sequence[tuple[int, ...]]) -> list[np.ndarray]:
     return out
 
 
+#: the local pool of a cache without sliding-window layers
+_EMPTY_LOCAL = np.zeros((1, 0, 1, 0, 1), np.float32)
+
+
 class KVCache:
     """``k[layer]``: float32 [n_kv_heads, n_ctx, head_dim]; positions [0, length) are valid.
 
@@ -44,6 +48,11 @@ class KVCache:
         self.k, self.v = list(self.k_all), list(self.v_all)
         self.offset = [0] * n_layers     # position held at index 0 of each layer's arrays
         self.length = 0
+        #: for the fused layers: each layer's arrays are ``pool_k[slot, index[layer]]``, or
+        #: ``pool_kl[slot, index[layer]]`` where ``local[layer]`` (none here)
+        self.pool_kl, self.pool_vl = _EMPTY_LOCAL, _EMPTY_LOCAL
+        self.index = np.arange(n_layers, dtype=np.int64)
+        self.local = np.zeros(n_layers, np.int64)
 
     @classmethod
     def pool(cls, slots: int, n_layers: int, n_kv_heads: int, n_ctx: int, head_dim: int,
@@ -87,6 +96,14 @@ class KVCache:
         """The longest prefix, at most ``length`` positions, that :meth:`truncate` can keep."""
         return length
 
+    #: whether every layer's arrays are still in the pools (the fused layers need them there)
+    pooled = True
+
+    def make_room(self, start: int, t: int) -> bool:
+        """Before the fused layers write positions ``start``..``start + t - 1`` themselves: False
+        if they would not fit without growing arrays (run such a call operation by operation)."""
+        return True
+
 
 class SlidingWindowKVCache(KVCache):
     """A cache whose sliding-window layers keep only recent positions (gemma3's local layers).
@@ -96,38 +113,101 @@ class SlidingWindowKVCache(KVCache):
     ``[offset[layer], length)`` at indices ``[0, length - offset[layer])``. When new positions do
     not fit, the ``w - 1`` positions the new queries still need, and up to ``w`` older ones (so that
     truncating back a little stays possible), move to the front; a call storing more than fits
-    grows the arrays. Layers with ``w = 0`` keep every position, as in :class:`KVCache`.
-    Truncating to a length whose window was already dropped is refused (:meth:`reusable` is 0).
+    grows the arrays (that layer then leaves the pool until :meth:`reset`). Layers with ``w = 0``
+    keep every position, as in :class:`KVCache`. Truncating to a length whose window was already
+    dropped is refused (:meth:`reusable` is 0).
+
+    As :class:`KVCache`, a cache is a slot of a pool (:meth:`pool`): the global layers' arrays
+    in ``pool_k`` [slots, global layers, n_kv_heads, n_ctx, head_dim], the local ones' in
+    ``pool_kl`` [slots, local layers, n_kv_heads, ~3 w, head_dim].
     """
 
     def __init__(self, n_layers: int, n_kv_heads: int, n_ctx: int, head_dim: int, head_dim_v: int,
-                 windows: Sequence[int]):
+                 windows: Sequence[int], _pool: tuple | None = None):
         if len(windows) != n_layers:
             raise ValueError(f"{len(windows)} windows for {n_layers} layers")
         self.n_ctx = n_ctx
         self.windows = [int(w) for w in windows]
-        sizes = [min(n_ctx, 3 * w) if w else n_ctx for w in self.windows]
-        self.k = _lazy_zeros([(n_kv_heads, n, head_dim) for n in sizes])
-        self.v = _lazy_zeros([(n_kv_heads, n, head_dim_v) for n in sizes])
-        self.offset = [0] * n_layers
-        self.length = 0
+        if _pool is None:
+            _pool = (*self._pools(1, n_kv_heads, n_ctx, head_dim, head_dim_v, self.windows), 0)
+        self.pool_k, self.pool_v, self.pool_kl, self.pool_vl, self.slot = _pool
+        self.local = np.array([1 if w else 0 for w in self.windows], np.int64)
+        self.index = np.zeros(n_layers, np.int64)
+        for flag in (0, 1):
+            at = np.flatnonzero(self.local == flag)
+            self.index[at] = np.arange(len(at))
+        self.reset()
+
+    @staticmethod
+    def _pools(slots, n_kv_heads, n_ctx, head_dim, head_dim_v, windows):
+        g = sum(1 for w in windows if not w)
+        local = [w for w in windows if w]
+        size = min(n_ctx, 3 * max(local)) if local else 0
+        return _lazy_zeros([(slots, g, n_kv_heads, n_ctx, head_dim), (slots, g, n_kv_heads, n_ctx, head_dim_v),
+                            (slots, len(local), n_kv_heads, size, head_dim),
+                            (slots, len(local), n_kv_heads, size, head_dim_v)])
+
+    @classmethod
+    def pool(cls, slots: int, n_layers: int, n_kv_heads: int, n_ctx: int, head_dim: int, head_dim_v: int,
+             windows: Sequence[int]) -> list["SlidingWindowKVCache"]:
+        """``slots`` caches in one mapping (memory committed as positions are written)."""
+        pools = cls._pools(slots, n_kv_heads, n_ctx, head_dim, head_dim_v, [int(w) for w in windows])
+        return [cls(n_layers, n_kv_heads, n_ctx, head_dim, head_dim_v, windows, _pool=(*pools, s))
+                for s in range(slots)]
+
+    def _link(self) -> None:
+        """Each layer's arrays as views of the pools (every local layer the first ~3 w positions
+        of the local pool's length, which the largest window sets)."""
+        self.k, self.v = [], []
+        for layer, w in enumerate(self.windows):
+            i = self.index[layer]
+            if w:
+                n = min(self.n_ctx, 3 * w)
+                self.k.append(self.pool_kl[self.slot, i, :, :n])
+                self.v.append(self.pool_vl[self.slot, i, :, :n])
+            else:
+                self.k.append(self.pool_k[self.slot, i])
+                self.v.append(self.pool_v[self.slot, i])
+        self.pooled = True
+
+    def _room(self, layer: int, start: int, t: int, grow: bool) -> bool:
+        """Make the local ``layer``'s arrays hold positions up to ``start + t`` (dropping old ones
+        to the front as the class describes); False if that needs growing and ``grow`` is off."""
+        w = self.windows[layer]
+        kc, vc, first = self.k[layer], self.v[layer], self.offset[layer]
+        if start + t - first <= kc.shape[1]:
+            return True
+        keep = max(first, start - 2 * w + 1)        # the window of position `start`, and w older positions
+        size = max(kc.shape[1], start + t - keep)
+        if size > kc.shape[1]:
+            if not grow:
+                return False
+            more = size - kc.shape[1]
+            kc = self.k[layer] = np.concatenate([kc, np.zeros((kc.shape[0], more, kc.shape[2]), kc.dtype)], 1)
+            vc = self.v[layer] = np.concatenate([vc, np.zeros((vc.shape[0], more, vc.shape[2]), vc.dtype)], 1)
+            self.pooled = False
+        kc[:, :start - keep] = kc[:, keep - first:start - first]
+        vc[:, :start - keep] = vc[:, keep - first:start - first]
+        self.offset[layer] = keep
+        return True
+
+    def make_room(self, start: int, t: int) -> bool:
+        if not self.pooled:
+            return False
+        local = [layer for layer, w in enumerate(self.windows) if w]
+        if not all(start + t - max(self.offset[i], start - 2 * self.windows[i] + 1) <= self.k[i].shape[1]
+                   for i in local):
+            return False
+        for i in local:
+            self._room(i, start, t, grow=False)
+        return True
 
     def store(self, layer: int, start: int, k: np.ndarray, v: np.ndarray):
-        w = self.windows[layer]
-        if not w:
+        if not self.windows[layer]:
             return super().store(layer, start, k, v)
         t = k.shape[0]
+        self._room(layer, start, t, grow=True)
         kc, vc, first = self.k[layer], self.v[layer], self.offset[layer]
-        if start + t - first > kc.shape[1]:
-            keep = max(first, start - 2 * w + 1)        # the window of position `start`, and w older positions
-            size = max(kc.shape[1], start + t - keep)
-            if size > kc.shape[1]:
-                grow = size - kc.shape[1]
-                kc = self.k[layer] = np.concatenate([kc, np.zeros((kc.shape[0], grow, kc.shape[2]), kc.dtype)], 1)
-                vc = self.v[layer] = np.concatenate([vc, np.zeros((vc.shape[0], grow, vc.shape[2]), vc.dtype)], 1)
-            kc[:, :start - keep] = kc[:, keep - first:start - first]
-            vc[:, :start - keep] = vc[:, keep - first:start - first]
-            first = self.offset[layer] = keep
         kc[:, start - first:start - first + t] = k.transpose(1, 0, 2)
         vc[:, start - first:start - first + t] = v.transpose(1, 0, 2)
         return kc, vc
@@ -138,7 +218,8 @@ class SlidingWindowKVCache(KVCache):
 
     def reset(self) -> None:
         self.length = 0
-        self.offset = [0] * len(self.offset)
+        self.offset = [0] * len(self.windows)
+        self._link()
 
     def truncate(self, length: int) -> None:
         if 0 <= length <= self.length and self.reusable(length) != length:
@@ -146,4 +227,4 @@ class SlidingWindowKVCache(KVCache):
                              f"keys that position {length} attends to (reset and evaluate again)")
         super().truncate(length)
         if length == 0:
-            self.offset = [0] * len(self.offset)
+            self.reset()

@@ -143,6 +143,8 @@ class LlamaModel:
         self.output = self.tok_embd if cfg.tied_output else \
             _matrix(g, "output.weight", cfg.d_model, cfg.vocab_size, backend)
         self.cos, self.sin = rope_tables(cfg, n_ctx)
+        #: the fused layers' RoPE tables [tables, n_ctx, rope_dim / 2] (one here; gemma3 has two)
+        self.rope_cos, self.rope_sin = self.cos[None], self.sin[None]
 
     #: False: every call runs operation by operation (:meth:`_layers`), never the fused layers
     #: (tests compare the two bit for bit)
@@ -154,6 +156,11 @@ class LlamaModel:
         timed wrappers of them to :meth:`forward` (see rosenblatt.bench)."""
         return (self.backend.matmul, self.backend.matmul_many, attention, rms_norm, apply_rope, silu_mul)
 
+    #: whether :meth:`_layers_graph` states this family's layer (gemma3's extras are not in it)
+    graph_layers: bool = True
+    #: GELU gating instead of SiLU in the fused layers (gemma3)
+    gelu: bool = False
+
     _plan: tuple | None = None
     #: layers times chunks run so far (a forward is one chunk unless its products ran as a graph
     #: over several): what a per-layer count of the backend's work is divided by (bench)
@@ -162,8 +169,8 @@ class LlamaModel:
     def fused_plan(self, cache: KVCache | None = None) -> FusedPlan | None:
         """The fused layers (:mod:`.llama_step`) when they apply: built on first use, again when the
         backend's kernel choice changes; None when :attr:`fused` is off, without int8 kernels for
-        every product, or for a cache of another kind (sliding windows)."""
-        if not self.fused or (cache is not None and type(cache) is not KVCache):
+        every product, or for a cache whose arrays left its pool (a bounded cache that grew)."""
+        if not self.fused or (cache is not None and not cache.pooled):
             return None
         key = getattr(self.backend, "kernels", None)
         if self._plan is None or self._plan[0] != key:
@@ -197,8 +204,10 @@ class LlamaModel:
         if start + t > self.n_ctx:
             raise ValueError(f"context overflow: {start} + {t} tokens > n_ctx {self.n_ctx}")
         x = self.embed(tokens)
-        plan = self.fused_plan(cache) if t <= self.backend.fused_rows() and ops is None else None
-        chunk = self.backend.graph_chunk(t) if plan is None and ops is None and type(cache) is KVCache else 0
+        plan = (self.fused_plan(cache) if t <= self.backend.fused_rows() and ops is None
+                and cache.make_room(start, t) else None)
+        chunk = (self.backend.graph_chunk(t) if plan is None and ops is None and type(cache) is KVCache
+                 and self.graph_layers else 0)
         if chunk:
             self._layers_graph(x, cache, start, chunk)
             cache.length = start + t
@@ -210,8 +219,9 @@ class LlamaModel:
             cache.length = start + t
             return self._logits(x, logits, ops)
         n = {"all": t, "last": 1, "none": 0}[logits]
-        out = plan.run(x, cache.pool_k, cache.pool_v, np.arange(start, start + t, dtype=np.int64),
-                       np.full(t, cache.slot, np.int64), self.cos, self.sin, n)
+        offset = np.repeat(np.array([cache.offset], np.int64), t, axis=0)
+        out = plan.run(x, cache, np.arange(start, start + t, dtype=np.int64), np.full(t, cache.slot, np.int64),
+                       offset, self.rope_cos, self.rope_sin, n)
         cache.length = start + t
         return out if out is not None or logits == "none" else self._logits(x, logits)
 
@@ -228,14 +238,15 @@ class LlamaModel:
             if c.length + 1 > self.n_ctx:
                 raise ValueError(f"context overflow: {c.length} + 1 tokens > n_ctx {self.n_ctx}")
         plan = self.fused_plan(caches[0]) if len(caches) <= self.backend.fused_rows() else None
-        one_pool = all(type(c) is KVCache and c.pool_k is caches[0].pool_k for c in caches)
-        if plan is None or not one_pool:
+        one_pool = all(c.pool_k is caches[0].pool_k and c.pool_kl is caches[0].pool_kl for c in caches)
+        if plan is None or not one_pool or not all(c.make_room(c.length, 1) for c in caches):
             return np.concatenate([self.forward(np.asarray([tok]), c, "last") for tok, c in zip(tokens, caches)])
         b = len(caches)
         x = self.embed(np.asarray(tokens))
         pos = np.array([c.length for c in caches], np.int64)
         slot = np.array([c.slot for c in caches], np.int64)
-        out = plan.run(x, caches[0].pool_k, caches[0].pool_v, pos, slot, self.cos, self.sin, b)
+        offset = np.array([c.offset for c in caches], np.int64)
+        out = plan.run(x, caches[0], pos, slot, offset, self.rope_cos, self.rope_sin, b)
         for c in caches:
             c.length += 1
         return out if out is not None else self._logits(x, "all")

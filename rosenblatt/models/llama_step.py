@@ -98,11 +98,35 @@ def _add(src, dst):
 
 
 @njit(nogil=True, cache=True, inline="always")
-def _attend(qv, k_cache, v_cache, heads_out, s, t, kh, layer, p, sl, group, scale, dots):
-    """Row t's query heads of kv head ``kh`` against positions 0..p of its cache slot ``sl``."""
+def _attend(qv, kc, vc, heads_out, s, t, kh, p, off, group, window, scale, dots):
+    """Row t's query heads of kv head ``kh`` against positions 0..p (the last ``window`` of them
+    when ``window`` > 0) of its layer's cache arrays ``kc``/``vc``, which hold position ``off`` at
+    index 0."""
     h0, h1 = kh * group, (kh + 1) * group
-    ops.attention_decode(qv[s, t, h0:h1], k_cache[sl, layer, kh:kh + 1], v_cache[sl, layer, kh:kh + 1], 1, 0, p + 1,
-                         scale, heads_out[s, t, h0:h1], dots)
+    lo = max(0, p - window + 1) if window > 0 else 0
+    ops.attention_decode(qv[s, t, h0:h1], kc[kh:kh + 1], vc[kh:kh + 1], 1, lo - off, p + 1 - off, scale,
+                         heads_out[s, t, h0:h1], dots)
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _layer_cache(k_cache, v_cache, kl_cache, vl_cache, lidx, lloc, sl, layer):
+    """A layer's keys and values [n_kv, positions, hd] in cache slot ``sl``: from the local pool
+    for a sliding-window layer of a bounded cache, else from the global one."""
+    i = lidx[layer]
+    if lloc[layer]:
+        return kl_cache[sl, i], vl_cache[sl, i]
+    return k_cache[sl, i], v_cache[sl, i]
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _add_normed(src, t, post, eps, h, x):
+    """x[t] += src[t] (a sub-block's output), through rms_norm(src[t]) * post first when ``post``
+    has a weight (gemma3's post-norms); ``h`` is the row's scratch (private with one row)."""
+    if post.shape[0]:
+        ops.rms_norm(src[t:t + 1], post, eps, h[t:t + 1])
+        _add(h[t], x[t])
+    else:
+        _add(src[t], x[t])
 
 
 # A row phase: ``t = _row_first(..)``, ``while t >= 0: <row t>; t = _row_next(..)``, then
@@ -130,9 +154,17 @@ def _row_end(sync, ph, rep, n):
 
 @njit(nogil=True, cache=True)
 def _run(tid, sync, x_in, pos, slot, n_logits, f1, fr, w, rb, col, nmat, nchunk, mchunk, fmt, attn_norm, ffn_norm,
-         eps, bias, cos, sin, rope_dim, neox, n_heads, n_kv, hd, hd_v, k_cache, v_cache, scale, dots, xp, hp, gp, ap,
-         hs, gs, as_, qkv, act, o, gu, down, qv, kv, heads_out, out_norm, logits):
-    """Thread ``tid``'s walk through the phases (see the module docstring and :func:`run_rows`)."""
+         eps, bias, qk_norm, post_attn, post_ffn, window, rope_sel, gelu, cos, sin, rope_dim, neox, n_heads, n_kv, hd,
+         hd_v, k_cache, v_cache, kl_cache, vl_cache, lidx, lloc, koff, scale, dots, xp, hp, gp, ap, hs, gs, as_, qkv, act, o, gu, down, qv, kv, heads_out, out_norm,
+         logits):
+    """Thread ``tid``'s walk through the phases (see the module docstring and :func:`run_rows`).
+
+    Per layer: ``qk_norm[layer]`` the q and k weights of a per-head RMS norm before RoPE and
+    ``post_attn[layer]``, ``post_ffn[layer]`` those of the attention's and the FFN's output
+    norms (gemma3; empty for llama), ``window[layer]`` the keys a query sees (0: all), ``rope_sel[layer]`` its RoPE table
+    in ``cos``/``sin``; ``gelu``: GELU gating, else SiLU. The cache: layer i of slot s is
+    ``k_cache[s, lidx[i]]``, or ``kl_cache[s, lidx[i]]`` where ``lloc[i]`` (a bounded cache's
+    sliding-window layer), whose index 0 holds position ``koff[t, i]`` for row t."""
     n_layers = attn_norm.shape[0]
     last = n_layers * LAYER_PHASES + 2           # phases: the layers, the output's two, the write-back
     if parallel.drained(sync, last, 1):
@@ -155,7 +187,7 @@ def _run(tid, sync, x_in, pos, slot, n_logits, f1, fr, w, rb, col, nmat, nchunk,
         t = _row_first(sync, ph, rep, T)
         while t >= 0:
             if layer:
-                _add(down[(layer - 1) % nb, t], x[t])
+                _add_normed(down[(layer - 1) % nb], t, post_ffn[layer - 1], eps, h, x)
             _norm_quantize(x, t, attn_norm[layer], eps, h, abuf, fmt[g])
             t = _row_next(sync, ph, rep, T)
         ph = _row_end(sync, ph, rep, T)
@@ -177,12 +209,18 @@ def _run(tid, sync, x_in, pos, slot, n_logits, f1, fr, w, rb, col, nmat, nchunk,
                     flat[i] += bias[layer, i]
                 for i in range(q_dim + k_dim + kh * hd_v, q_dim + k_dim + (kh + 1) * hd_v):
                     flat[i] += bias[layer, i]
-            ops.rope(qv[s, t:t + 1, h0:h1], cos[p:p + 1], sin[p:p + 1], rope_dim, neox)
-            ops.rope(kv[s, t:t + 1, kh:kh + 1], cos[p:p + 1], sin[p:p + 1], rope_dim, neox)
-            _copy(kv[s, t, kh], k_cache[sl, layer, kh, p])
-            _copy(v[kh * hd_v:(kh + 1) * hd_v], v_cache[sl, layer, kh, p])
+            if qk_norm.shape[1]:
+                ops.rms_norm(qv[s, t, h0:h1], qk_norm[layer, 0], eps, qv[s, t, h0:h1])
+                ops.rms_norm(kv[s, t, kh:kh + 1], qk_norm[layer, 1], eps, kv[s, t, kh:kh + 1])
+            rs = rope_sel[layer]
+            ops.rope(qv[s, t:t + 1, h0:h1], cos[rs, p:p + 1], sin[rs, p:p + 1], rope_dim, neox)
+            ops.rope(kv[s, t:t + 1, kh:kh + 1], cos[rs, p:p + 1], sin[rs, p:p + 1], rope_dim, neox)
+            kc, vc = _layer_cache(k_cache, v_cache, kl_cache, vl_cache, lidx, lloc, sl, layer)
+            off = koff[t, layer]
+            _copy(kv[s, t, kh], kc[kh, p - off])
+            _copy(v[kh * hd_v:(kh + 1) * hd_v], vc[kh, p - off])
             if rep:
-                _attend(qv, k_cache, v_cache, heads_out, s, t, kh, layer, p, sl, group, scale, dots)
+                _attend(qv, kc, vc, heads_out, s, t, kh, p, off, group, window[layer], scale, dots)
             parallel.done(sync, ph)
         parallel.wait(sync, ph, T * n_kv)
         ph += 1
@@ -193,7 +231,8 @@ def _run(tid, sync, x_in, pos, slot, n_logits, f1, fr, w, rb, col, nmat, nchunk,
                 if c < 0:
                     break
                 t, kh = c // n_kv, c % n_kv
-                _attend(qv, k_cache, v_cache, heads_out, s, t, kh, layer, pos[t], slot[t], group, scale, dots)
+                kc, vc = _layer_cache(k_cache, v_cache, kl_cache, vl_cache, lidx, lloc, slot[t], layer)
+                _attend(qv, kc, vc, heads_out, s, t, kh, pos[t], koff[t, layer], group, window[layer], scale, dots)
                 parallel.done(sync, ph)
             parallel.wait(sync, ph, T * n_kv)
         ph += 1
@@ -208,7 +247,7 @@ def _run(tid, sync, x_in, pos, slot, n_logits, f1, fr, w, rb, col, nmat, nchunk,
         # 7. residual + o, FFN norm, quantization, gate/up
         t = _row_first(sync, ph, rep, T)
         while t >= 0:
-            _add(o[s, t], x[t])
+            _add_normed(o[s], t, post_attn[layer], eps, h, x)
             _norm_quantize(x, t, ffn_norm[layer], eps, h, abuf, fmt[g + 2])
             t = _row_next(sync, ph, rep, T)
         ph = _row_end(sync, ph, rep, T)
@@ -217,7 +256,10 @@ def _run(tid, sync, x_in, pos, slot, n_logits, f1, fr, w, rb, col, nmat, nchunk,
         # 9. SiLU gating, quantization, down
         t = _row_first(sync, ph, rep, T)
         while t >= 0:
-            ops.silu_mul(gu[s, t:t + 1, :d_ff], gu[s, t:t + 1, d_ff:], gated[t:t + 1])
+            if gelu:
+                ops.gelu_mul(gu[s, t:t + 1, :d_ff], gu[s, t:t + 1, d_ff:], gated[t:t + 1])
+            else:
+                ops.silu_mul(gu[s, t:t + 1, :d_ff], gu[s, t:t + 1, d_ff:], gated[t:t + 1])
             fused.quantize_row(gated[t:t + 1], abuf[t], fmt[g + 3])
             t = _row_next(sync, ph, rep, T)
         ph = _row_end(sync, ph, rep, T)
@@ -228,7 +270,7 @@ def _run(tid, sync, x_in, pos, slot, n_logits, f1, fr, w, rb, col, nmat, nchunk,
     og = nmat.shape[0] - 1
     t = _row_first(sync, ph, rep, T)
     while t >= 0:
-        _add(down[s, t], x[t])
+        _add_normed(down[s], t, post_ffn[n_layers - 1], eps, h, x)
         if t >= first:
             _norm_quantize(x, t, out_norm, eps, h, abuf, fmt[og])
         t = _row_next(sync, ph, rep, T)
@@ -296,8 +338,19 @@ class FusedPlan:
         self.out_norm = model.out_norm
         self.bias = (np.stack([np.concatenate([L.bq, L.bk, L.bv]) for L in layers]) if cfg.qkv_bias
                      else np.zeros((len(layers), 0), np.float32))
+        # gemma3's extras (empty for llama): per-head q/k norms, post-norms, windows, local RoPE
+        n = len(layers)
+        qk = [(L.q_norm, L.k_norm) for L in layers if getattr(L, "q_norm", None) is not None]
+        self.qk_norm = np.stack(qk) if qk else np.zeros((n, 0, cfg.head_dim), np.float32)
+        posts = [(L.post_attn_norm, L.post_ffn_norm) for L in layers if getattr(L, "post_attn_norm", None) is not None]
+        self.post_attn, self.post_ffn = ((np.stack([a for a, _ in posts]), np.stack([f for _, f in posts])) if posts
+                                         else (np.zeros((n, 0), np.float32),) * 2)
+        self.window = np.zeros(n, np.int64)
+        self._windowed = layers if hasattr(layers[0], "window") else None   # read on every call (tests vary them)
+        self.rope_sel = np.array([int(getattr(L, "local", False)) for L in layers], np.int64)
+        self.gelu = bool(getattr(model, "gelu", False))
         self.cfg = cfg
-        self.scale = np.float32(1.0 / np.sqrt(cfg.head_dim))
+        self.scale = np.float32(cfg.attn_scale if cfg.attn_scale else 1.0 / np.sqrt(cfg.head_dim))
         self.dots = np.int64(ops.dots_kernel())
         self.sync = parallel.new_sync(len(layers) * LAYER_PHASES + 3)
         self.vocab = int(groups[-1].col[-1]) if with_output else 0
@@ -353,12 +406,14 @@ class FusedPlan:
             groups.append(out)
         return cls(groups, model, max(1, int(getattr(model.backend, "threads", 1))), out is not None)
 
-    def run(self, x: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, pos: np.ndarray, slot: np.ndarray,
+    def run(self, x: np.ndarray, pool, pos: np.ndarray, slot: np.ndarray, offset: np.ndarray,
             cos: np.ndarray, sin: np.ndarray, n_logits: int = 0) -> np.ndarray | None:
-        """The layers on ``x`` [T, d] in place (row t at position ``pos[t]`` of cache slot
-        ``slot[t]``, caches [slots, layers, n_kv, n_ctx, hd]); with ``n_logits`` (and the output
-        in the plan) the logits of the last ``n_logits`` rows, else None (the caller computes
-        them from ``x``)."""
+        """The layers on ``x`` [T, d] in place: row t at position ``pos[t]`` of slot ``slot[t]`` of
+        the pool that the cache ``pool`` belongs to, whose layer i holds position ``offset[t, i]``
+        at index 0 (see :class:`~rosenblatt.models.kv_cache.KVCache`); RoPE tables [tables, n_ctx,
+        rope_dim / 2] of which layer i uses ``rope_sel[i]``. With ``n_logits`` (and the output in
+        the plan) the logits of the last ``n_logits`` rows, else None (the caller computes them
+        from ``x``)."""
         c, t = self.cfg, x.shape[0]
         if t == 1:
             bufs = self._one
@@ -370,10 +425,13 @@ class FusedPlan:
         n_logits = n_logits if self.with_output else 0
         out = np.empty((n_logits, self.vocab), np.float32)
         chunks = np.where(self.mchunk >= t, self.nstream, self.nchunk)   # streamed where the rows are one pass
+        if self._windowed is not None:
+            self.window[:] = [L.window for L in self._windowed]
         args = (self.sync, x, pos, slot, n_logits, self.f1, self.fr, self.w, self.rb, self.col,
                 self.nmat, chunks, self.mchunk, self.fmt, self.attn_norm, self.ffn_norm, c.rms_eps, self.bias,
-                cos, sin, c.rope_dim, c.rope_neox, c.n_heads, c.n_kv_heads, c.head_dim, c.head_dim_v, k_cache, v_cache,
-                self.scale, self.dots, *bufs[0], *bufs[1], *bufs[2], self.out_norm, out)
+                self.qk_norm, self.post_attn, self.post_ffn, self.window, self.rope_sel, self.gelu, cos, sin,
+                c.rope_dim, c.rope_neox, c.n_heads, c.n_kv_heads, c.head_dim, c.head_dim_v, pool.pool_k, pool.pool_v,
+                pool.pool_kl, pool.pool_vl, pool.index, pool.local, offset, self.scale, self.dots, *bufs[0], *bufs[1], *bufs[2], self.out_norm, out)
         if self.threads == 1:
             self.sync[:] = 0
             _run(np.int64(0), *args)
