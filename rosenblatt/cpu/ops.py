@@ -110,17 +110,10 @@ def rope(x, cos, sin, rope_dim, neox):
                     v[2 * i + 1] = x0 * sin[t, i] + x1 * cos[t, i]
 
 
-def _silu_mul(gate, up, out):
-    """out = gate / (1 + exp(-gate)) * up, elementwise, [T, n]."""
-    for t in prange(gate.shape[0]):
-        for i in range(gate.shape[1]):
-            g = gate[t, i]
-            out[t, i] = g / (np.float32(1.0) + exp(-g)) * up[t, i]
-
-
-silu_mul = njit_twin(_silu_mul, "_serial", error_model="numpy", cache=True)
-#: the same with the rows over numba's threads (prompts: [64, 8960] is ~3 ms on one core)
-silu_mul_rows = njit_twin(_silu_mul, "_rows", error_model="numpy", cache=True, parallel=True)
+@njit(error_model="numpy", cache=True, inline="always")
+def silu(g, u):
+    """silu(g) * u = g / (1 + exp(-g)) * u of two float32."""
+    return g / (np.float32(1.0) + exp(-g)) * u
 
 
 #: 2 sqrt(2 / pi): GELU's tanh form as a sigmoid, 0.5 (1 + tanh(y)) = 1 / (1 + exp(-2y))
@@ -128,20 +121,51 @@ _GELU_2K = np.float32(2.0 * np.sqrt(2.0 / np.pi))
 _GELU_A = np.float32(0.044715)
 
 
-def _gelu_mul(gate, up, out):
-    """out = gelu(gate) * up, elementwise, [T, n], GELU's tanh approximation (ggml_gelu's
-    formula) written as gate / (1 + exp(-2 sqrt(2/pi) (gate + 0.044715 gate^3))): the same
-    :func:`exp` as SiLU, no libm tanh, so the same bits on every target."""
+@njit(error_model="numpy", cache=True, inline="always")
+def gelu(g, u):
+    """gelu(g) * u of two float32, GELU's tanh approximation (ggml_gelu's formula) written as
+    g / (1 + exp(-2 sqrt(2/pi) (g + 0.044715 g^3))): the same :func:`exp` as SiLU, no libm
+    tanh, so the same bits on every target."""
+    y = (g * g * _GELU_A + np.float32(1.0)) * g * _GELU_2K
+    return g / (np.float32(1.0) + exp(-y)) * u
+
+
+def _silu_mul(gate, up, out):
+    """out = silu(gate) * up, elementwise, [T, n]."""
     for t in prange(gate.shape[0]):
         for i in range(gate.shape[1]):
-            g = gate[t, i]
-            y = (g * g * _GELU_A + np.float32(1.0)) * g * _GELU_2K
-            out[t, i] = g / (np.float32(1.0) + exp(-y)) * up[t, i]
+            out[t, i] = silu(gate[t, i], up[t, i])
+
+
+silu_mul = njit_twin(_silu_mul, "_serial", error_model="numpy", cache=True)
+#: the same with the rows over numba's threads (prompts: [64, 8960] is ~3 ms on one core)
+silu_mul_rows = njit_twin(_silu_mul, "_rows", error_model="numpy", cache=True, parallel=True)
+
+
+def _gelu_mul(gate, up, out):
+    """out = gelu(gate) * up, elementwise, [T, n] (see :func:`gelu`)."""
+    for t in prange(gate.shape[0]):
+        for i in range(gate.shape[1]):
+            out[t, i] = gelu(gate[t, i], up[t, i])
 
 
 gelu_mul = njit_twin(_gelu_mul, "_serial", error_model="numpy", cache=True)
 #: the same with the rows over numba's threads (prompts)
 gelu_mul_rows = njit_twin(_gelu_mul, "_rows", error_model="numpy", cache=True, parallel=True)
+
+
+@njit(error_model="numpy", cache=True)
+def gate_row(gu, t, n, use_gelu, out):
+    """out[t, i] = act(gu[t, i]) * gu[t, n + i] for i < n (act: GELU or SiLU), for a gate/up
+    product's row with its two halves side by side: the fused step's gating, on C-contiguous
+    arrays (on strided slices numba's loop does not vectorize: ~8x slower), the same bits as
+    :func:`silu_mul` / :func:`gelu_mul`."""
+    if use_gelu:
+        for i in range(n):
+            out[t, i] = gelu(gu[t, i], gu[t, n + i])
+    else:
+        for i in range(n):
+            out[t, i] = silu(gu[t, i], gu[t, n + i])
 
 
 @njit(error_model="numpy", cache=True, inline="always")

@@ -256,10 +256,7 @@ def _run(tid, sync, x_in, pos, slot, n_logits, f1, fr, w, rb, col, nmat, nchunk,
         # 9. SiLU gating, quantization, down
         t = _row_first(sync, ph, rep, T)
         while t >= 0:
-            if gelu:
-                ops.gelu_mul(gu[s, t:t + 1, :d_ff], gu[s, t:t + 1, d_ff:], gated[t:t + 1])
-            else:
-                ops.silu_mul(gu[s, t:t + 1, :d_ff], gu[s, t:t + 1, d_ff:], gated[t:t + 1])
+            ops.gate_row(gu[s], t, d_ff, gelu, gated)
             fused.quantize_row(gated[t:t + 1], abuf[t], fmt[g + 3])
             t = _row_next(sync, ph, rep, T)
         ph = _row_end(sync, ph, rep, T)

@@ -12,6 +12,7 @@ import pytest
 from numba import njit
 
 from rosenblatt.cpu import ops
+from rosenblatt.models.gemma3 import gelu_mul
 from rosenblatt.models.llama import apply_rope, attention, rms_norm, silu_mul
 
 EPS = 2.0 ** -24
@@ -121,6 +122,39 @@ def test_silu_mul(shape):
     flushed = gate < -88.72
     assert (out[flushed] == 0).all() and (np.abs(ref[flushed]) < 1e-33).all()
     np.testing.assert_allclose(out[~flushed], ref[~flushed], rtol=7 * EPS, atol=0)
+
+
+@pytest.mark.parametrize("shape", [(1, 2048), (3, 640), (2, 17), (9, 300)])     # 9 rows: the parallel kernel
+def test_gelu_mul(shape):
+    """gemma3's gating: GELU's tanh approximation, computed as a sigmoid over ops.exp."""
+    rng = np.random.default_rng(4)
+    gate, up = rand(rng, *shape, scale=4.0), rand(rng, *shape)
+    gate[0, :8] = [0.0, -0.0, 5.0, -5.0, 9.0, -9.0, 1e4, -1e4]       # exp over/underflow on either side
+    g64, u64 = gate.astype(np.float64), up.astype(np.float64)
+    y = np.sqrt(2 / np.pi) * (g64 + 0.044715 * g64 ** 3)
+    with np.errstate(over="ignore"):      # 0.5 (1 + tanh y) = 1 / (1 + exp(-2y)), without tanh's cancellation
+        ref = g64 / (1.0 + np.exp(-2 * y)) * u64
+    out = gelu_mul(gate, up)
+    assert out.dtype == np.float32 and out.shape == gate.shape
+    # 2y = g (1 + a g^2) 2k in 5 roundings (|error| <= 5 EPS |2y|), carried into the sigmoid with a
+    # factor <= 1 (relative to it: (1 - s) |2y error|), then exp's 2 ulp, 1 + e, the division, the product
+    flushed = 2 * y < -88.72
+    assert (out[flushed] == 0).all() and (np.abs(ref[flushed]) < 1e-33).all()
+    bound = (5 * np.abs(2 * y) + 7) * EPS * np.abs(ref)
+    assert (np.abs(out - ref)[~flushed] <= bound[~flushed]).all()
+
+
+@pytest.mark.parametrize("use_gelu", [False, True])
+def test_gate_row_is_the_gating_bit_for_bit(use_gelu):
+    """The fused step's gating of a gate/up row (halves side by side) gives silu_mul / gelu_mul's bits."""
+    from rosenblatt.cpu import ops
+    rng = np.random.default_rng(5)
+    gu = rand(rng, 3, 2 * 1000, scale=4.0)
+    out = np.zeros((3, 1000), np.float32)
+    for t in range(3):
+        ops.gate_row(gu, t, 1000, use_gelu, out)
+    ref = (gelu_mul if use_gelu else silu_mul)(np.ascontiguousarray(gu[:, :1000]), np.ascontiguousarray(gu[:, 1000:]))
+    assert np.array_equal(out, ref)
 
 
 def attention_reference(q, k_cache, v_cache, start, n_kv, window=0, scale=None):
