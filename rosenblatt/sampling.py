@@ -107,9 +107,10 @@ def _as_logits(logits) -> np.ndarray:
     return x
 
 
-def _history_window(history, last_n: int, vocab: int, counts: bool = False):
+def _history_window(history, last_n: int, vocab: int, counts: bool = False, distinct: bool = True):
     """The distinct token ids among the last ``last_n`` of ``history`` (validated); with
-    ``counts``, also how often each occurs there."""
+    ``counts``, also how often each occurs there; without ``distinct``, only validated (the
+    window as it is: no sort, for settings that do not use it)."""
     if last_n == 0 or history is None:
         empty = np.empty(0, dtype=np.int64)
         return (empty, empty) if counts else empty
@@ -122,6 +123,12 @@ def _history_window(history, last_n: int, vocab: int, counts: bool = False):
         return (empty, empty) if counts else empty
     if h.ndim != 1 or h.dtype.kind not in "iu":
         raise ValueError(f"history must be a 1-D sequence of integer token ids, got dtype {h.dtype}, shape {h.shape}")
+    if not distinct:
+        lo, hi = h.min(), h.max()
+        if lo < 0 or hi >= vocab:
+            bad = h[(h < 0) | (h >= vocab)]
+            raise ValueError(f"history contains token id(s) outside [0, {vocab}): {np.unique(bad)[:5].tolist()}")
+        return h
     u, c = np.unique(h, return_counts=True)
     if u[0] < 0 or u[-1] >= vocab:
         bad = u[(u < 0) | (u >= vocab)]
@@ -134,7 +141,7 @@ def _penalise_inplace(x: np.ndarray, history, penalty: float, last_n: int, frequ
                       presence: float = 0.0) -> None:
     if (penalty == 1.0 and frequency == 0.0 and presence == 0.0) or last_n == 0:
         # still validate the window so bad ids are reported whatever the settings
-        _history_window(history, last_n, x.size)
+        _history_window(history, last_n, x.size, distinct=False)
         return
     u, counts = _history_window(history, last_n, x.size, counts=True)
     if u.size:
