@@ -30,12 +30,12 @@ structure with the dot product in plain IR bit for bit, and lower the sdot modul
 Each kernel computes ``out[m, r] = dot(row r, x[m])`` for rows ``[r0, r1)`` and ``m_rows``
 activation rows; the weight row is read once per ``m`` loop, so it stays in L1 for prefill.
 
-Q4_K, Q8_0, Q4_0 and Q4_1 also have packed kernels (x86; Q8_0/Q4_0/Q4_1 where VNNI's vpdpbusd
+Q4_K, Q8_0, Q4_0, Q4_1, Q5_0 and Q5_1 also have packed kernels (x86; all but Q4_K where VNNI's vpdpbusd
 exists; plain IR for the tests): the CPU backend repacks their matrices at load, eight rows
 interleaved (:func:`pack`), which roughly doubles the products per instruction (see the layouts'
 comments below). Packed and row-major kernels give the same floats: Q4_K sums each row's
-super-block into one exact integer in every layout and ISA; packed Q8_0/Q4_0/Q4_1 keep the
-row-major kernels' eight float lanes (and Q4_0/Q4_1's second accumulator).
+super-block into one exact integer in every layout and ISA; the packed 32-quant types keep the
+row-major kernels' eight float lanes (and Q4_x/Q5_x's second accumulator).
 """
 
 from __future__ import annotations
@@ -493,8 +493,11 @@ def _body_q6_k(isa: str, rows: int):
 # Q8_0, per group and block: the slices [c][h] (rows 4h..4h+3, quants 8c..8c+7, each + 128 as an
 # unsigned byte), then d[8]. Q4_0 / Q4_1: the same slices as 4-bit quants, slice c in the low
 # nibbles of register (c % 2, h) and slice c + 2 in its high nibbles (128 bytes), then d[8] and,
-# Q4_1, m[8] (f16): the row-major blocks' bytes, rearranged.
-PACKED_BLOCK = {Q4_K: 1184, Q8_0: 272, Q4_0: 144, Q4_1: 160}
+# Q4_1, m[8] (f16): the row-major blocks' bytes, rearranged. Q5_0 / Q5_1: Q4_0 / Q4_1's 128 bytes
+# of nibbles, then the fifth bits (32 bytes: per slice s and row half h, 4 bytes at (s * 2 + h) * 4,
+# byte r % 4 bit t for quant 8s + t of row 4h + r % 4: the bits of the register's bytes in order),
+# then d[8] (and m[8]).
+PACKED_BLOCK = {Q4_K: 1184, Q8_0: 272, Q4_0: 144, Q4_1: 160, Q5_0: 176, Q5_1: 192}
 #: ISAs whose matrices the CPU backend packs (elsewhere it keeps the row-major blocks; the A76's
 #: sdot kernels have no packed form yet)
 PACKED_ISAS = ("avx2",)
@@ -602,23 +605,25 @@ def _body_q4_k_packed(isa: str, rows: int):
 
 
 def _body_q32_packed(kind: str, isa: str, rows: int):
-    """Q8_0 / Q4_0 / Q4_1, 8 packed weight rows (unsigned bytes) against ``rows`` Q8_32 activation
+    """Q8_0 / Q4_0 / Q4_1 / Q5_0 / Q5_1, 8 packed weight rows (unsigned bytes) against ``rows`` Q8_32 activation
     rows. The 4-product sums of a slice are the row-major kernels' int32 lanes (lane j: products
     4j..4j+3 of the block), one register of them per 4 rows, so each activation row keeps the
     row-major float lanes: 8 accumulators (slice c, row half h) whose lanes are (row, j), summed
     in the row-major kernels' order at the end (:data:`_Q32_PACKED_STORES`). Q8_0's + 128 is
-    taken back exactly: its lanes start at -128 x (4-sums of the activations). Q4_0 and Q4_1 keep
+    taken back exactly: its lanes start at -128 x (4-sums of the activations). Q4_x and Q5_x keep
     the row-major kernels' second accumulator too, one lane a row (``factor x (scale x sum)`` per
-    block: Q4_0's d, times -8 at the end; Q4_1's m)."""
+    block: Q4_0's / Q5_0's d, times -8 / -16 at the end; Q4_1's / Q5_1's m). Q5_x's fifth bits are
+    ORed into the nibbles' bytes (values 0..31)."""
     e = _IR(isa)
     size = PACKED_BLOCK[_Q32_PACKED_TYPES[kind]]
     blk = e(f"mul i64 %b, {size}")
     e.prefetch("%row", blk, size)
-    quants = 256 if kind == "q8_0" else 128
+    five = kind in ("q5_0", "q5_1")
+    quants = 256 if kind == "q8_0" else 160 if five else 128
     d = e(f"fpext <8 x half> {e.load('%row', e(f'add i64 {blk}, {quants}'), '<8 x half>')} to <8 x float>")
     factor = None
     if kind != "q8_0":
-        factor = d if kind == "q4_0" else \
+        factor = d if kind in ("q4_0", "q5_0") else \
             e(f"fpext <8 x half> {e.load('%row', e(f'add i64 {blk}, {quants + 16}'), '<8 x half>')} to <8 x float>")
     ab = e(f"mul i64 %b, {ACT_BLOCK[Q8_32]}")
     if kind == "q8_0":
@@ -629,6 +634,11 @@ def _body_q32_packed(kind: str, isa: str, rows: int):
             for h in range(2):
                 q = e.load("%row", e(f"add i64 {blk}, {(c * 2 + h) * 32}"), "<32 x i8>")
                 w[c, h], w[c + 2, h] = e.and_bytes(q, 15), e.lshr_bytes(q, 4)
+                for sl in (c, c + 2) if five else ():        # the fifth bits of slice sl's 32 quants
+                    bits = e(f"bitcast i32 {e.load('%row', e(f'add i64 {blk}, {128 + (sl * 2 + h) * 4}'), 'i32')} "
+                             "to <32 x i1>")
+                    fifth = e(f"shl <32 x i8> {e(f'zext <32 x i1> {bits} to <32 x i8>')}, {e.bytes_(4)}")
+                    w[sl, h] = e(f"or <32 x i8> {w[sl, h]}, {fifth}")
     accs = []
     for i in range(rows):
         scale = e(f"fmul <8 x float> {d}, {e.splat('float', 8, e.act(i, Q8_32, 'd'))}")
@@ -663,12 +673,12 @@ _Q32_PACKED_STORES = """  %ev{i} = shufflevector <8 x float> %half{i}_0, <8 x fl
 _Q32_PACKED_SSUM = """  %ssum{i} = fmul <8 x float> {a}, {cs}"""
 
 
-_Q32_PACKED_TYPES = {"q8_0": Q8_0, "q4_0": Q4_0, "q4_1": Q4_1}
+_Q32_PACKED_TYPES = {"q8_0": Q8_0, "q4_0": Q4_0, "q4_1": Q4_1, "q5_0": Q5_0, "q5_1": Q5_1}
 #: ggml type -> (kernel name, IR body) of the packed kernels
 _PACKED_KERNELS = {Q4_K: ("q4_k", _body_q4_k_packed),
                    **{qt: (n, functools.partial(_body_q32_packed, n)) for n, qt in _Q32_PACKED_TYPES.items()}}
 #: the row-major kernels' factor of the second accumulator (see _KERNELS' "factor")
-_Q32_FACTOR = {"q4_0": "-8.0", "q4_1": "1.0"}
+_Q32_FACTOR = {"q4_0": "-8.0", "q4_1": "1.0", "q5_0": "-16.0", "q5_1": "1.0"}
 
 
 def _packed_ir(name: str, body, isa: str, rows: int, tag: str = "") -> str:
@@ -727,7 +737,7 @@ PREFETCH_MIN_INPUTS = 4096
 #: ggml types with a prefetching 4-row kernel in the wide ISAs' modules: row-major (the K-quants;
 #: measured on Q6_K) and packed (measured on Q4_K and Q8_0)
 _PREFETCHED = frozenset({Q4_K, Q5_K, Q6_K})
-_PREFETCHED_PACKED = frozenset({Q4_K, Q8_0, Q4_0, Q4_1})
+_PREFETCHED_PACKED = frozenset({Q4_K, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1})
 
 _WIDE_ENTRY = """
 define void @{P}w_{name}(i8* %w, i64 %row_bytes, i64 %r0, i64 %r1, i64 %nblk, i64 %m_rows,
@@ -842,8 +852,8 @@ exit:
 
 
 def packed_types(isa: str, vnni: bool = False) -> tuple[int, ...]:
-    """The types with packed kernels in ``isa``'s module: Q4_K; Q8_0, Q4_0 and Q4_1 where their
-    4-product dot is one instruction (x86 with VNNI) or plain IR (portable)."""
+    """The types with packed kernels in ``isa``'s module: Q4_K; the 32-quant types (Q8_0, Q4_x,
+    Q5_x) where their 4-product dot is one instruction (x86 with VNNI) or plain IR (portable)."""
     if isa not in _PACKED_MODULES:
         return ()
     return tuple(qt for qt in _PACKED_KERNELS if qt == Q4_K or vnni or isa == "portable")

@@ -7,7 +7,7 @@ import numpy as np
 from numba import njit, prange
 
 from .ir import PACKED_BLOCK
-from ..gguf.quants import Q4_0, Q4_1, Q4_K, Q8_0
+from ..gguf.quants import Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q8_0
 
 
 @njit(parallel=True, nogil=True, cache=True)
@@ -77,6 +77,35 @@ def _pack_q4_x(rows, out, bsize, scales):
                         out[g, dst + t] = qlo | (qhi << 4)
 
 
+@njit(parallel=True, nogil=True, cache=True)
+def _pack_q5_x(rows, out, bsize, scales):
+    """Q5_0 (``bsize`` 22, ``scales`` 1: d) / Q5_1 (24, 2: d, m) rows [8G, nblk * bsize] -> out
+    [G, nblk * (160 + 16 * scales)]: Q4_0 / Q4_1's nibble slices of the low 4 bits (128 bytes),
+    then the fifth bits (slice s of rows 4h..4h+3 at 128 + (s * 2 + h) * 4: row 4h + r's byte of
+    the block's 32-bit qh, byte s), then d[8] (and m[8]). A row-major block: the scales, qh (4
+    bytes; bit i is quant i's fifth bit), the 16 bytes of nibbles as in Q4_0."""
+    nblk = rows.shape[1] // bsize
+    osize = 160 + 16 * scales
+    qh_at = 2 * scales
+    qs_at = qh_at + 4
+    for g in prange(out.shape[0]):
+        for b in range(nblk):
+            o, s = b * osize, b * bsize
+            for r in range(8):
+                src = rows[8 * g + r]
+                for t in range(2 * scales):
+                    out[g, o + 160 + 16 * (t // 2) + 2 * r + t % 2] = src[s + t]
+                for sl in range(4):
+                    out[g, o + 128 + (sl * 2 + r // 4) * 4 + r % 4] = src[s + qh_at + sl]
+                for c in range(2):
+                    dst = o + (c * 2 + r // 4) * 32 + (r % 4) * 8
+                    for t in range(8):
+                        lo, hi = 8 * c + t, 8 * (c + 2) + t
+                        qlo = src[s + qs_at + lo % 16] >> (4 * (lo // 16)) & 15
+                        qhi = src[s + qs_at + hi % 16] >> (4 * (hi // 16)) & 15
+                        out[g, dst + t] = qlo | (qhi << 4)
+
+
 def _pack_q4_0(rows, out):
     _pack_q4_x(rows, out, 18, 1)
 
@@ -85,8 +114,17 @@ def _pack_q4_1(rows, out):
     _pack_q4_x(rows, out, 20, 2)
 
 
+def _pack_q5_0(rows, out):
+    _pack_q5_x(rows, out, 22, 1)
+
+
+def _pack_q5_1(rows, out):
+    _pack_q5_x(rows, out, 24, 2)
+
+
 #: packed type -> (bytes of one of its blocks in a GGUF row, the function that packs its rows)
-_PACKERS = {Q4_K: (144, _pack_q4_k), Q8_0: (34, _pack_q8_0), Q4_0: (18, _pack_q4_0), Q4_1: (20, _pack_q4_1)}
+_PACKERS = {Q4_K: (144, _pack_q4_k), Q8_0: (34, _pack_q8_0), Q4_0: (18, _pack_q4_0), Q4_1: (20, _pack_q4_1),
+            Q5_0: (22, _pack_q5_0), Q5_1: (24, _pack_q5_1)}
 
 
 class Packed:

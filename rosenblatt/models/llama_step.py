@@ -155,14 +155,14 @@ def _row_end(sync, ph, rep, n):
 @njit(nogil=True, cache=True)
 def _run(tid, sync, x_in, pos, slot, n_logits, f1, fr, w, rb, col, nmat, nchunk, mchunk, fmt, attn_norm, ffn_norm,
          eps, bias, qk_norm, post_attn, post_ffn, window, rope_sel, gelu, cos, sin, rope_dim, neox, n_heads, n_kv, hd,
-         hd_v, k_cache, v_cache, kl_cache, vl_cache, lidx, lloc, koff, scale, dots, xp, hp, gp, ap, hs, gs, as_, qkv, act, o, gu, down, qv, kv, heads_out, out_norm,
-         logits):
+         hd_v, k_cache, v_cache, kl_cache, vl_cache, lidx, lloc, koff, scale, dots, xp, hp, gp, ap, hs, gs, as_, qkv,
+         act, o, gu, down, qv, kv, heads_out, out_norm, logits):
     """Thread ``tid``'s walk through the phases (see the module docstring and :func:`run_rows`).
 
     Per layer: ``qk_norm[layer]`` the q and k weights of a per-head RMS norm before RoPE and
     ``post_attn[layer]``, ``post_ffn[layer]`` those of the attention's and the FFN's output
-    norms (gemma3; empty for llama), ``window[layer]`` the keys a query sees (0: all), ``rope_sel[layer]`` its RoPE table
-    in ``cos``/``sin``; ``gelu``: GELU gating, else SiLU. The cache: layer i of slot s is
+    norms (gemma3; empty for llama), ``window[layer]`` the keys a query sees (0: all),
+    ``rope_sel[layer]`` its RoPE table in ``cos``/``sin``; ``gelu``: GELU gating, else SiLU. The cache: layer i of slot s is
     ``k_cache[s, lidx[i]]``, or ``kl_cache[s, lidx[i]]`` where ``lloc[i]`` (a bounded cache's
     sliding-window layer), whose index 0 holds position ``koff[t, i]`` for row t."""
     n_layers = attn_norm.shape[0]
@@ -428,7 +428,8 @@ class FusedPlan:
                 self.nmat, chunks, self.mchunk, self.fmt, self.attn_norm, self.ffn_norm, c.rms_eps, self.bias,
                 self.qk_norm, self.post_attn, self.post_ffn, self.window, self.rope_sel, self.gelu, cos, sin,
                 c.rope_dim, c.rope_neox, c.n_heads, c.n_kv_heads, c.head_dim, c.head_dim_v, pool.pool_k, pool.pool_v,
-                pool.pool_kl, pool.pool_vl, pool.index, pool.local, offset, self.scale, self.dots, *bufs[0], *bufs[1], *bufs[2], self.out_norm, out)
+                pool.pool_kl, pool.pool_vl, pool.index, pool.local, offset, self.scale, self.dots, *bufs[0], *bufs[1],
+                *bufs[2], self.out_norm, out)
         if self.threads == 1:
             self.sync[:] = 0
             _run(np.int64(0), *args)

@@ -222,7 +222,7 @@ def _q4_k_matrix(rng, n, k):
     return _matrix(rng, T.Q4_K, n, k)
 
 
-PACKED = [T.Q4_K, T.Q8_0, T.Q4_0, T.Q4_1]
+PACKED = [T.Q4_K, T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1]
 
 
 def test_pack_takes_whole_groups_of_eight_rows_of_its_types():
