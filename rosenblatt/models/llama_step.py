@@ -162,9 +162,10 @@ def _run(tid, sync, x_in, pos, slot, n_logits, f1, fr, w, rb, col, nmat, nchunk,
     Per layer: ``qk_norm[layer]`` the q and k weights of a per-head RMS norm before RoPE and
     ``post_attn[layer]``, ``post_ffn[layer]`` those of the attention's and the FFN's output
     norms (gemma3; empty for llama), ``window[layer]`` the keys a query sees (0: all),
-    ``rope_sel[layer]`` its RoPE table in ``cos``/``sin``; ``gelu``: GELU gating, else SiLU. The cache: layer i of slot s is
-    ``k_cache[s, lidx[i]]``, or ``kl_cache[s, lidx[i]]`` where ``lloc[i]`` (a bounded cache's
-    sliding-window layer), whose index 0 holds position ``koff[t, i]`` for row t."""
+    ``rope_sel[layer]`` its RoPE table in ``cos``/``sin``; ``gelu``: GELU gating, else SiLU.
+    The cache: layer i of slot s is ``k_cache[s, lidx[i]]``, or ``kl_cache[s, lidx[i]]`` where
+    ``lloc[i]`` (a bounded cache's sliding-window layer), whose index 0 holds position
+    ``koff[t, i]`` for row t."""
     n_layers = attn_norm.shape[0]
     last = n_layers * LAYER_PHASES + 2           # phases: the layers, the output's two, the write-back
     if parallel.drained(sync, last, 1):
