@@ -150,9 +150,9 @@ class CPUBackend(MatmulBackend):
         dense = rows.view(np.float32) if int(tensor.qtype) == F32 else None
         packed = None
         if ("packed", int(tensor.qtype)) in self._simd:     # repacked once, the file's pages let go
-            packed = pack(int(tensor.qtype), rows)
+            packed = pack(int(tensor.qtype), rows, release=_drop_pages)
             if packed is not None:
-                _drop_pages(rows)
+                _drop_pages(rows)           # the pages the pieces shared
         return CPUWeight(tensor.name, int(tensor.qtype), tensor.n_rows, tensor.row_len, rows, dense, packed)
 
     def matmul(self, x: np.ndarray, w: CPUWeight, out: np.ndarray | None = None) -> np.ndarray:

@@ -135,9 +135,16 @@ class Packed:
         self.qtype, self.data, self.n = qtype, data, n
 
 
-def pack(qtype: int, rows: np.ndarray) -> Packed | None:
+#: source bytes packed per call: a large matrix is packed piece by piece, each piece's file pages
+#: released before the next (gemma-3-270m's 178 MB embedding matrix otherwise held its file
+#: pages and its packed copy at once: peak RSS 513 MB against 429 after the load)
+PACK_PIECE_BYTES = 1 << 24
+
+
+def pack(qtype: int, rows: np.ndarray, release=None) -> Packed | None:
     """``rows`` (a matrix's blocks, row-major) in the packed layout, or None where there is no
-    packed kernel for the type or the row count is not a multiple of 8."""
+    packed kernel for the type or the row count is not a multiple of 8. ``release(piece)`` is
+    called on each piece of ``rows`` once packed (the backend lets the file's pages go)."""
     if qtype not in PACKED_BLOCK or rows.shape[0] % 8 or rows.shape[0] == 0:
         return None
     block_bytes, packer = _PACKERS[qtype]
@@ -146,5 +153,10 @@ def pack(qtype: int, rows: np.ndarray) -> Packed | None:
     raw = np.empty(shape[0] * shape[1] + 64, np.uint8)      # on a cache line: no load straddles two
     start = -raw.ctypes.data % 64
     out = raw[start:start + shape[0] * shape[1]].reshape(shape)
-    packer(rows, out)
+    step = max(1, PACK_PIECE_BYTES // (8 * rows.shape[1]))   # groups of 8 rows a piece
+    for g0 in range(0, shape[0], step):
+        g1 = min(shape[0], g0 + step)
+        packer(rows[8 * g0:8 * g1], out[g0:g1])
+        if release is not None:
+            release(rows[8 * g0:8 * g1])
     return Packed(qtype, out, rows.shape[0])
