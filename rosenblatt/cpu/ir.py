@@ -10,7 +10,8 @@ Scheme (llama.cpp's): the activations are quantized to int8, and a block's dot p
 integer sum of int8 x 4/6/8-bit products, scaled once. Two activation formats, as in ggml:
 
 * ``Q8_32`` for Q8_0/Q4_0/Q4_1/Q5_0/Q5_1 (ggml's Q8_0/Q8_1): a float scale per 32 values and
-  ``scale * sum(q)`` per 32; each block's integer dot is scaled into a float vector accumulator.
+  ``scale * sum(q)`` per 32; each block's integer dot (one exact integer) is scaled into one
+  float per row.
 * ``Q8_256`` for the K-quants (ggml's Q8_K): one float scale per 256 values and the integer sum
   of every 16 values. The products of a whole super-block, weighted by its 6/8-bit sub-block
   scales, are summed in 32-bit integer lanes; minimums and offsets come from the 16-sums.
@@ -33,9 +34,9 @@ activation rows; the weight row is read once per ``m`` loop, so it stays in L1 f
 Q4_K, Q8_0, Q4_0, Q4_1, Q5_0 and Q5_1 also have packed kernels (x86; all but Q4_K where VNNI's vpdpbusd
 exists; plain IR for the tests): the CPU backend repacks their matrices at load, eight rows
 interleaved (:func:`pack`), which roughly doubles the products per instruction (see the layouts'
-comments below). Packed and row-major kernels give the same floats: Q4_K sums each row's
-super-block into one exact integer in every layout and ISA; the packed 32-quant types keep the
-row-major kernels' eight float lanes (and Q4_x/Q5_x's second accumulator).
+comments below). Packed and row-major kernels give the same floats: each row's block (32-quant
+types) or super-block (Q4_K) is one exact integer in every layout and ISA, scaled into one float
+(the 32-quant types keep their second accumulator, Q4_x/Q5_x's offsets, the same way).
 """
 
 from __future__ import annotations
@@ -142,6 +143,17 @@ _STORES = """  %vlo{i} = shufflevector <8 x float> {accv1}, <8 x float> undef, <
 def _vec(ty: str, values) -> str:
     return "<" + ", ".join(f"{ty} {v}" for v in values) + ">"
 
+
+# the 32-quant types' rows: a float accumulated once per block (the block's exact integer dot
+# times d x d_x) and the second accumulator, stored as accv + {cs} * accs
+_PHIS_Q32 = """  %accv{i} = phi float [0.0, %mloop], [{accv1}, %bloop]
+  %accs{i} = phi float [0.0, %mloop], [{accs1}, %bloop]"""
+_STORES_Q32 = """  %ssum{i} = fmul float {accs1}, {cs}
+  %total{i} = fadd float {accv1}, %ssum{i}
+  %oo{i} = mul i64 %m{i}, %so
+  %orow{i} = getelementptr float, float* %out_, i64 %oo{i}
+  %op{i} = getelementptr float, float* %orow{i}, i64 %r
+  store float %total{i}, float* %op{i}"""
 
 # the K-quants' rows: a float accumulated once per super-block (see _body_q45_k), stored as it is
 _PHIS_SCALAR = """  %accs{i} = phi float [0.0, %mloop], [{accs1}, %bloop]"""
@@ -389,7 +401,9 @@ def _body_q32(kind: str, isa: str, rows: int):
         x = e.act(i, Q8_32, "q")
         p32 = e.dot32(wq, x, signed=kind == "q8_0")
         dx = e.act(i, Q8_32, "d")
-        accv = e.fma_acc(p32, e(f"fmul float {d}, {dx}"), f"%accv{i}")
+        # the block's 32 products as one exact integer, scaled into one float a row
+        isum = e(f"sitofp i32 {e(f'call i32 @llvm.vector.reduce.add.v8i32(<8 x i32> {p32})')} to float")
+        accv = e(f"call float @llvm.fma.f32(float {isum}, float {e(f'fmul float {d}, {dx}')}, float %accv{i})")
         if factor is None:
             accs.append((accv, f"%accs{i}"))
             continue
@@ -606,11 +620,10 @@ def _body_q4_k_packed(isa: str, rows: int):
 
 def _body_q32_packed(kind: str, isa: str, rows: int):
     """Q8_0 / Q4_0 / Q4_1 / Q5_0 / Q5_1, 8 packed weight rows (unsigned bytes) against ``rows`` Q8_32 activation
-    rows. The 4-product sums of a slice are the row-major kernels' int32 lanes (lane j: products
-    4j..4j+3 of the block), one register of them per 4 rows, so each activation row keeps the
-    row-major float lanes: 8 accumulators (slice c, row half h) whose lanes are (row, j), summed
-    in the row-major kernels' order at the end (:data:`_Q32_PACKED_STORES`). Q8_0's + 128 is
-    taken back exactly: its lanes start at -128 x (4-sums of the activations). Q4_x and Q5_x keep
+    rows. The 4-product sums of the block's four slices add up in two int32 registers (row half
+    h, lanes (row, j)); a row's two lanes added are its block's exact integer dot, the row-major
+    kernels' integer, scaled into one float lane a row as there (:data:`_Q32_PACKED_STORES`).
+    Q8_0's + 128 is taken back exactly: 128 x (4-sums of the activations) is subtracted. Q4_x and Q5_x keep
     the row-major kernels' second accumulator too, one lane a row (``factor x (scale x sum)`` per
     block: Q4_0's / Q5_0's d, times -8 / -16 at the end; Q4_1's / Q5_1's m). Q5_x's fifth bits are
     ORed into the nibbles' bytes (values 0..31)."""
@@ -642,13 +655,20 @@ def _body_q32_packed(kind: str, isa: str, rows: int):
     accs = []
     for i in range(rows):
         scale = e(f"fmul <8 x float> {d}, {e.splat('float', 8, e.act(i, Q8_32, 'd'))}")
-        acc = []
+        chain, corr = ["zeroinitializer"] * 2, "zeroinitializer"
         for c in range(4):
             x = e(f"bitcast <4 x i64> {e.splat('i64', 4, e.load(f'%x{i}', e(f'add i64 {ab}, {8 * c}'), 'i64'))} to <32 x i8>")
-            start = e(f"sub <8 x i32> zeroinitializer, {e.udot4(e.bytes_(128), x)}") if kind == "q8_0" else "zeroinitializer"
+            if kind == "q8_0":
+                corr = e.udot4(e.bytes_(128), x, corr)
             for h in range(2):
-                sh = e(f"shufflevector <8 x float> {scale}, <8 x float> undef, {_mask([4 * h + l // 2 for l in range(8)])}")
-                acc.append(e._fma(e.udot4(w[c, h], x, start), sh, f"%acc{i}_{c}_{h}"))
+                chain[h] = e.udot4(w[c, h], x, chain[h])
+        if kind == "q8_0":          # the + 128 taken back: 128 x (4-sums of the activations), exact
+            chain = [e(f"sub <8 x i32> {v}, {corr}") for v in chain]
+        # lane (r % 4) * 2 + j of register h: products 4j.. of each slice of row 4h + r % 4; a
+        # row's two lanes added give its block's exact integer dot, rows in lane order
+        ev = e(f"shufflevector <8 x i32> {chain[0]}, <8 x i32> {chain[1]}, {_mask(range(0, 16, 2))}")
+        od = e(f"shufflevector <8 x i32> {chain[0]}, <8 x i32> {chain[1]}, {_mask(range(1, 16, 2))}")
+        acc = [e._fma(e(f"add <8 x i32> {ev}, {od}"), scale, f"%acc{i}")]
         if factor is not None:
             xs = e.splat("float", 8, e.act(i, Q8_32, "s", ty="float"))
             acc.append(e(f"call <8 x float> @llvm.fma.v8f32(<8 x float> {factor}, <8 x float> {xs}, <8 x float> %accs{i})"))
@@ -656,21 +676,13 @@ def _body_q32_packed(kind: str, isa: str, rows: int):
     return "\n".join(e.lines), accs
 
 
-_Q32_PACKED_PHIS = "\n".join(f"  %acc{{i}}_{c}_{h} = phi <8 x float> [zeroinitializer, %mloop], [{{a{c * 2 + h}}}, %bloop]"
-                              for c in range(4) for h in range(2))
+_Q32_PACKED_PHIS = "  %acc{i} = phi <8 x float> [zeroinitializer, %mloop], [{a}, %bloop]"
 _Q32_PACKED_PHI_S = "  %accs{i} = phi <8 x float> [zeroinitializer, %mloop], [{a}, %bloop]"
-# per row r (lanes (r, j) of accumulators (c = j // 2, h = r // 4)): ((l0 + l4) + (l2 + l6)) +
-# ((l1 + l5) + (l3 + l7)) + accs x factor, the row-major kernels' sum (_STORES; Q8_0's scalar part
-# is 0 x 0)
-_Q32_PACKED_SUM = """  %e02_{i}_{h} = fadd <8 x float> {c0}, {c2}
-  %e13_{i}_{h} = fadd <8 x float> {c1}, {c3}
-  %half{i}_{h} = fadd <8 x float> %e02_{i}_{h}, %e13_{i}_{h}"""
-_Q32_PACKED_STORES = """  %ev{i} = shufflevector <8 x float> %half{i}_0, <8 x float> %half{i}_1, <8 x i32> <i32 0, i32 2, i32 4, i32 6, i32 8, i32 10, i32 12, i32 14>
-  %od{i} = shufflevector <8 x float> %half{i}_0, <8 x float> %half{i}_1, <8 x i32> <i32 1, i32 3, i32 5, i32 7, i32 9, i32 11, i32 13, i32 15>
-  %rowsum{i} = fadd <8 x float> %ev{i}, %od{i}
-  %rowtot{i} = fadd <8 x float> %rowsum{i}, {ssum}
-""" + _PACKED_STORES.replace("{a}", "%rowtot{i}")
+# per row (lane): acc + accs x factor, the row-major kernels' sum (_STORES_Q32; Q8_0's second
+# accumulator is 0)
 _Q32_PACKED_SSUM = """  %ssum{i} = fmul <8 x float> {a}, {cs}"""
+_Q32_PACKED_STORES = """  %rowtot{i} = fadd <8 x float> {a}, {ssum}
+""" + _PACKED_STORES.replace("{a}", "%rowtot{i}")
 
 
 _Q32_PACKED_TYPES = {"q8_0": Q8_0, "q4_0": Q4_0, "q4_1": Q4_1, "q5_0": Q5_0, "q5_1": Q5_1}
@@ -683,17 +695,15 @@ _Q32_FACTOR = {"q4_0": "-8.0", "q4_1": "1.0", "q5_0": "-16.0", "q5_1": "1.0"}
 
 def _packed_ir(name: str, body, isa: str, rows: int, tag: str = "") -> str:
     lines, accs = body(isa, rows)
-    if isinstance(accs[0], list):       # Q8_0/Q4_0/Q4_1: 8 float accumulators an activation row (+ one)
-        phis = "\n".join(_Q32_PACKED_PHIS.format(i=i, **{f"a{k}": a for k, a in enumerate(acc[:8])})
-                         + ("\n" + _Q32_PACKED_PHI_S.format(i=i, a=acc[8]) if len(acc) > 8 else "")
+    if isinstance(accs[0], list):       # the 32-quant types: a float accumulator an activation row (+ one)
+        phis = "\n".join(_Q32_PACKED_PHIS.format(i=i, a=acc[0])
+                         + ("\n" + _Q32_PACKED_PHI_S.format(i=i, a=acc[1]) if len(acc) > 1 else "")
                          for i, acc in enumerate(accs))
         cs = _Q32_FACTOR.get(name)
         ssum = lambda i: f"%ssum{i}" if cs else "zeroinitializer"
-        stores = "\n".join(_Q32_PACKED_SUM.format(i=i, h=h, **{f"c{c}": acc[c * 2 + h] for c in range(4)})
-                           for i, acc in enumerate(accs) for h in range(2)) + "\n" \
-            + "".join(_Q32_PACKED_SSUM.format(i=i, a=acc[8], cs=_vec("float", [cs] * 8)) + "\n"
-                      for i, acc in enumerate(accs) if cs) \
-            + "\n".join(_Q32_PACKED_STORES.format(i=i, ssum=ssum(i)) for i in range(len(accs)))
+        stores = "".join(_Q32_PACKED_SSUM.format(i=i, a=acc[1], cs=_vec("float", [cs] * 8)) + "\n"
+                         for i, acc in enumerate(accs) if cs) \
+            + "\n".join(_Q32_PACKED_STORES.format(i=i, a=acc[0], ssum=ssum(i)) for i, acc in enumerate(accs))
     else:
         phis = "\n".join(_PACKED_PHIS.format(i=i, a=a) for i, a in enumerate(accs))
         stores = "\n".join(_PACKED_STORES.format(i=i, a=a) for i, a in enumerate(accs))
@@ -884,7 +894,8 @@ def module_ir(isa: str, vnni: bool = False) -> str:
 def _kernel_ir(name: str, cs: str, body, isa: str, rows: int, tag: str = "") -> str:
     lines, accs = body(isa, rows)
     scalar = accs[0][0] is None         # the K-quants: one float per row, no vector accumulator
-    phis, stores = (_PHIS_SCALAR, _STORES_SCALAR) if scalar else (_PHIS, _STORES)
+    phis, stores = (_PHIS_SCALAR, _STORES_SCALAR) if scalar else \
+        (_PHIS_Q32, _STORES_Q32) if name in _Q32_PACKED_TYPES else (_PHIS, _STORES)
     fill = lambda template: "\n".join(template.format(i=i, accv1=v, accs1=a, cs=cs) for i, (v, a) in enumerate(accs))
     return _SKELETON.format(name=name, R=rows, tag=tag, body=lines, pointers=fill(_POINTERS), phis=fill(phis),
                             stores=fill(stores))
