@@ -88,23 +88,27 @@ def _is_real(v) -> bool:
 # --------------------------------------------------------------------------------------------
 
 
-def _as_logits(logits) -> np.ndarray:
-    """A validated float64 copy of ``logits`` (1-D, non-empty, no NaN/+inf, not all -inf)."""
+def _checked(logits) -> np.ndarray:
+    """``logits`` as an array, validated (1-D, non-empty, real, no NaN/+inf, not all -inf)."""
     a = np.asarray(logits)
     if a.ndim != 1 or a.size == 0:
         raise ValueError(f"logits must be a non-empty 1-D array, got shape {a.shape}")
     if a.dtype.kind not in "fiu":
         raise ValueError(f"logits must be a real numeric array, got dtype {a.dtype}")
-    x = a.astype(np.float64)  # always a copy
-    if not np.all(x < np.inf):  # one pass catches both NaN and +inf
-        nan = np.flatnonzero(np.isnan(x))
+    if not np.all(a < np.inf):  # one pass catches both NaN and +inf
+        nan = np.flatnonzero(np.isnan(a))
         if nan.size:
             raise ValueError(f"logits contain NaN at {nan.size} token id(s), first {nan[:5].tolist()}")
-        pinf = np.flatnonzero(x == np.inf)
+        pinf = np.flatnonzero(a == np.inf)
         raise ValueError(f"logits contain +inf at {pinf.size} token id(s), first {pinf[:5].tolist()}")
-    if not np.any(x > -np.inf):
+    if not np.any(a > -np.inf):
         raise ValueError("all logits are -inf: no token can be sampled")
-    return x
+    return a
+
+
+def _as_logits(logits) -> np.ndarray:
+    """A validated float64 copy of ``logits`` (see :func:`_checked`)."""
+    return _checked(logits).astype(np.float64)  # always a copy
 
 
 def _history_window(history, last_n: int, vocab: int, counts: bool = False, distinct: bool = True):
@@ -420,6 +424,15 @@ class Sampler:
 
     def _choose(self, logits, history) -> int:
         params = self._params
+        if params.greedy and self.constraint is None and not params.logit_bias and (
+                params.repeat_last_n == 0 or (params.repeat_penalty == 1.0 and params.frequency_penalty == 0.0
+                                              and params.presence_penalty == 0.0)):
+            # nothing changes the logits: the arg-max of the row as given (float32 -> float64 is
+            # exact, so it is the same token) without the float64 copy (~5 % of a small model's
+            # batched round)
+            a = _checked(logits)
+            _history_window(history, params.repeat_last_n, a.size, distinct=False)
+            return int(np.argmax(a))
         x = _as_logits(logits)
         if self.constraint is not None:
             self.constraint.apply(x)

@@ -593,6 +593,28 @@ def test_greedy_is_argmax_after_penalty():
     assert h(np.array([0.0, 3.0, 3.0])) == 1
 
 
+def test_greedy_without_adjustments_reads_the_row_as_given():
+    """Greedy with no bias, penalty or grammar takes the arg-max of the float32 row without the
+    float64 copy: the same token as the general path (a bias of 0 forces that path), ties to the
+    lowest id, the same errors for bad rows and bad history."""
+    rng = np.random.default_rng(6)
+    fast = Sampler(SamplingParams(temperature=0))
+    full = Sampler(SamplingParams(temperature=0, logit_bias={0: 0.0}))
+    for _ in range(50):
+        l = rng.normal(size=int(rng.integers(1, 300))).astype(np.float32)
+        l[rng.random(l.size) < 0.2] = -np.inf
+        l[rng.random(l.size) < 0.1] = l.max()           # ties at the top
+        if np.isfinite(l).any():
+            assert fast(l) == full(l) == int(np.flatnonzero(l == l.max())[0])
+    for bad, match in ((np.array([1.0, np.nan], np.float32), "NaN"), (np.array([np.inf, 0.0], np.float32), r"\+inf"),
+                       (np.full(3, -np.inf, np.float32), "all logits"), (np.zeros((2, 2), np.float32), "1-D")):
+        for s in (fast, full):
+            with pytest.raises(ValueError, match=match):
+                s(bad)
+    with pytest.raises(ValueError, match="history"):
+        fast(np.zeros(5, np.float32), [7])
+
+
 def _logit_stream(seed, n_steps, vocab):
     rng = np.random.default_rng(seed)
     return [rng.normal(0, 2, vocab).astype(np.float32) for _ in range(n_steps)]
