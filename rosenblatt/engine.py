@@ -116,7 +116,7 @@ class Engine:
                 with jit.helping(helper, engine._compile_report(progress)):
                     engine._warm_model(progress)
             if helper is not None:
-                if progress and helper.proc.poll() is None:
+                if progress and helper.running:
                     progress(0, 0, "compiling tokenizer (in a second process)")
                 helper.finish()
         finally:

@@ -318,7 +318,7 @@ class _IR:
             xl, xh = self._halves16(x)
             lanes = lambda j: self.splat("i32", 4, self(f"sext i16 {self(f'extractelement <{n_scales} x i16> {scales}, i32 {j}')} to i32"))
             # compact: lane k sums products 4k..4k+3 and 16+4k..16+4k+3, upper lanes zero (the
-            # K-quant bodies fold the other ISAs' lanes the same way, see fma_acc)
+            # K-quant bodies fold the other ISAs' lanes the same way, see fma_acc_folded)
             if j_lo == j_hi:
                 t = self.dot4(self.dot4("zeroinitializer", wl, xl), wh, xh)
                 return self._join8(self(f"mul <4 x i32> {t}, {lanes(j_lo)}"), "zeroinitializer")
@@ -333,10 +333,6 @@ class _IR:
 
     def and_bytes(self, v: str, n: int) -> str:
         return self(f"and <32 x i8> {v}, {self.bytes_(n)}")
-
-    def fma_acc(self, ivec: str, scale: str, acc: str) -> str:
-        """acc + float(ivec) * scale  (<8 x i32>, scalar float, <8 x float>), fused."""
-        return self._fma(ivec, self.splat('float', 8, scale), acc)
 
     def fma_acc_folded(self, a: str, scale_a: str, b: str, scale_b: str, acc: str) -> str:
         """Q5_K's and Q6_K's once-per-super-block step: lanes k and k+4 of the integer vectors
@@ -676,7 +672,6 @@ def _body_q32_packed(kind: str, isa: str, rows: int):
     return "\n".join(e.lines), accs
 
 
-_Q32_PACKED_PHIS = "  %acc{i} = phi <8 x float> [zeroinitializer, %mloop], [{a}, %bloop]"
 _Q32_PACKED_PHI_S = "  %accs{i} = phi <8 x float> [zeroinitializer, %mloop], [{a}, %bloop]"
 # per row (lane): acc + accs x factor, the row-major kernels' sum (_STORES_Q32; Q8_0's second
 # accumulator is 0)
@@ -689,17 +684,15 @@ _Q32_PACKED_TYPES = {"q8_0": Q8_0, "q4_0": Q4_0, "q4_1": Q4_1, "q5_0": Q5_0, "q5
 #: ggml type -> (kernel name, IR body) of the packed kernels
 _PACKED_KERNELS = {Q4_K: ("q4_k", _body_q4_k_packed),
                    **{qt: (n, functools.partial(_body_q32_packed, n)) for n, qt in _Q32_PACKED_TYPES.items()}}
-#: the row-major kernels' factor of the second accumulator (see _KERNELS' "factor")
-_Q32_FACTOR = {"q4_0": "-8.0", "q4_1": "1.0", "q5_0": "-16.0", "q5_1": "1.0"}
 
 
 def _packed_ir(name: str, body, isa: str, rows: int, tag: str = "") -> str:
     lines, accs = body(isa, rows)
     if isinstance(accs[0], list):       # the 32-quant types: a float accumulator an activation row (+ one)
-        phis = "\n".join(_Q32_PACKED_PHIS.format(i=i, a=acc[0])
+        phis = "\n".join(_PACKED_PHIS.format(i=i, a=acc[0])
                          + ("\n" + _Q32_PACKED_PHI_S.format(i=i, a=acc[1]) if len(acc) > 1 else "")
                          for i, acc in enumerate(accs))
-        cs = _Q32_FACTOR.get(name)
+        cs = _KERNELS[_Q32_PACKED_TYPES[name]][3] if len(accs[0]) > 1 else None   # the row-major factor
         ssum = lambda i: f"%ssum{i}" if cs else "zeroinitializer"
         stores = "".join(_Q32_PACKED_SSUM.format(i=i, a=acc[1], cs=_vec("float", [cs] * 8)) + "\n"
                          for i, acc in enumerate(accs) if cs) \

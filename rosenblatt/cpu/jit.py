@@ -156,6 +156,10 @@ class Helper:
             return bool(ready) and self.proc.stdout.read(1) == b"1"
         return wait
 
+    @property
+    def running(self) -> bool:
+        return self.proc.poll() is None
+
     def finish(self, timeout: float = 120.0) -> bool:
         """No more jobs: wait for the helper (at most ``timeout`` s, then stop it); True if it
         succeeded."""

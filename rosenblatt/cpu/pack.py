@@ -53,73 +53,52 @@ def _pack_q8_0(rows, out):
 
 
 @njit(parallel=True, nogil=True, cache=True)
-def _pack_q4_x(rows, out, bsize, scales):
-    """Q4_0 (``bsize`` 18, ``scales`` 1: d) / Q4_1 (20, 2: d, m) rows [8G, nblk * bsize] -> out
-    [G, nblk * (128 + 16 * scales)]: per block the 4-bit slices (quants 8c..8c+7 of rows
-    4h..4h+3; slice c in the low nibbles of the 32 bytes at (c % 2 * 2 + h) * 32, slice c + 2 in
-    their high nibbles), then d[8] (and m[8]). A row-major block's quant i is byte 2 * scales + i
-    % 16's low (i < 16) or high nibble."""
+def _pack_nibbles(rows, out, bsize, scales, five):
+    """Q4_0 (``bsize`` 18, ``scales`` 1: d) / Q4_1 (20, 2: d, m) rows, and with ``five`` Q5_0 (22,
+    1) / Q5_1 (24, 2), [8G, nblk * bsize] -> out [G, nblk * (128 + 32 * five + 16 * scales)]: per
+    block the 4-bit slices (quants 8c..8c+7 of rows 4h..4h+3; slice c in the low nibbles of the 32
+    bytes at (c % 2 * 2 + h) * 32, slice c + 2 in their high nibbles); Q5_x's fifth bits (slice s
+    of rows 4h..4h+3 at 128 + (s * 2 + h) * 4: row 4h + r's byte s of the block's 32-bit qh); then
+    d[8] (and m[8]). A row-major block: the scales, Q5_x's qh (bit i: quant i's fifth bit), the 16
+    bytes of nibbles (quant i in byte i % 16's low (i < 16) or high nibble)."""
     nblk = rows.shape[1] // bsize
-    osize = 128 + 16 * scales
+    quants = 160 if five else 128
+    osize = quants + 16 * scales
+    qh_at = 2 * scales
+    qs_at = qh_at + (4 if five else 0)
     for g in prange(out.shape[0]):
         for b in range(nblk):
             o, s = b * osize, b * bsize
             for r in range(8):
                 src = rows[8 * g + r]
                 for t in range(2 * scales):
-                    out[g, o + 128 + 16 * (t // 2) + 2 * r + t % 2] = src[s + t]
+                    out[g, o + quants + 16 * (t // 2) + 2 * r + t % 2] = src[s + t]
+                if five:
+                    for sl in range(4):
+                        out[g, o + 128 + (sl * 2 + r // 4) * 4 + r % 4] = src[s + qh_at + sl]
                 for c in range(2):
                     dst = o + (c * 2 + r // 4) * 32 + (r % 4) * 8
                     for t in range(8):
                         lo, hi = 8 * c + t, 8 * (c + 2) + t          # quants of slices c and c + 2
-                        qlo = src[s + 2 * scales + lo % 16] >> (4 * (lo // 16)) & 15
-                        qhi = src[s + 2 * scales + hi % 16] >> (4 * (hi // 16)) & 15
-                        out[g, dst + t] = qlo | (qhi << 4)
-
-
-@njit(parallel=True, nogil=True, cache=True)
-def _pack_q5_x(rows, out, bsize, scales):
-    """Q5_0 (``bsize`` 22, ``scales`` 1: d) / Q5_1 (24, 2: d, m) rows [8G, nblk * bsize] -> out
-    [G, nblk * (160 + 16 * scales)]: Q4_0 / Q4_1's nibble slices of the low 4 bits (128 bytes),
-    then the fifth bits (slice s of rows 4h..4h+3 at 128 + (s * 2 + h) * 4: row 4h + r's byte of
-    the block's 32-bit qh, byte s), then d[8] (and m[8]). A row-major block: the scales, qh (4
-    bytes; bit i is quant i's fifth bit), the 16 bytes of nibbles as in Q4_0."""
-    nblk = rows.shape[1] // bsize
-    osize = 160 + 16 * scales
-    qh_at = 2 * scales
-    qs_at = qh_at + 4
-    for g in prange(out.shape[0]):
-        for b in range(nblk):
-            o, s = b * osize, b * bsize
-            for r in range(8):
-                src = rows[8 * g + r]
-                for t in range(2 * scales):
-                    out[g, o + 160 + 16 * (t // 2) + 2 * r + t % 2] = src[s + t]
-                for sl in range(4):
-                    out[g, o + 128 + (sl * 2 + r // 4) * 4 + r % 4] = src[s + qh_at + sl]
-                for c in range(2):
-                    dst = o + (c * 2 + r // 4) * 32 + (r % 4) * 8
-                    for t in range(8):
-                        lo, hi = 8 * c + t, 8 * (c + 2) + t
                         qlo = src[s + qs_at + lo % 16] >> (4 * (lo // 16)) & 15
                         qhi = src[s + qs_at + hi % 16] >> (4 * (hi // 16)) & 15
                         out[g, dst + t] = qlo | (qhi << 4)
 
 
 def _pack_q4_0(rows, out):
-    _pack_q4_x(rows, out, 18, 1)
+    _pack_nibbles(rows, out, 18, 1, False)
 
 
 def _pack_q4_1(rows, out):
-    _pack_q4_x(rows, out, 20, 2)
+    _pack_nibbles(rows, out, 20, 2, False)
 
 
 def _pack_q5_0(rows, out):
-    _pack_q5_x(rows, out, 22, 1)
+    _pack_nibbles(rows, out, 22, 1, True)
 
 
 def _pack_q5_1(rows, out):
-    _pack_q5_x(rows, out, 24, 2)
+    _pack_nibbles(rows, out, 24, 2, True)
 
 
 #: packed type -> (bytes of one of its blocks in a GGUF row, the function that packs its rows)

@@ -170,43 +170,40 @@ class SlidingWindowKVCache(KVCache):
                 self.v.append(self.pool_v[self.slot, i])
         self.pooled = True
 
-    def _room(self, layer: int, start: int, t: int, grow: bool) -> bool:
-        """Make the local ``layer``'s arrays hold positions up to ``start + t`` (dropping old ones
-        to the front as the class describes); False if that needs growing and ``grow`` is off."""
-        w = self.windows[layer]
+    def _keep(self, layer: int, start: int) -> int:
+        """The first position a local ``layer`` keeps once positions from ``start`` on are
+        written: the window of position ``start``, and ``w`` older positions."""
+        return max(self.offset[layer], start - 2 * self.windows[layer] + 1)
+
+    def _room(self, layer: int, start: int, t: int) -> None:
+        """Make the local ``layer``'s arrays hold positions up to ``start + t``: old ones dropped to
+        the front as the class describes, the arrays grown if that is not enough."""
         kc, vc, first = self.k[layer], self.v[layer], self.offset[layer]
         if start + t - first <= kc.shape[1]:
-            return True
-        keep = max(first, start - 2 * w + 1)        # the window of position `start`, and w older positions
-        size = max(kc.shape[1], start + t - keep)
-        if size > kc.shape[1]:
-            if not grow:
-                return False
-            more = size - kc.shape[1]
+            return
+        keep = self._keep(layer, start)
+        more = start + t - keep - kc.shape[1]
+        if more > 0:
             kc = self.k[layer] = np.concatenate([kc, np.zeros((kc.shape[0], more, kc.shape[2]), kc.dtype)], 1)
             vc = self.v[layer] = np.concatenate([vc, np.zeros((vc.shape[0], more, vc.shape[2]), vc.dtype)], 1)
             self.pooled = False
         kc[:, :start - keep] = kc[:, keep - first:start - first]
         vc[:, :start - keep] = vc[:, keep - first:start - first]
         self.offset[layer] = keep
-        return True
 
     def make_room(self, start: int, t: int) -> bool:
-        if not self.pooled:
-            return False
         local = [layer for layer, w in enumerate(self.windows) if w]
-        if not all(start + t - max(self.offset[i], start - 2 * self.windows[i] + 1) <= self.k[i].shape[1]
-                   for i in local):
+        if not self.pooled or any(start + t - self._keep(i, start) > self.k[i].shape[1] for i in local):
             return False
         for i in local:
-            self._room(i, start, t, grow=False)
+            self._room(i, start, t)
         return True
 
     def store(self, layer: int, start: int, k: np.ndarray, v: np.ndarray):
         if not self.windows[layer]:
             return super().store(layer, start, k, v)
         t = k.shape[0]
-        self._room(layer, start, t, grow=True)
+        self._room(layer, start, t)
         kc, vc, first = self.k[layer], self.v[layer], self.offset[layer]
         kc[:, start - first:start - first + t] = k.transpose(1, 0, 2)
         vc[:, start - first:start - first + t] = v.transpose(1, 0, 2)
