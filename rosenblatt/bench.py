@@ -111,17 +111,28 @@ def batched_decode(engine, prompts: list[list[int]], gen_tokens: int) -> tuple[f
 
 
 def run_bench(model: str, prompt_tokens: int = 128, gen_tokens: int = 64, threads: int | None = None,
-              device: str = "cpu", repeat: int = 3, n_ctx: int | None = None, progress=None, batch: int = 1) -> dict:
+              device: str = "cpu", repeat: int = 3, n_ctx: int | None = None, progress=None, batch: int = 1,
+              depth: int = 0) -> dict:
+    """The measurements of ``bench``. ``depth`` > 0: the prefill, decode and empty-decode figures
+    are taken with ``depth`` tokens already in the context (as ``llama-bench -d``): the prompt's
+    ``prompt_tokens`` come after them, and "empty" decode starts right after them."""
     from .engine import Engine
     t0 = time.perf_counter()
-    engine = Engine.load(model, device=device, n_ctx=n_ctx or (prompt_tokens + gen_tokens + 8), threads=threads)
+    engine = Engine.load(model, device=device, n_ctx=n_ctx or (depth + prompt_tokens + gen_tokens + 8), threads=threads)
     load_s = time.perf_counter() - t0
     ids = prompt_ids(engine, prompt_tokens)
+    ctx = prompt_ids(engine, depth, seed=1000) if depth else []
     engine.generate(ids[:8], max_new_tokens=2, temperature=0)       # warm-up: compile / load cached kernels
+
+    def start():            # an empty cache, or the depth's tokens in it (untimed; then reused as a prefix)
+        engine.reset()
+        if ctx:
+            engine.prefill(ctx)
+
     prefill, decode, ttft = [], [], []
     for r in range(repeat):
-        engine.reset()
-        for r in engine.responses(ids, max_new_tokens=gen_tokens, temperature=0, ignore_eos=True):
+        start()
+        for r in engine.responses(ctx + ids, max_new_tokens=gen_tokens, temperature=0, ignore_eos=True):
             st = r.stats
         prefill.append(st.prefill_tok_s)
         decode.append(st.decode_tok_s)
@@ -129,11 +140,12 @@ def run_bench(model: str, prompt_tokens: int = 128, gen_tokens: int = 64, thread
         if progress:
             progress(r + 1, repeat)
     # decode as llama-bench's tg test runs it: gen_tokens steps from an (almost) empty context,
-    # here one prompt token, so attention reads no prompt (the figure above follows the prompt)
+    # here one prompt token, so attention reads no prompt (the figure above follows the prompt);
+    # with a depth, right after the depth's tokens
     empty = []
     for _ in range(repeat):
-        engine.reset()
-        for r in engine.responses(ids[:1], max_new_tokens=gen_tokens + 1, temperature=0, ignore_eos=True):
+        start()
+        for r in engine.responses(ctx + ids[:1], max_new_tokens=gen_tokens + 1, temperature=0, ignore_eos=True):
             st = r.stats
         empty.append(st.decode_tok_s)
     batched = []
@@ -160,6 +172,7 @@ def run_bench(model: str, prompt_tokens: int = 128, gen_tokens: int = 64, thread
         "cpu_features": [f for f in NOTABLE if f in isa.cpu.features],
         "prompt_tokens": prompt_tokens,
         "gen_tokens": gen_tokens,
+        "depth": depth,
         "repeat": repeat,
         "load_s": load_s,
         "ttft_s": statistics.median(ttft),
@@ -206,6 +219,7 @@ def format_report(res: dict) -> str:
         f"model         {res['model']}  ({res['file_mb']:.0f} MiB, device {res['device']}, {res['threads']} threads, "
         f"{res['isa']} kernels)",
         f"load          {res['load_s']:.2f} s",
+        *([f"depth         {res['depth']} tokens in the context before each measurement"] if res.get("depth") else []),
         f"prefill       {res['prefill_tok_s']:.1f} tok/s  ({res['prompt_tokens']} tokens; "
         f"min {res['prefill_tok_s_range'][0]:.1f}, max {res['prefill_tok_s_range'][1]:.1f})",
         f"time to 1st   {res['ttft_s']:.3f} s",

@@ -309,6 +309,9 @@ def info(model, cpu_only):
 @click.option("--repeat", type=click.IntRange(min=1), default=3, show_default=True)
 @click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True,
               help="Decode this many sequences together (one call a step); decode tok/s is then their sum.")
+@click.option("--depth", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Tokens already in the context before prefill and decode are timed (as llama-bench's -d): "
+                   "the prompt comes after them, and the 'empty' decode starts right after them.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the report.")
 @click.option("--board", "board_name", type=str, default=None,
               help="Board file (a name in fleet/ or a path): print the result next to its anchors and targets, "
@@ -319,7 +322,7 @@ def info(model, cpu_only):
                    "1 GHz vs the four A76 cores; no model file needed, nothing measured); --json puts it under "
                    "\"predict\".")
 @user_errors
-def bench(model, prompt_tokens, gen_tokens, threads, device, repeat, batch, as_json, board_name, predict):
+def bench(model, prompt_tokens, gen_tokens, threads, device, repeat, batch, depth, as_json, board_name, predict):
     """Measure load time, time to first token, prefill and decode tok/s, peak RSS and a per-stage
     split of one decode step, on random prompt tokens (medians of --repeat runs).
 
@@ -342,7 +345,7 @@ def bench(model, prompt_tokens, gen_tokens, threads, device, repeat, batch, as_j
     if model is None:
         _fail(NO_MODEL)
     res = run_bench(model, prompt_tokens=prompt_tokens, gen_tokens=gen_tokens, threads=threads, device=device,
-                    repeat=repeat, batch=batch)
+                    repeat=repeat, batch=batch, depth=depth)
     if board is not None:
         from .fleet import compare_bench
         res["board"] = compare_bench(board, res)

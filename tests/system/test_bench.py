@@ -74,3 +74,26 @@ def test_bench_predict_json_needs_no_model_and_returns_the_prediction():
     text = subprocess.run([sys.executable, "-m", "rosenblatt", "bench", "--device", "npu-sim", "--predict"],
                           capture_output=True, text=True, timeout=300)
     assert text.returncode == 0 and "crossover" in text.stdout and "tok/s" in text.stdout
+
+
+def test_bench_depth_times_prefill_and_decode_after_that_many_cached_tokens(monkeypatch):
+    """--depth D (llama-bench's -d): each timed generation starts with D tokens in the cache, which
+    it reuses as a prefix; only the prompt (or the empty decode's one token) is evaluated."""
+    from rosenblatt.bench import run_bench
+    from rosenblatt.engine import Engine
+    seen = []
+    responses = Engine.responses
+
+    def spy(self, prompt, *a, **kw):
+        last = None
+        for last in responses(self, prompt, *a, **kw):
+            yield last
+        seen.append((last.stats.prompt_tokens, last.stats.cached_tokens))
+    monkeypatch.setattr(Engine, "responses", spy)
+    res = run_bench(str(micro_path("qwen2-micro-q4_k_m")), prompt_tokens=8, gen_tokens=4, repeat=2, depth=24)
+    assert res["depth"] == 24 and res["prefill_tok_s"] > 0 and res["decode_tok_s_empty"] > 0
+    # the warm-up (8 tokens, empty cache), two prompt rounds, two "empty" decode rounds
+    assert seen == [(8, 0)] + [(32, 24)] * 2 + [(25, 24)] * 2
+    seen.clear()
+    run_bench(str(micro_path("qwen2-micro-q4_k_m")), prompt_tokens=8, gen_tokens=4, repeat=1)
+    assert seen == [(8, 0), (8, 0), (1, 0)]
