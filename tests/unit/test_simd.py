@@ -294,6 +294,27 @@ def test_packed_kernels_give_the_row_major_floats(isa, qtype, k):
     assert np.array_equal(mixed.view(np.int32), want.view(np.int32))
 
 
+@pytest.mark.parametrize("sign", [1.0, -1.0], ids=["plus", "minus"])
+def test_packed_q4_k_at_its_integer_bounds(sign):
+    """The largest sums the packed Q4_K kernels form: every quant 15, every scale and min 63, every
+    activation +-127 (a row's 16 products in an int32 lane of the VNNI form, +-30480, must stay
+    below 2^15 for its vpmaddwd). The host's packed kernel gives the portable row-major floats."""
+    k, n = 1536, 16
+    blocks = np.zeros((n, k // 256, 144), np.uint8)
+    blocks[..., 0:2] = np.frombuffer(np.float16(0.01).tobytes(), np.uint8)
+    blocks[..., 2:4] = np.frombuffer(np.float16(0.002).tobytes(), np.uint8)
+    blocks[..., 4:] = 0xFF                      # scales and mins 63, quants 15
+    rows = blocks.reshape(n, -1)
+    isa = simd.host_isa() if PACKED_HOST else "portable"
+    acts = simd.quantize_activations(np.full((4, k), sign, np.float32), simd.Q8_256)
+    assert np.abs(acts.buf.reshape(4, -1, 320)[:, :, :256].view(np.int8)).min() == 127
+    want = simd.KernelGroup([int(T.Q4_K)], [rows], simd.kernels("portable"))(acts)
+    packed = simd.pack(int(T.Q4_K), rows)
+    for m in (1, 4):        # the one-row kernel and the 4-row one
+        got = simd.KernelGroup([int(T.Q4_K)], [packed], simd.kernels(isa))(acts[0:m])
+        assert np.array_equal(got.view(np.int32), want[:m].view(np.int32)), m
+
+
 def test_packed_rows_need_their_kernels():
     rng = np.random.default_rng(13)
     packed = simd.pack(int(T.Q4_K), _q4_k_matrix(rng, 8, 256))
