@@ -40,6 +40,14 @@ _C1, _C2, _C3, _C4, _C5 = (np.float32(float.fromhex(c)) for c in
 
 
 @intrinsic
+def _bits_of(typingctx, x):
+    """The int32 bit pattern of the float32 ``x``."""
+    def codegen(context, builder, sig, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+    return types.int32(types.float32), codegen
+
+
+@intrinsic
 def _f32_from_bits(typingctx, bits):
     """The float32 whose bit pattern is the int32 ``bits`` (a bitcast, which vectorizes)."""
     def codegen(context, builder, sig, args):
@@ -116,18 +124,47 @@ def silu(g, u):
     return g / (np.float32(1.0) + exp(-g)) * u
 
 
-#: 2 sqrt(2 / pi): GELU's tanh form as a sigmoid, 0.5 (1 + tanh(y)) = 1 / (1 + exp(-2y))
-_GELU_2K = np.float32(2.0 * np.sqrt(2.0 / np.pi))
-_GELU_A = np.float32(0.044715)
+def _gelu_table() -> np.ndarray:
+    """float32 gelu(h) rounded to float16, for every float16 bit pattern h: ggml's table
+    (``ggml_table_gelu_f16``), GELU's tanh approximation 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715
+    x^3))), here evaluated in float64 before the one rounding to float16."""
+    x = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float64)
+    with np.errstate(invalid="ignore", over="ignore"):
+        y = 0.5 * x * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * x * (1.0 + 0.044715 * x * x)))
+    return y.astype(np.float16).astype(np.float32)
+
+
+#: gelu of every float16, as float32 (256 KB), indexed by :func:`_f16_bits`
+_GELU_F16 = _gelu_table()
+_F16_MIN_NORMAL = np.float32(2.0 ** -14)
+_TWO24 = np.float32(2.0 ** 24)
+
+
+@njit(error_model="numpy", cache=True, inline="always")
+def _f16_bits(x):
+    """The float16 bit pattern nearest |x| (ties to even) with x's sign, for finite |x| < 65504."""
+    u = _bits_of(x)
+    sign = (u >> 16) & 0x8000
+    a = abs(x)
+    if a < _F16_MIN_NORMAL:         # a subnormal float16: a multiple of 2^-24
+        return sign | np.int32(np.rint(a * _TWO24))
+    e = ((u >> 23) & 0xFF) - 127
+    q = np.int32(np.rint(a * _f32_from_bits((137 - e) << 23)))    # a * 2^(10 - e): in [1024, 2048]
+    return sign | (((e + 15) << 10) + (q - 1024))                   # q = 2048 carries into the exponent
 
 
 @njit(error_model="numpy", cache=True, inline="always")
 def gelu(g, u):
-    """gelu(g) * u of two float32, GELU's tanh approximation (ggml_gelu's formula) written as
-    g / (1 + exp(-2 sqrt(2/pi) (g + 0.044715 g^3))): the same :func:`exp` as SiLU, no libm
-    tanh, so the same bits on every target."""
-    y = (g * g * _GELU_A + np.float32(1.0)) * g * _GELU_2K
-    return g / (np.float32(1.0) + exp(-y)) * u
+    """gelu(g) * u of two float32 as ggml computes it (``ggml_vec_geglu_f32``): 0 for g <= -10, g * u
+    for g >= 10, and between them the table's gelu at g rounded to float16, itself a float16
+    (:data:`_GELU_F16`), times u in float32. A lookup: the same bits on every target."""
+    if g <= np.float32(-10.0):
+        return np.float32(0.0)
+    if g >= np.float32(10.0):
+        return g * u
+    if g != g:
+        return g
+    return _GELU_F16[_f16_bits(g) & 0xFFFF] * u
 
 
 def _silu_mul(gate, up, out):
@@ -143,7 +180,7 @@ silu_mul_rows = njit_twin(_silu_mul, "_rows", error_model="numpy", cache=True, p
 
 
 def _gelu_mul(gate, up, out):
-    """out = gelu(gate) * up, elementwise, [T, n] (see :func:`gelu`)."""
+    """out = gelu(gate) * up, elementwise, [T, n] (ggml's float16 table, see :func:`gelu`)."""
     for t in prange(gate.shape[0]):
         for i in range(gate.shape[1]):
             out[t, i] = gelu(gate[t, i], up[t, i])
