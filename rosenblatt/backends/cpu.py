@@ -78,7 +78,7 @@ class CPUWeight(PreparedWeight):
     n_in: int
     rows: np.ndarray            # uint8 [n_out, row_bytes], a view into the file mapping
     dense: np.ndarray | None    # float32 [n_out, n_in] view when the file stores F32
-    packed: Packed | None = None   # the rows in a packed kernel's layout (x86: Q4_K; Q8_0, Q4_0, Q4_1 with VNNI)
+    packed: Packed | None = None   # the rows in a packed kernel's layout (x86: Q4_K; Q6_K and the 32-quant types with VNNI)
 
 
 def _file_backed(a: np.ndarray) -> bool:

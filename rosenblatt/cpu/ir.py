@@ -31,12 +31,13 @@ structure with the dot product in plain IR bit for bit, and lower the sdot modul
 Each kernel computes ``out[m, r] = dot(row r, x[m])`` for rows ``[r0, r1)`` and ``m_rows``
 activation rows; the weight row is read once per ``m`` loop, so it stays in L1 for prefill.
 
-Q4_K, Q8_0, Q4_0, Q4_1, Q5_0 and Q5_1 also have packed kernels (x86; all but Q4_K where VNNI's vpdpbusd
-exists; plain IR for the tests): the CPU backend repacks their matrices at load, eight rows
-interleaved (:func:`pack`), which roughly doubles the products per instruction (see the layouts'
-comments below). Packed and row-major kernels give the same floats: each row's block (32-quant
-types) or super-block (Q4_K) is one exact integer in every layout and ISA, scaled into one float
-(the 32-quant types keep their second accumulator, Q4_x/Q5_x's offsets, the same way).
+Q4_K, Q6_K, Q8_0, Q4_0, Q4_1, Q5_0 and Q5_1 also have packed kernels (x86; all but Q4_K where
+VNNI's vpdpbusd exists; plain IR for the tests): the CPU backend repacks their matrices at load,
+eight rows interleaved (:func:`pack`), which roughly doubles the products per instruction (see the
+layouts' comments below). Packed and row-major kernels give the same floats: each row's block
+(32-quant types) or super-block (Q4_K, Q6_K) is one exact integer in every layout and ISA, scaled
+into one float (the 32-quant types keep their second accumulator, Q4_x/Q5_x's offsets, the same
+way).
 """
 
 from __future__ import annotations
@@ -335,7 +336,7 @@ class _IR:
         return self(f"and <32 x i8> {v}, {self.bytes_(n)}")
 
     def fma_acc_folded(self, a: str, scale_a: str, b: str, scale_b: str, acc: str) -> str:
-        """Q5_K's and Q6_K's once-per-super-block step: lanes k and k+4 of the integer vectors
+        """Q5_K's once-per-super-block step: lanes k and k+4 of the integer vectors
         ``a`` and ``b`` added (exact), which puts any ISA's lanes into the sdot kernels' compact
         form (:meth:`dot32s`); then float lanes 0-3 take ``a`` x ``scale_a`` and lanes 4-7 ``b``
         x ``scale_b`` (llama.cpp's row-major AVX2 dot keeps float lanes the same way). One
@@ -459,7 +460,8 @@ def _body_q45_k(isa: str, rows: int, five: bool):
 
 
 def _body_q6_k(isa: str, rows: int):
-    """Q6_K against Q8_256: unsigned 6-bit quants, sum_i sc_i * dot_i in int32; -32 from the 16-sums."""
+    """Q6_K against Q8_256: unsigned 6-bit quants, sum_i sc_i * dot_i in int32; -32 from the 16-sums;
+    one exact integer a row and super-block (|sum| < 2^29), scaled into one float."""
     e = _IR(isa)
     boff = e("mul i64 %b, 210")
     e.prefetch("%row", boff, 210)
@@ -482,9 +484,9 @@ def _body_q6_k(isa: str, rows: int):
     for i in range(rows):       # the quants are stored + 32: subtract 32 * sum_i sc_i * (16-sum i)
         corr = e.madd(e.act(i, Q8_256, "s", ty="<16 x i16>"), scv)
         corr32 = e(f"shl <8 x i32> {corr}, {_vec('i32', [5] * 8)}")
-        total = e(f"sub <8 x i32> {sumi[i]}, {corr32}")
-        accv = e.fma_acc_folded(total, e(f"fmul float {d}, {e.act(i, Q8_256, 'd')}"), None, "0.0", f"%accv{i}")
-        accs.append((accv, f"%accs{i}"))
+        total = e.reduce(e(f"sub <8 x i32> {sumi[i]}, {corr32}"))
+        # one exact integer a row and super-block, as the packed kernel computes it
+        accs.append((None, e.fma_int(total, e(f"fmul float {d}, {e.act(i, Q8_256, 'd')}"), f"%accs{i}")))
     return e.finish(accs)
 
 
@@ -507,7 +509,13 @@ def _body_q6_k(isa: str, rows: int):
 # of nibbles, then the fifth bits (32 bytes: per slice s and row half h, 4 bytes at (s * 2 + h) * 4,
 # byte r % 4 bit t for quant 8s + t of row 4h + r % 4: the bits of the register's bytes in order),
 # then d[8] (and m[8]).
-PACKED_BLOCK = {Q4_K: 1184, Q8_0: 272, Q4_0: 144, Q4_1: 160, Q5_0: 176, Q5_1: 192}
+#
+# Q6_K, per group of 8 rows and super-block (x86 with VNNI), rows in the int32 lanes: for each
+# 16-quant sub-block j, four 32-byte registers R_c (byte 4r + t: quant 16j + 4c + t of row r) in
+# 96 bytes at j * 96: P = R_0 | (bits 0-1 of R_3) << 6, Q = R_1 | (bits 2-3) << 6, H = R_2 | (bits
+# 4-5) << 6 (so R_0..R_2 are one AND away, R_3 three shifts and an OR); then the scales
+# [j][row] (int8) and d[8] (f16).
+PACKED_BLOCK = {Q4_K: 1184, Q8_0: 272, Q4_0: 144, Q4_1: 160, Q5_0: 176, Q5_1: 192, Q6_K: 1680}
 #: ISAs whose matrices the CPU backend packs (elsewhere it keeps the row-major blocks; the A76's
 #: sdot kernels have no packed form yet)
 PACKED_ISAS = ("avx2",)
@@ -628,6 +636,48 @@ def _body_q4_k_packed(isa: str, rows: int):
     return "\n".join(e.lines), accs
 
 
+def _body_q6_k_packed(isa: str, rows: int):
+    """Q6_K, 8 packed weight rows against ``rows`` Q8_256 activation rows, rows in the int32
+    lanes: per 16-quant sub-block four ``vpdpbusd`` (4 quants of each row a register) give each
+    row's sub-block dot in its lane, one 32-bit multiply its scale; the -32 offsets come from the
+    16-sums at the end: one exact integer a row and super-block, the row-major kernel's
+    (:func:`_body_q6_k`), scaled into lane r of the accumulator."""
+    e = _IR(isa)
+    blk = e(f"mul i64 %b, {PACKED_BLOCK[Q6_K]}")
+    e.prefetch("%row", blk, PACKED_BLOCK[Q6_K])
+    at = lambda off: e(f"add i64 {blk}, {off}")
+    d = e(f"fpext <8 x half> {e.load('%row', at(1664), '<8 x half>')} to <8 x float>")
+    sc8 = [e.load("%row", at(1536 + 8 * j), "<8 x i8>") for j in range(16)]       # [j][row]
+    ab = e(f"mul i64 %b, {ACT_BLOCK[Q8_256]}")
+    isum = ["zeroinitializer"] * rows
+    for j in range(16):
+        p, q, h = (e.load("%row", at(96 * j + 32 * t), "<32 x i8>") for t in range(3))
+        top = lambda v, to: e(f"shl <32 x i8> {e.lshr_bytes(v, 6)}, {e.bytes_(to)}") if to else e.lshr_bytes(v, 6)
+        w = [e.and_bytes(v, 63) for v in (p, q, h)]
+        w.append(e(f"or <32 x i8> {e(f'or <32 x i8> {top(p, 0)}, {top(q, 2)}')}, {top(h, 4)}"))
+        sc = e(f"sext <8 x i8> {sc8[j]} to <8 x i32>")
+        for i in range(rows):
+            chain = "zeroinitializer"
+            for c in range(4):      # quants 16j + 4c..16j + 4c + 3 of every row
+                x = e(f"bitcast <8 x i32> {e.splat('i32', 8, e.load(f'%x{i}', e(f'add i64 {ab}, {16 * j + 4 * c}'), 'i32'))} to <32 x i8>")
+                chain = e.udot4(w[c], x, chain)
+            isum[i] = e(f"add <8 x i32> {isum[i]}, {e(f'mul <8 x i32> {chain}, {sc}')}")
+    # sub-blocks 2p, 2p + 1 of each row side by side, for vpmaddwd against the activations' 16-sums
+    pairs = [e(f"sext <16 x i8> {e(f'shufflevector <8 x i8> {sc8[2 * p]}, <8 x i8> {sc8[2 * p + 1]}, {_mask(k // 2 + 8 * (k % 2) for k in range(16))}')} to <16 x i16>")
+             for p in range(8)]
+    accs = []
+    for i in range(rows):
+        corr = "zeroinitializer"          # sum_j sc_j * (16-sum j), rows in lanes
+        for p in range(8):
+            bs = e.splat("i32", 8, e.load(f"%x{i}", e(f"add i64 {ab}, {Q8_256 + 4 + 4 * p}"), "i32"))
+            corr = e(f"add <8 x i32> {corr}, {e.madd(pairs[p], e(f'bitcast <8 x i32> {bs} to <16 x i16>'))}")
+        corr32 = e(f"shl <8 x i32> {corr}, {_vec('i32', [5] * 8)}")          # x 32
+        total = e(f"sub <8 x i32> {isum[i]}, {corr32}")
+        dx = e.splat("float", 8, e.act(i, Q8_256, "d"))
+        accs.append(e.fma8(total, e(f"fmul <8 x float> {d}, {dx}"), f"%acc{i}"))
+    return "\n".join(e.lines), accs
+
+
 def _body_q32_packed(kind: str, isa: str, rows: int):
     """Q8_0 / Q4_0 / Q4_1 / Q5_0 / Q5_1, 8 packed weight rows (unsigned bytes) against ``rows`` Q8_32 activation
     rows. The 4-product sums of the block's four slices add up in two int32 registers (row half
@@ -696,7 +746,7 @@ _Q32_PACKED_STORES = """  %rowtot{i} = fadd <8 x float> {a}, {ssum}
 
 _Q32_PACKED_TYPES = {"q8_0": Q8_0, "q4_0": Q4_0, "q4_1": Q4_1, "q5_0": Q5_0, "q5_1": Q5_1}
 #: ggml type -> (kernel name, IR body) of the packed kernels
-_PACKED_KERNELS = {Q4_K: ("q4_k", _body_q4_k_packed),
+_PACKED_KERNELS = {Q4_K: ("q4_k", _body_q4_k_packed), Q6_K: ("q6_k", _body_q6_k_packed),
                    **{qt: (n, functools.partial(_body_q32_packed, n)) for n, qt in _Q32_PACKED_TYPES.items()}}
 
 
@@ -754,7 +804,7 @@ PREFETCH_MIN_INPUTS = 4096
 #: ggml types with a prefetching 4-row kernel in the wide ISAs' modules: row-major (the K-quants;
 #: measured on Q6_K) and packed (measured on Q4_K and Q8_0)
 _PREFETCHED = frozenset({Q4_K, Q5_K, Q6_K})
-_PREFETCHED_PACKED = frozenset({Q4_K, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1})
+_PREFETCHED_PACKED = frozenset({Q4_K, Q6_K, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1})
 
 _WIDE_ENTRY = """
 define void @{P}w_{name}(i8* %w, i64 %row_bytes, i64 %r0, i64 %r1, i64 %nblk, i64 %m_rows,

@@ -7,7 +7,7 @@ import numpy as np
 from numba import njit, prange
 
 from .ir import PACKED_BLOCK
-from ..gguf.quants import Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q8_0
+from ..gguf.quants import Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q6_K, Q8_0
 
 
 @njit(parallel=True, nogil=True, cache=True)
@@ -85,6 +85,37 @@ def _pack_nibbles(rows, out, bsize, scales, five):
                         out[g, dst + t] = qlo | (qhi << 4)
 
 
+@njit(parallel=True, nogil=True, cache=True)
+def _pack_q6_k(rows, out):
+    """Q6_K rows [8G, nblk * 210] -> out [G, nblk * 1680] (the layout in :mod:`.ir`). A row-major
+    block: ql[128], qh[64], scales[16] (int8), d (f16); quant h * 128 + r has the low bits
+    (ql[64h + r % 64] >> 4 * (r // 64)) & 15 and the top bits (qh[32h + r % 32] >> 2 * (r // 32)) & 3."""
+    nblk = rows.shape[1] // 210
+    for g in prange(out.shape[0]):
+        q = np.empty((8, 256), np.uint8)
+        for b in range(nblk):
+            o, s = b * 1680, b * 210
+            for r in range(8):
+                src = rows[8 * g + r]
+                for e in range(256):
+                    h, t = e // 128, e % 128
+                    lo = (src[s + 64 * h + t % 64] >> (4 * (t // 64))) & 15
+                    hi = (src[s + 128 + 32 * h + t % 32] >> (2 * (t // 32))) & 3
+                    q[r, e] = lo | (hi << 4)
+                for j in range(16):
+                    out[g, o + 1536 + 8 * j + r] = src[s + 192 + j]
+                out[g, o + 1664 + 2 * r] = src[s + 208]
+                out[g, o + 1665 + 2 * r] = src[s + 209]
+            for j in range(16):
+                for r in range(8):
+                    for t in range(4):
+                        at = o + 96 * j + 4 * r + t
+                        r3 = q[r, 16 * j + 12 + t]
+                        out[g, at] = q[r, 16 * j + t] | ((r3 & 3) << 6)
+                        out[g, at + 32] = q[r, 16 * j + 4 + t] | (((r3 >> 2) & 3) << 6)
+                        out[g, at + 64] = q[r, 16 * j + 8 + t] | ((r3 >> 4) << 6)
+
+
 def _pack_q4_0(rows, out):
     _pack_nibbles(rows, out, 18, 1, False)
 
@@ -103,7 +134,7 @@ def _pack_q5_1(rows, out):
 
 #: packed type -> (bytes of one of its blocks in a GGUF row, the function that packs its rows)
 _PACKERS = {Q4_K: (144, _pack_q4_k), Q8_0: (34, _pack_q8_0), Q4_0: (18, _pack_q4_0), Q4_1: (20, _pack_q4_1),
-            Q5_0: (22, _pack_q5_0), Q5_1: (24, _pack_q5_1)}
+            Q5_0: (22, _pack_q5_0), Q5_1: (24, _pack_q5_1), Q6_K: (210, _pack_q6_k)}
 
 
 class Packed:

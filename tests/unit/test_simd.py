@@ -222,13 +222,13 @@ def _q4_k_matrix(rng, n, k):
     return _matrix(rng, T.Q4_K, n, k)
 
 
-PACKED = [T.Q4_K, T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1]
+PACKED = [T.Q4_K, T.Q6_K, T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1]
 
 
 def test_pack_takes_whole_groups_of_eight_rows_of_its_types():
     rng = np.random.default_rng(11)
     assert simd.pack(int(T.Q4_K), _q4_k_matrix(rng, 12, 512)) is None            # 12 % 8
-    assert simd.pack(int(T.Q6_K), _matrix(rng, T.Q6_K, 16, 512)) is None         # no packed kernel
+    assert simd.pack(int(T.Q5_K), _matrix(rng, T.Q5_K, 16, 512)) is None         # no packed kernel
     p = simd.pack(int(T.Q4_K), _q4_k_matrix(rng, 16, 512))
     assert p.n == 16 and p.data.shape == (2, 2 * simd.PACKED_BLOCK[int(T.Q4_K)])
     # shares of a split start on a group of 8 rows, the last ends at n
@@ -287,7 +287,7 @@ def test_packed_kernels_give_the_row_major_floats(isa, qtype, k):
     assert np.array_equal(out[:, 3:95].view(np.int32), want[:, 3:95].view(np.int32))
     assert np.isnan(out[:, :3]).all() and np.isnan(out[:, 95:]).all()
     # beside a row-major matrix of the same activation format
-    other = T.Q6_K if fmt == simd.Q8_256 else T.Q4_1
+    other = (T.Q5_K if qt == int(T.Q6_K) else T.Q6_K) if fmt == simd.Q8_256 else T.Q4_1
     extra = _matrix(rng, other, 40, k)
     mixed = simd.KernelGroup([int(other), qt], [extra, packed], host)(acts, 2)
     want = simd.KernelGroup([int(other), qt], [extra, rows], portable)(acts)
