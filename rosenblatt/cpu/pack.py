@@ -93,27 +93,32 @@ def _pack_q6_k(rows, out):
     nblk = rows.shape[1] // 210
     for g in prange(out.shape[0]):
         q = np.empty((8, 256), np.uint8)
+        og = out[g]
         for b in range(nblk):
             o, s = b * 1680, b * 210
             for r in range(8):
-                src = rows[8 * g + r]
-                for e in range(256):
-                    h, t = e // 128, e % 128
-                    lo = (src[s + 64 * h + t % 64] >> (4 * (t // 64))) & 15
-                    hi = (src[s + 128 + 32 * h + t % 32] >> (2 * (t // 32))) & 3
-                    q[r, e] = lo | (hi << 4)
+                src, qr = rows[8 * g + r, s:s + 210], q[r]
+                for h in range(2):          # quants 128h + l + {0, 32, 64, 96} share their bytes
+                    for l in range(32):
+                        a, c, hb = src[64 * h + l], src[64 * h + 32 + l], src[128 + 32 * h + l]
+                        e = 128 * h + l
+                        qr[e] = (a & 15) | ((hb & 3) << 4)
+                        qr[e + 32] = (c & 15) | (((hb >> 2) & 3) << 4)
+                        qr[e + 64] = (a >> 4) | (((hb >> 4) & 3) << 4)
+                        qr[e + 96] = (c >> 4) | (((hb >> 6) & 3) << 4)
                 for j in range(16):
-                    out[g, o + 1536 + 8 * j + r] = src[s + 192 + j]
-                out[g, o + 1664 + 2 * r] = src[s + 208]
-                out[g, o + 1665 + 2 * r] = src[s + 209]
+                    og[o + 1536 + 8 * j + r] = src[192 + j]
+                og[o + 1664 + 2 * r] = src[208]
+                og[o + 1665 + 2 * r] = src[209]
             for j in range(16):
+                dst = og[o + 96 * j:o + 96 * j + 96]
                 for r in range(8):
+                    qr = q[r, 16 * j:16 * j + 16]
                     for t in range(4):
-                        at = o + 96 * j + 4 * r + t
-                        r3 = q[r, 16 * j + 12 + t]
-                        out[g, at] = q[r, 16 * j + t] | ((r3 & 3) << 6)
-                        out[g, at + 32] = q[r, 16 * j + 4 + t] | (((r3 >> 2) & 3) << 6)
-                        out[g, at + 64] = q[r, 16 * j + 8 + t] | ((r3 >> 4) << 6)
+                        r3 = qr[12 + t]
+                        dst[4 * r + t] = qr[t] | ((r3 & 3) << 6)
+                        dst[32 + 4 * r + t] = qr[4 + t] | (((r3 >> 2) & 3) << 6)
+                        dst[64 + 4 * r + t] = qr[8 + t] | ((r3 >> 4) << 6)
 
 
 def _pack_q4_0(rows, out):
