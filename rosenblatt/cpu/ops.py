@@ -128,8 +128,8 @@ def _gelu_table() -> np.ndarray:
     """float32 gelu(h) rounded to float16, for every float16 bit pattern h: ggml's table
     (``ggml_table_gelu_f16``), GELU's tanh approximation 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715
     x^3))), here evaluated in float64 before the one rounding to float16."""
-    x = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float64)
     with np.errstate(invalid="ignore", over="ignore"):      # the patterns of inf and nan
+        x = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float64)
         y = 0.5 * x * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * x * (1.0 + 0.044715 * x * x)))
         return y.astype(np.float16).astype(np.float32)
 
