@@ -341,7 +341,6 @@ class _IR:
         form (:meth:`dot32s`); then float lanes 0-3 take ``a`` x ``scale_a`` and lanes 4-7 ``b``
         x ``scale_b`` (llama.cpp's row-major AVX2 dot keeps float lanes the same way). One
         cross-lane shuffle pair on x86, none on NEON."""
-        b = b or "zeroinitializer"
         lo = self(f"shufflevector <8 x i32> {a}, <8 x i32> {b}, {_mask([0, 1, 2, 3, 8, 9, 10, 11])}")
         hi = self(f"shufflevector <8 x i32> {a}, <8 x i32> {b}, {_mask([4, 5, 6, 7, 12, 13, 14, 15])}")
         scales = self(f"insertelement <8 x float> {self.splat('float', 8, scale_a)}, float {scale_b}, i32 4")
@@ -802,7 +801,7 @@ WIDE = {"avx2": 8}
 PREFETCH_AHEAD = 2048
 PREFETCH_MIN_INPUTS = 4096
 #: ggml types with a prefetching 4-row kernel in the wide ISAs' modules: row-major (the K-quants;
-#: measured on Q6_K) and packed (measured on Q4_K and Q8_0)
+#: measured on Q6_K) and packed (measured on Q4_K, Q6_K and Q8_0)
 _PREFETCHED = frozenset({Q4_K, Q5_K, Q6_K})
 _PREFETCHED_PACKED = frozenset({Q4_K, Q6_K, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1})
 
