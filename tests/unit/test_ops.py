@@ -133,9 +133,12 @@ def test_gelu_mul(shape):
     rng = np.random.default_rng(4)
     gate, up = rand(rng, *shape, scale=4.0), rand(rng, *shape)
     gate[0, :12] = [0.0, -0.0, 5.0, -5.0, 9.0, -9.0, 1e4, -1e4, 10.0, -10.0, 3e-6, -7e-8]   # cut-offs, subnormal halves
-    # float16 ties: halfway between two float16 neighbours (round to even), and just beside
+    # float16 ties: halfway between two float16 neighbours in [1, 2) (spacing 2^-10; round to
+    # even), and just beside
     h = np.float16(1.2345).astype(np.float64)
-    gate.flat[12:15] = [h + 2.0 ** -11 * 0.5, np.nextafter(np.float32(h + 2.0 ** -11 * 0.5), np.float32(0)), -h - 2.0 ** -11 * 0.5]
+    tie = h + 2.0 ** -11
+    assert tie == (h + np.nextafter(np.float16(h), np.float16(2)).astype(np.float64)) / 2      # a true tie
+    gate.flat[12:15] = [tie, np.nextafter(np.float32(tie), np.float32(0)), -tie]
     x = gate.astype(np.float16).astype(np.float64)
     table = (0.5 * x * (1.0 + np.tanh(np.sqrt(2 / np.pi) * x * (1.0 + 0.044715 * x * x)))).astype(np.float16)
     ref = table.astype(np.float32) * up
