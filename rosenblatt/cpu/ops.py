@@ -134,8 +134,10 @@ def _gelu_table() -> np.ndarray:
         return y.astype(np.float16).astype(np.float32)
 
 
-#: gelu of every float16, as float32 (256 KB), indexed by :func:`_f16_bits`
-_GELU_F16 = _gelu_table()
+#: gelu of every float16, as float32 (256 KB), indexed by :func:`_f16_bits`. Callers pass it to
+#: :func:`gelu` as an argument: a global array would be compiled into every function that inlines
+#: it as a 256 KB constant (slower cold compiles, bigger cache files).
+GELU_F16 = _gelu_table()
 _F16_MIN_NORMAL = np.float32(2.0 ** -14)
 _TWO24 = np.float32(2.0 ** 24)
 
@@ -154,17 +156,17 @@ def _f16_bits(x):
 
 
 @njit(error_model="numpy", cache=True, inline="always")
-def gelu(g, u):
+def gelu(g, u, table):
     """gelu(g) * u of two float32 as ggml computes it (``ggml_vec_geglu_f32``): 0 for g <= -10, g * u
     for g >= 10, and between them the table's gelu at g rounded to float16, itself a float16
-    (:data:`_GELU_F16`), times u in float32. A lookup: the same bits on every target."""
+    (``table``: :data:`GELU_F16`), times u in float32. A lookup: the same bits on every target."""
     if g <= np.float32(-10.0):
         return np.float32(0.0)
     if g >= np.float32(10.0):
         return g * u
     if g != g:
         return g
-    return _GELU_F16[_f16_bits(g) & 0xFFFF] * u
+    return table[_f16_bits(g) & 0xFFFF] * u
 
 
 def _silu_mul(gate, up, out):
@@ -179,11 +181,11 @@ silu_mul = njit_twin(_silu_mul, "_serial", error_model="numpy", cache=True)
 silu_mul_rows = njit_twin(_silu_mul, "_rows", error_model="numpy", cache=True, parallel=True)
 
 
-def _gelu_mul(gate, up, out):
-    """out = gelu(gate) * up, elementwise, [T, n] (ggml's float16 table, see :func:`gelu`)."""
+def _gelu_mul(gate, up, out, table):
+    """out = gelu(gate) * up, elementwise, [T, n] (ggml's float16 table :data:`GELU_F16`, see :func:`gelu`)."""
     for t in prange(gate.shape[0]):
         for i in range(gate.shape[1]):
-            out[t, i] = gelu(gate[t, i], up[t, i])
+            out[t, i] = gelu(gate[t, i], up[t, i], table)
 
 
 gelu_mul = njit_twin(_gelu_mul, "_serial", error_model="numpy", cache=True)
@@ -192,14 +194,15 @@ gelu_mul_rows = njit_twin(_gelu_mul, "_rows", error_model="numpy", cache=True, p
 
 
 @njit(error_model="numpy", cache=True)
-def gate_row(gu, t, n, use_gelu, out):
-    """out[t, i] = act(gu[t, i]) * gu[t, n + i] for i < n (act: GELU or SiLU), for a gate/up
+def gate_row(gu, t, n, gelu_table, out):
+    """out[t, i] = act(gu[t, i]) * gu[t, n + i] for i < n (act: GELU through ``gelu_table``
+    (:data:`GELU_F16`), or SiLU where that is empty), for a gate/up
     product's row with its two halves side by side: the fused step's gating, on C-contiguous
     arrays (on strided slices numba's loop does not vectorize: ~8x slower), the same bits as
     :func:`silu_mul` / :func:`gelu_mul`."""
-    if use_gelu:
+    if gelu_table.shape[0]:
         for i in range(n):
-            out[t, i] = gelu(gu[t, i], gu[t, n + i])
+            out[t, i] = gelu(gu[t, i], gu[t, n + i], gelu_table)
     else:
         for i in range(n):
             out[t, i] = silu(gu[t, i], gu[t, n + i])

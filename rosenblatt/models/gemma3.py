@@ -46,7 +46,7 @@ from .llama import Layer, LlamaModel, _vector, rope_tables
 def gelu_mul(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
     """gelu(gate) * up as ggml computes it: its float16 table of the tanh approximation (see ``ops.gelu``)."""
     out = np.empty_like(gate)
-    (kernels.gelu_mul_rows if gate.shape[0] >= 8 else kernels.gelu_mul)(gate, up, out)
+    (kernels.gelu_mul_rows if gate.shape[0] >= 8 else kernels.gelu_mul)(gate, up, out, kernels.GELU_F16)
     return out
 
 

@@ -162,7 +162,8 @@ def _run(tid, sync, x_in, pos, slot, n_logits, f1, fr, w, rb, col, nmat, nchunk,
     Per layer: ``qk_norm[layer]`` the q and k weights of a per-head RMS norm before RoPE and
     ``post_attn[layer]``, ``post_ffn[layer]`` those of the attention's and the FFN's output
     norms (gemma3; empty for llama), ``window[layer]`` the keys a query sees (0: all),
-    ``rope_sel[layer]`` its RoPE table in ``cos``/``sin``; ``gelu``: GELU gating, else SiLU.
+    ``rope_sel[layer]`` its RoPE table in ``cos``/``sin``; ``gelu``: GELU gating through this
+    table (``ops.GELU_F16``), or SiLU where it is empty.
     The cache: layer i of slot s is ``k_cache[s, lidx[i]]``, or ``kl_cache[s, lidx[i]]`` where
     ``lloc[i]`` (a bounded cache's sliding-window layer), whose index 0 holds position
     ``koff[t, i]`` for row t."""
@@ -346,7 +347,7 @@ class FusedPlan:
         self.window = np.zeros(n, np.int64)
         self._windowed = layers if hasattr(layers[0], "window") else None   # read on every call (tests vary them)
         self.rope_sel = np.array([int(getattr(L, "local", False)) for L in layers], np.int64)
-        self.gelu = bool(getattr(model, "gelu", False))
+        self.gelu = ops.GELU_F16 if getattr(model, "gelu", False) else np.zeros(0, np.float32)
         self.cfg = cfg
         self.scale = np.float32(cfg.attn_scale if cfg.attn_scale else 1.0 / np.sqrt(cfg.head_dim))
         self.dots = np.int64(ops.dots_kernel())

@@ -56,7 +56,7 @@ def test_gemma3_fused_step_is_bit_identical_to_the_per_operation_forward(gemma3)
         fused = _gemma_decode(gemma3, fused=True)
     finally:
         plan.run = original
-    assert runs.count(1) == len(GEMMA_STEPS) and plan.gelu and plan.qk_norm.shape[1]   # it ran fused
+    assert runs.count(1) == len(GEMMA_STEPS) and plan.gelu.size and plan.qk_norm.shape[1]   # it ran fused
     fused_k = [k.copy() for k in gemma3.cache.k]
     assert max(gemma3.cache.offset) > 0                       # old keys were dropped
     plain = _gemma_decode(gemma3, fused=False)
