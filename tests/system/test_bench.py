@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 from support import micro_path
 
@@ -97,3 +98,16 @@ def test_bench_depth_times_prefill_and_decode_after_that_many_cached_tokens(monk
     seen.clear()
     run_bench(str(micro_path("qwen2-micro-q4_k_m")), prompt_tokens=8, gen_tokens=4, repeat=1)
     assert seen == [(8, 0), (8, 0), (1, 0)]
+
+
+def test_bench_vs_llamacpp_names_a_crashed_llama_bench(tmp_path):
+    """A llama-bench killed by a signal (ggml's AMX prompt kernels fault in some KVM guests) is
+    reported by the signal's name, with the way to a build without AMX, not as a bare exit code."""
+    fake = tmp_path / "llama-bench"
+    fake.write_text("#!/bin/sh\nkill -SEGV $$\n")
+    fake.chmod(0o755)
+    script = Path(__file__).resolve().parents[2] / "scripts" / "bench-vs-llamacpp"
+    proc = subprocess.run([sys.executable, str(script), "--model", str(micro_path("qwen2-micro-q4_k_m")),
+                           "--llama-bench", str(fake), "--repeat", "1"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0
+    assert "killed by SIGSEGV" in proc.stderr and "build-llama-bench --no-amx" in proc.stderr
