@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 
@@ -70,8 +71,11 @@ def test_chat_repl_through_a_pty():
 
 @pytest.mark.slow
 def test_chat_exits_on_eof_and_ctrl_c_stops_an_answer():
+    # Ctrl-C as a terminal user has it: a runner started in the background without job control
+    # (`cmd &` in a script) passes SIGINT on ignored, and Python then never raises KeyboardInterrupt
     child = pexpect.spawn(sys.executable, ["-m", "rosenblatt", "chat", "--temp", "0.8", "--max-tokens", "4000",
-                                           "--seed", "1"], env=ENV, encoding="utf-8", timeout=180)
+                                           "--seed", "1"], env=ENV, encoding="utf-8", timeout=180,
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         child.expect("> ")
         child.sendline("Write a very long story about a dragon.")
