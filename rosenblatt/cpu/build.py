@@ -18,6 +18,10 @@ _FN = ctypes.CFUNCTYPE(None, *([ctypes.c_void_p] + [ctypes.c_int64] * 5 + [ctype
 _lock = threading.Lock()
 _compiled: dict[str, dict] = {}
 _dots: dict[str, int] = {}
+_forms: dict[str, str] = {}
+#: set to 0 to keep packed Q4_K's 8-row kernel in 256-bit registers on a CPU with AVX-512 VNNI + BW
+#: (the form AVX-VNNI-only CPUs run; the same integers either way)
+ZMM_ENV = "ROSENBLATT_ZMM"
 _engines = []      # keep the JITs (and so the code) alive
 
 
@@ -120,6 +124,14 @@ def kernels(isa: str | None = None) -> dict:
         return _compiled[isa]
 
 
+def forms(isa: str | None = None) -> str:
+    """What ``isa``'s compiled module multiplies with (``info --cpu``): e.g. "vpdpbusd (VNNI),
+    packed Q4_K's 8-row pass in 512-bit registers"; compiles the module if it is not yet."""
+    isa = isa or host_isa()
+    kernels(isa)
+    return _forms.get(isa, "none (LLVM cannot build the kernels here)")
+
+
 def dots_address(isa: str | None = None) -> int:
     """Address of the float dot-product kernel of ``isa``'s module (:data:`_DOTS_IR`; ops passes
     it to :func:`rosenblatt.cpu.ops.attention_decode`), 0 where LLVM cannot build the module here."""
@@ -137,7 +149,10 @@ def _compile(isa: str) -> tuple[dict, "_ObjectCache"]:
     cpu, features = llvm.get_host_cpu_name(), target_features(isa, llvm.get_host_cpu_features().flatten())
     flags = set(features.split(","))
     vnni = isa == "avx2" and ("+avxvnni" in flags or {"+avx512vnni", "+avx512vl"} <= flags)
-    ir_text = module_ir(isa, vnni)
+    zmm = vnni and {"+avx512vnni", "+avx512bw", "+avx512vl"} <= flags and os.environ.get(ZMM_ENV, "1") != "0"
+    ir_text = module_ir(isa, vnni, zmm)
+    _forms[isa] = ("vpdpbusd (VNNI)" + (", packed Q4_K's 8-row pass in 512-bit registers" if zmm else "") if vnni
+                   else {"avx2": "vpmaddubsw/vpmaddwd", "sdot": "sdot"}.get(isa, "plain IR"))
     if not llvm.get_default_triple().startswith(("aarch64", "arm64")) and "+fma" not in features.split(","):
         # no fused multiply-add here (pre-Haswell x86): an fma would be a libm call per block;
         # these results then round differently from every other machine's

@@ -62,6 +62,8 @@ declare <32 x i8> @llvm.x86.avx2.psign.b(<32 x i8>, <32 x i8>)
 declare <32 x i8> @llvm.abs.v32i8(<32 x i8>, i1)
 declare void @llvm.masked.store.v8f32.p0(<8 x float>, <8 x float>*, i32, <8 x i1>)
 declare <8 x i32> @llvm.x86.avx512.vpdpbusd.256(<8 x i32>, <8 x i32>, <8 x i32>)
+declare <16 x i32> @llvm.x86.avx512.vpdpbusd.512(<16 x i32>, <16 x i32>, <16 x i32>)
+declare <16 x i32> @llvm.x86.avx512.pmaddw.d.512(<32 x i16>, <32 x i16>)
 declare void @llvm.prefetch.p0(i8*, i32, i32, i32)
 declare <4 x i32> @llvm.aarch64.neon.sdot.v4i32.v16i8(<4 x i32>, <16 x i8>, <16 x i8>)
 """
@@ -183,6 +185,7 @@ class _IR:
         isa, *extra = isa.split("+")
         self.vnni = "vnni" in extra          # "avx2+vnni": vpdpbusd may be used (AVX-512 VNNI or AVX-VNNI)
         self.prefetching = "prefetch" in extra   # "+prefetch": the weight-streaming form (:meth:`prefetch`)
+        self.zmm = "zmm" in extra and self.vnni   # "+zmm": 512-bit bodies where written (AVX-512 VNNI + BW)
         self.isa = isa
         self.x86 = isa == "avx2"
         self.sdot = isa in ("sdot", "sdot-emulated")
@@ -595,6 +598,8 @@ def _body_q4_k_packed(isa: str, rows: int):
 
     ab = e(f"mul i64 %b, {ACT_BLOCK[Q8_256]}")
     isum = [["zeroinitializer"] * 2 for _ in range(rows)]    # per activation row and row half
+    if e.zmm:       # both row halves in one 512-bit register: the same integers, half the instructions
+        return _q4_k_packed_zmm(e, rows, at, ab, bytes8, d, dmin)
     for cc in range(4):                     # unpack a chunk's 16 slices, use them for every row
         w = {}
         for c in range(4):
@@ -617,12 +622,20 @@ def _body_q4_k_packed(isa: str, rows: int):
                     for c in range(1, 4):
                         s16 = e(f"add <16 x i16> {s16}, {e.maddubs(w[c, h, j % 2], xs[c])}")
                     isum[i][h] = e(f"add <8 x i32> {isum[i][h]}, {e.madd(s16, scale(j, h))}")
-    accs = []
-    for i in range(rows):
-        # lanes 2k, 2k + 1 of half h are row 4h + k's: one exact sum per row
+    def total(i):       # lanes 2k, 2k + 1 of half h are row 4h + k's: one exact sum per row
         ev = e(f"shufflevector <8 x i32> {isum[i][0]}, <8 x i32> {isum[i][1]}, {_mask(range(0, 16, 2))}")
         od = e(f"shufflevector <8 x i32> {isum[i][0]}, <8 x i32> {isum[i][1]}, {_mask(range(1, 16, 2))}")
-        total = e(f"add <8 x i32> {ev}, {od}")
+        return e(f"add <8 x i32> {ev}, {od}")
+    return _q4_k_packed_finish(e, rows, total, ab, bytes8, d, dmin)
+
+
+def _q4_k_packed_finish(e, rows, total_of, ab, bytes8, d, dmin):
+    """The packed Q4_K bodies' step per super-block and activation row i: ``total_of(i)`` emits
+    the row's exact sums (<8 x i32>, weight rows in lanes), then the mins against the activation
+    sums, and the float accumulator takes both."""
+    accs = []
+    for i in range(rows):
+        total = total_of(i)
         msum = "zeroinitializer"           # sum_j min_j * (16-sums 2j + 2j + 1), rows in lanes
         for j in range(8):
             mins = e(f"shufflevector <8 x i16> {bytes8(96 + 8 * j)}, <8 x i16> undef, {_mask([l // 2 for l in range(16)])}")
@@ -633,6 +646,45 @@ def _body_q4_k_packed(isa: str, rows: int):
         acc = e.fma8(msum, e(f"fneg <8 x float> {e(f'fmul <8 x float> {dmin}, {dx}')}"), acc)
         accs.append(acc)
     return "\n".join(e.lines), accs
+
+
+def _q4_k_packed_zmm(e, rows, at, ab, bytes8, d, dmin):
+    """:func:`_body_q4_k_packed`'s VNNI form in 512-bit registers: a chunk's slices of both row
+    halves are adjacent (64 bytes), so one ``vpdpbusd`` chain and one ``vpmaddwd`` per sub-block
+    and activation row cover all 8 rows; int32 lanes 0-7 are half 0's, 8-15 half 1's, exactly the
+    256-bit form's two accumulators side by side."""
+    v64 = lambda n: _vec("i8", [n] * 64)
+    scales = {}
+
+    def scale512(j):        # <32 x i16>: lane 16h + 2L the scale of row 4h + L // 2, odd lanes zero
+        if j not in scales:
+            s8 = bytes8(32 + 8 * j)
+            scales[j] = e(f"shufflevector <8 x i16> {s8}, <8 x i16> zeroinitializer, "
+                          f"{_mask([4 * (l // 16) + (l % 16) // 4 if l % 2 == 0 else 8 for l in range(32)])}")
+        return scales[j]
+
+    isum = ["zeroinitializer"] * rows
+    for cc in range(4):
+        w = {}
+        for c in range(4):
+            q = e.load("%row", at(160 + (cc * 4 + c) * 64), "<64 x i8>")
+            w[c, 0] = e(f"bitcast <64 x i8> {e(f'and <64 x i8> {q}, {v64(15)}')} to <16 x i32>")
+            w[c, 1] = e(f"bitcast <64 x i8> {e(f'lshr <64 x i8> {q}, {v64(4)}')} to <16 x i32>")
+        for i in range(rows):
+            for j in (2 * cc, 2 * cc + 1):
+                chain = "zeroinitializer"
+                for c in range(4):
+                    x = e.splat("i64", 8, e.load(f"%x{i}", e(f"add i64 {ab}, {32 * j + 8 * c}"), "i64"))
+                    x = e(f"bitcast <8 x i64> {x} to <16 x i32>")
+                    chain = e(f"call <16 x i32> @llvm.x86.avx512.vpdpbusd.512(<16 x i32> {chain}, <16 x i32> {w[c, j % 2]}, <16 x i32> {x})")
+                wide = e(f"bitcast <16 x i32> {chain} to <32 x i16>")
+                prod = e(f"call <16 x i32> @llvm.x86.avx512.pmaddw.d.512(<32 x i16> {wide}, <32 x i16> {scale512(j)})")
+                isum[i] = e(f"add <16 x i32> {isum[i]}, {prod}")
+    def total(i):
+        ev = e(f"shufflevector <16 x i32> {isum[i]}, <16 x i32> undef, {_mask(range(0, 16, 2))}")
+        od = e(f"shufflevector <16 x i32> {isum[i]}, <16 x i32> undef, {_mask(range(1, 16, 2))}")
+        return e(f"add <8 x i32> {ev}, {od}")
+    return _q4_k_packed_finish(e, rows, total, ab, bytes8, d, dmin)
 
 
 def _body_q6_k_packed(isa: str, rows: int):
@@ -750,6 +802,13 @@ _PACKED_KERNELS = {Q4_K: ("q4_k", _body_q4_k_packed), Q6_K: ("q6_k", _body_q6_k_
 
 
 def _packed_ir(name: str, body, isa: str, rows: int, tag: str = "") -> str:
+    text = _packed_ir_text(name, body, isa, rows, tag)
+    if "+zmm" in isa and "<64 x i8>" in text:     # LLVM splits 512-bit vectors on CPUs preferring 256 otherwise
+        text = text.replace("i64 %so) {\n", 'i64 %so) "min-legal-vector-width"="512" {\n', 1)
+    return text
+
+
+def _packed_ir_text(name: str, body, isa: str, rows: int, tag: str = "") -> str:
     lines, accs = body(isa, rows)
     if isinstance(accs[0], list):       # the 32-quant types: a float accumulator an activation row (+ one)
         phis = "\n".join(_PACKED_PHIS.format(i=i, a=acc[0])
@@ -925,14 +984,18 @@ def packed_types(isa: str, vnni: bool = False) -> tuple[int, ...]:
     return tuple(qt for qt in _PACKED_KERNELS if qt == Q4_K or vnni or isa == "portable")
 
 
-def module_ir(isa: str, vnni: bool = False) -> str:
-    """The kernel module of ``isa``; ``vnni``: the CPU has vpdpbusd (x86 only)."""
+def module_ir(isa: str, vnni: bool = False, zmm: bool = False) -> str:
+    """The kernel module of ``isa``; ``vnni``: the CPU has vpdpbusd (x86 only); ``zmm``: and its
+    512-bit form with AVX-512 BW (packed Q4_K's 8-row kernel then uses it)."""
     if isa not in ISAS:
         raise ValueError(f"isa must be one of {ISAS}, got {isa!r}")
     wide = WIDE.get(isa)
     counts = (1, ROWS) + ((wide,) if wide else ())
     packed = [_PACKED_KERNELS[qt] for qt in packed_types(isa, vnni)]
     flavour = isa + ("+vnni" if vnni and isa == "avx2" else "")
+    # 512-bit registers for packed Q4_K's 8-row pass only (prompts): +5-7 % prefill on the 1.5B shape;
+    # the 1- and 4-row kernels and Q6_K measured as fast or slower in them (docs/performance.md)
+    flavour_of = lambda n, r=0: flavour + ("+zmm" if zmm and vnni and isa == "avx2" and n == "q4_k" and r == 8 else "")
     ahead = {qt for qt in _PREFETCHED if wide}
     ahead_packed = {qt for qt in _PREFETCHED_PACKED if wide}
     pk = {n: qt for qt, (n, _) in _PACKED_KERNELS.items()}
@@ -940,8 +1003,8 @@ def module_ir(isa: str, vnni: bool = False) -> str:
             + "".join(_kernel_ir(n, cs, body, isa + "+prefetch", ROWS, "p")
                       for qt, (n, _, body, cs) in _KERNELS.items() if qt in ahead)
             + "".join(_wide_entry("mm", n, wide, qt in ahead, fmt) for qt, (n, fmt, _, _) in _KERNELS.items() if wide)
-            + "".join(_packed_ir(n, body, flavour, r) for n, body in packed for r in (1, ROWS) + (() if n in _Q32_PACKED_TYPES else (8,)))
-            + "".join(_packed_ir(n, body, flavour + "+prefetch", ROWS, "p") for n, body in packed if pk[n] in ahead_packed)
+            + "".join(_packed_ir(n, body, flavour_of(n, r), r) for n, body in packed for r in (1, ROWS) + (() if n in _Q32_PACKED_TYPES else (8,)))
+            + "".join(_packed_ir(n, body, flavour_of(n, ROWS) + "+prefetch", ROWS, "p") for n, body in packed if pk[n] in ahead_packed)
             + "".join(_wide_entry("px", n, ROWS if n in _Q32_PACKED_TYPES else 8, pk[n] in ahead_packed, ACT_FORMAT[pk[n]])
                       for n, _ in packed)
             + _DOTS_IR)
