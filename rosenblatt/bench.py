@@ -162,6 +162,7 @@ def run_bench(model: str, prompt_tokens: int = 128, gen_tokens: int = 64, thread
     step_s = decode_step_time(engine, ids)
     split = decode_step_profile(engine, ids)
     backend = engine.model.backend
+    from .cpu.build import forms
     from .cpu.isa import NOTABLE, host_choice
     isa = host_choice()
     return {
@@ -170,6 +171,7 @@ def run_bench(model: str, prompt_tokens: int = 128, gen_tokens: int = 64, thread
         "threads": getattr(backend, "threads", threads),
         "isa": isa.isa,
         "cpu_features": [f for f in NOTABLE if f in isa.cpu.features],
+        "kernel_forms": forms(),
         "prompt_tokens": prompt_tokens,
         "gen_tokens": gen_tokens,
         "depth": depth,

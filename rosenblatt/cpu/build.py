@@ -19,9 +19,19 @@ _lock = threading.Lock()
 _compiled: dict[str, dict] = {}
 _dots: dict[str, int] = {}
 _forms: dict[str, str] = {}
-#: set to 0 to keep packed Q4_K's 8-row kernel in 256-bit registers on a CPU with AVX-512 VNNI + BW
-#: (the form AVX-VNNI-only CPUs run; the same integers either way)
+_zmm: dict[str, bool] = {}
+#: packed Q4_K's 8-row kernel in 512-bit registers where the CPU has AVX-512 VNNI + BW + VL: 1 on,
+#: 0 off (the 256-bit form AVX-VNNI-only CPUs run; the same integers either way); unset, on but
+#: for AMD's Zen cores, where 512-bit kernel bodies measured slower (docs/performance.md, session 7)
 ZMM_ENV = "ROSENBLATT_ZMM"
+
+
+def _zmm_choice(flags: set, cpu: str) -> bool:
+    """Whether the module's packed Q4_K 8-row kernel uses 512-bit registers (see :data:`ZMM_ENV`)."""
+    if not {"+avx512vnni", "+avx512bw", "+avx512vl"} <= flags:
+        return False
+    forced = os.environ.get(ZMM_ENV)
+    return forced != "0" if forced in ("0", "1") else not cpu.startswith("znver")
 _engines = []      # keep the JITs (and so the code) alive
 
 
@@ -132,6 +142,14 @@ def forms(isa: str | None = None) -> str:
     return _forms.get(isa, "none (LLVM cannot build the kernels here)")
 
 
+def uses_zmm(isa: str | None = None) -> bool:
+    """Whether ``isa``'s compiled module runs packed Q4_K's 8-row pass in 512-bit registers (see
+    :data:`ZMM_ENV`)."""
+    isa = isa or host_isa()
+    kernels(isa)
+    return _zmm.get(isa, False)
+
+
 def dots_address(isa: str | None = None) -> int:
     """Address of the float dot-product kernel of ``isa``'s module (:data:`_DOTS_IR`; ops passes
     it to :func:`rosenblatt.cpu.ops.attention_decode`), 0 where LLVM cannot build the module here."""
@@ -149,10 +167,8 @@ def _compile(isa: str) -> tuple[dict, "_ObjectCache"]:
     cpu, features = llvm.get_host_cpu_name(), target_features(isa, llvm.get_host_cpu_features().flatten())
     flags = set(features.split(","))
     vnni = isa == "avx2" and ("+avxvnni" in flags or {"+avx512vnni", "+avx512vl"} <= flags)
-    zmm = vnni and {"+avx512vnni", "+avx512bw", "+avx512vl"} <= flags and os.environ.get(ZMM_ENV, "1") != "0"
+    zmm = vnni and _zmm_choice(flags, cpu)
     ir_text = module_ir(isa, vnni, zmm)
-    _forms[isa] = ("vpdpbusd (VNNI)" + (", packed Q4_K's 8-row pass in 512-bit registers" if zmm else "") if vnni
-                   else {"avx2": "vpmaddubsw/vpmaddwd", "sdot": "sdot"}.get(isa, "plain IR"))
     if not llvm.get_default_triple().startswith(("aarch64", "arm64")) and "+fma" not in features.split(","):
         # no fused multiply-add here (pre-Haswell x86): an fma would be a libm call per block;
         # these results then round differently from every other machine's
@@ -167,6 +183,9 @@ def _compile(isa: str) -> tuple[dict, "_ObjectCache"]:
     engine.set_object_cache(cache.store, cache.load)
     engine.finalize_object()
     _engines.append(engine)
+    _zmm[isa] = zmm
+    _forms[isa] = ("vpdpbusd (VNNI)" + (", packed Q4_K's 8-row pass in 512-bit registers" if zmm else "") if vnni
+                   else {"avx2": "vpmaddubsw/vpmaddwd", "sdot": "sdot"}.get(isa, "plain IR"))
     multi = "mmw" if isa in WIDE else f"mm{ROWS}"
     fns = {qt: (_FN(engine.get_function_address(f"mm1_{n}")), _FN(engine.get_function_address(f"{multi}_{n}")))
            for qt, (n, _, _, _) in _KERNELS.items()}

@@ -597,9 +597,9 @@ def _body_q4_k_packed(isa: str, rows: int):
         return e(f"shufflevector <16 x i16> {s}, <16 x i16> zeroinitializer, {_mask([l if l % 2 == 0 else 16 for l in range(16)])}")
 
     ab = e(f"mul i64 %b, {ACT_BLOCK[Q8_256]}")
-    isum = [["zeroinitializer"] * 2 for _ in range(rows)]    # per activation row and row half
-    if e.zmm:       # both row halves in one 512-bit register: the same integers, half the instructions
+    if e.zmm:       # both row halves in one 512-bit register: the same integers, fewer instructions
         return _q4_k_packed_zmm(e, rows, at, ab, bytes8, d, dmin)
+    isum = [["zeroinitializer"] * 2 for _ in range(rows)]    # per activation row and row half
     for cc in range(4):                     # unpack a chunk's 16 slices, use them for every row
         w = {}
         for c in range(4):
@@ -802,13 +802,6 @@ _PACKED_KERNELS = {Q4_K: ("q4_k", _body_q4_k_packed), Q6_K: ("q6_k", _body_q6_k_
 
 
 def _packed_ir(name: str, body, isa: str, rows: int, tag: str = "") -> str:
-    text = _packed_ir_text(name, body, isa, rows, tag)
-    if "+zmm" in isa and "<64 x i8>" in text:     # LLVM splits 512-bit vectors on CPUs preferring 256 otherwise
-        text = text.replace("i64 %so) {\n", 'i64 %so) "min-legal-vector-width"="512" {\n', 1)
-    return text
-
-
-def _packed_ir_text(name: str, body, isa: str, rows: int, tag: str = "") -> str:
     lines, accs = body(isa, rows)
     if isinstance(accs[0], list):       # the 32-quant types: a float accumulator an activation row (+ one)
         phis = "\n".join(_PACKED_PHIS.format(i=i, a=acc[0])
@@ -993,9 +986,9 @@ def module_ir(isa: str, vnni: bool = False, zmm: bool = False) -> str:
     counts = (1, ROWS) + ((wide,) if wide else ())
     packed = [_PACKED_KERNELS[qt] for qt in packed_types(isa, vnni)]
     flavour = isa + ("+vnni" if vnni and isa == "avx2" else "")
-    # 512-bit registers for packed Q4_K's 8-row pass only (prompts): +5-7 % prefill on the 1.5B shape;
-    # the 1- and 4-row kernels and Q6_K measured as fast or slower in them (docs/performance.md)
-    flavour_of = lambda n, r=0: flavour + ("+zmm" if zmm and vnni and isa == "avx2" and n == "q4_k" and r == 8 else "")
+    # 512-bit registers for packed Q4_K's 8-row pass only (prompts): ~+5 % prefill on the 1.5B shape
+    # (Intel, AVX-512); the 1- and 4-row kernels and Q6_K's measured slower in them (docs/performance.md)
+    flavour_of = lambda n, r: flavour + ("+zmm" if zmm and vnni and isa == "avx2" and n == "q4_k" and r == 8 else "")
     ahead = {qt for qt in _PREFETCHED if wide}
     ahead_packed = {qt for qt in _PREFETCHED_PACKED if wide}
     pk = {n: qt for qt, (n, _) in _PACKED_KERNELS.items()}
@@ -1004,7 +997,7 @@ def module_ir(isa: str, vnni: bool = False, zmm: bool = False) -> str:
                       for qt, (n, _, body, cs) in _KERNELS.items() if qt in ahead)
             + "".join(_wide_entry("mm", n, wide, qt in ahead, fmt) for qt, (n, fmt, _, _) in _KERNELS.items() if wide)
             + "".join(_packed_ir(n, body, flavour_of(n, r), r) for n, body in packed for r in (1, ROWS) + (() if n in _Q32_PACKED_TYPES else (8,)))
-            + "".join(_packed_ir(n, body, flavour_of(n, ROWS) + "+prefetch", ROWS, "p") for n, body in packed if pk[n] in ahead_packed)
+            + "".join(_packed_ir(n, body, flavour + "+prefetch", ROWS, "p") for n, body in packed if pk[n] in ahead_packed)
             + "".join(_wide_entry("px", n, ROWS if n in _Q32_PACKED_TYPES else 8, pk[n] in ahead_packed, ACT_FORMAT[pk[n]])
                       for n, _ in packed)
             + _DOTS_IR)

@@ -135,8 +135,8 @@ def _gelu_table() -> np.ndarray:
 
 
 #: gelu of every float16, as float32 (256 KB), indexed by :func:`_f16_bits`. Callers pass it to
-#: :func:`gelu` as an argument: a global array would be compiled into every function that inlines
-#: it as a 256 KB constant (slower cold compiles, bigger cache files).
+#: :func:`gelu` as an argument: numba would compile a global array into every function that
+#: inlines it as a 256 KB constant.
 GELU_F16 = _gelu_table()
 _F16_MIN_NORMAL = np.float32(2.0 ** -14)
 _TWO24 = np.float32(2.0 ** 24)

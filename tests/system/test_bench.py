@@ -104,7 +104,7 @@ def test_bench_vs_llamacpp_names_a_crashed_llama_bench(tmp_path):
     """A llama-bench killed by a signal (ggml's AMX prompt kernels fault in some KVM guests) is
     reported by the signal's name, with the way to a build without AMX, not as a bare exit code."""
     fake = tmp_path / "llama-bench"
-    fake.write_text("#!/bin/sh\nkill -SEGV $$\n")
+    fake.write_text("#!/bin/sh\nulimit -c 0\nkill -SEGV $$\n")      # no core file left behind
     fake.chmod(0o755)
     script = Path(__file__).resolve().parents[2] / "scripts" / "bench-vs-llamacpp"
     proc = subprocess.run([sys.executable, str(script), "--model", str(micro_path("qwen2-micro-q4_k_m")),

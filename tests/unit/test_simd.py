@@ -306,11 +306,11 @@ def test_packed_q4_k_at_its_integer_bounds(sign):
     blocks[..., 4:] = 0xFF                      # scales and mins 63, quants 15
     rows = blocks.reshape(n, -1)
     isa = simd.host_isa() if PACKED_HOST else "portable"
-    acts = simd.quantize_activations(np.full((4, k), sign, np.float32), simd.Q8_256)
-    assert np.abs(acts.buf.reshape(4, -1, 320)[:, :, :256].view(np.int8)).min() == 127
+    acts = simd.quantize_activations(np.full((8, k), sign, np.float32), simd.Q8_256)
+    assert np.abs(acts.buf.reshape(8, -1, 320)[:, :, :256].view(np.int8)).min() == 127
     want = simd.KernelGroup([int(T.Q4_K)], [rows], simd.kernels("portable"))(acts)
     packed = simd.pack(int(T.Q4_K), rows)
-    for m in (1, 4):        # the one-row kernel and the 4-row one
+    for m in (1, 4, 8):     # the one-row kernel, the 4-row one, the 8-row one (512-bit with AVX-512)
         got = simd.KernelGroup([int(T.Q4_K)], [packed], simd.kernels(isa))(acts[0:m])
         assert np.array_equal(got.view(np.int32), want[:m].view(np.int32)), m
 
@@ -319,23 +319,23 @@ _TWO_FORMS = """
 import numpy as np
 from rosenblatt import cpu as simd
 from rosenblatt.cpu import build
-assert "512-bit" not in build.forms(), build.forms()
+assert not build.uses_zmm(), build.forms()
 rng = np.random.default_rng(14)
 k, n = 4608, 40
-for qt, size, halves in ((simd.Q4_K_TYPE, 144, (0, 2)),):
-    blocks = rng.integers(0, 256, (n, k // 256, size), dtype=np.uint8)
-    for at in halves:      # finite float16 scales
-        blocks[..., at:at + 2] = np.frombuffer(np.float16(0.011).tobytes(), np.uint8)
-    rows = blocks.reshape(n, -1)
-    packed = simd.pack(qt, rows)
-    assert packed is not None and ("packed", qt) in simd.kernels()
-    for m in (1, 4, 8, 13):
-        acts = simd.quantize_activations(rng.standard_normal((m, k)).astype(np.float32) * 3, simd.Q8_256)
-        want = simd.KernelGroup([qt], [rows], simd.kernels("portable"))(acts)
-        for parts in (1, 2):
-            got = simd.KernelGroup([qt], [packed], simd.kernels())(acts, parts)
-            assert np.array_equal(got.view(np.int32), want.view(np.int32)), (qt, m, parts)
-print("256-bit forms: same bits")
+qt = QT
+blocks = rng.integers(0, 256, (n, k // 256, 144), dtype=np.uint8)
+blocks[..., 0:2] = np.frombuffer(np.float16(0.011).tobytes(), np.uint8)     # finite d, dmin
+blocks[..., 2:4] = np.frombuffer(np.float16(0.003).tobytes(), np.uint8)
+rows = blocks.reshape(n, -1)
+packed = simd.pack(qt, rows)
+assert packed is not None and ("packed", qt) in simd.kernels()
+for m in (1, 4, 8, 13):
+    acts = simd.quantize_activations(rng.standard_normal((m, k)).astype(np.float32) * 3, simd.Q8_256)
+    want = simd.KernelGroup([qt], [rows], simd.kernels("portable"))(acts)
+    for parts in (1, 2):
+        got = simd.KernelGroup([qt], [packed], simd.kernels())(acts, parts)
+        assert np.array_equal(got.view(np.int32), want.view(np.int32)), (m, parts)
+print("256-bit form: same bits")
 """
 
 
@@ -345,16 +345,35 @@ def test_packed_q4_k_in_256_bit_registers_where_the_host_runs_512():
     256-bit form. Built here in a second process with ROSENBLATT_ZMM=0, it gives the portable
     row-major floats too: 1, 4, 8 and 13 rows (the 8- and 4-row passes, prefetching at 4608
     inputs), 1-2 threads."""
-    if "512-bit" not in build.forms():
+    if not build.uses_zmm():
         pytest.skip("this CPU runs the 256-bit form only, which the host tests above already check")
     import os
     import subprocess
     import sys
-    code = _TWO_FORMS.replace("simd.Q4_K_TYPE", str(int(T.Q4_K)))
+    code = _TWO_FORMS.replace("QT", str(int(T.Q4_K)))
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
                           env={**os.environ, build.ZMM_ENV: "0"})
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "256-bit forms: same bits" in proc.stdout
+    assert "256-bit form: same bits" in proc.stdout
+
+
+def test_the_512_bit_form_compiles_for_an_avx512_cpu_anywhere():
+    """The 512-bit packed Q4_K kernel's IR verifies and lowers to zmm code for an AVX-512 VNNI
+    target on any host (it runs only where the CPU has it; the tests above run it there)."""
+    import llvmlite.binding as llvm
+    llvm.initialize_all_targets()
+    llvm.initialize_all_asmprinters()
+    mod = llvm.parse_assembly(simd.module_ir("avx2", True, True))
+    mod.verify()
+    tm = llvm.Target.from_triple("x86_64-unknown-linux-gnu").create_target_machine(
+        cpu="icelake-server", features="+avx512vnni,+avx512bw,+avx512vl", opt=3)
+    asm = tm.emit_assembly(mod)
+    def dots(fn):           # the function's vpdpbusd lines: (on zmm registers, on ymm)
+        body = asm[asm.index(f"{fn}:"):asm.index(".Lfunc_end", asm.index(f"{fn}:"))]
+        lines = [ln for ln in body.splitlines() if "vpdpbusd" in ln]
+        return sum("zmm" in ln for ln in lines), sum("ymm" in ln for ln in lines)
+    assert dots("px8_q4_k")[0] > 0 and dots("px8_q4_k")[1] == 0
+    assert dots("px1_q4_k")[0] == 0 and dots("px1_q4_k")[1] > 0      # one row stays at 256 bits
 
 
 def test_packed_rows_need_their_kernels():
