@@ -264,9 +264,8 @@ def info(model, cpu_only):
     from .cpu.isa import host_choice
     from .text.tokenizer import Tokenizer
     if cpu_only:
-        from .cpu.build import ZMM_ENV, forms
-        f = forms()
-        _rows(host_choice().report() + [("kernel forms", f + (f" ({ZMM_ENV}=0: 256-bit only)" if "512" in f else ""))])
+        from .cpu.build import ZMM_ENV, forms, uses_zmm
+        _rows(host_choice().report() + [("kernel forms", forms() + (f" ({ZMM_ENV}=0: 256-bit only)" if uses_zmm() else ""))])
         return
     model = model or default_model()
     if model is None:

@@ -18,8 +18,8 @@ _FN = ctypes.CFUNCTYPE(None, *([ctypes.c_void_p] + [ctypes.c_int64] * 5 + [ctype
 _lock = threading.Lock()
 _compiled: dict[str, dict] = {}
 _dots: dict[str, int] = {}
-_forms: dict[str, str] = {}
-_zmm: dict[str, bool] = {}
+_variant: dict[str, tuple[bool, bool]] = {}     # isa -> (vnni, zmm) of its compiled module
+_engines = []      # keep the JITs (and so the code) alive
 #: packed Q4_K's 8-row kernel in 512-bit registers where the CPU has AVX-512 VNNI + BW + VL: 1 on,
 #: 0 off (the 256-bit form AVX-VNNI-only CPUs run; the same integers either way); unset, on but
 #: for AMD's Zen cores, where 512-bit kernel bodies measured slower (docs/performance.md, session 7)
@@ -32,7 +32,6 @@ def _zmm_choice(flags: set, cpu: str) -> bool:
         return False
     forced = os.environ.get(ZMM_ENV)
     return forced != "0" if forced in ("0", "1") else not cpu.startswith("znver")
-_engines = []      # keep the JITs (and so the code) alive
 
 
 def host_isa() -> str:
@@ -138,16 +137,19 @@ def forms(isa: str | None = None) -> str:
     """What ``isa``'s compiled module multiplies with (``info --cpu``): e.g. "vpdpbusd (VNNI),
     packed Q4_K's 8-row pass in 512-bit registers"; compiles the module if it is not yet."""
     isa = isa or host_isa()
-    kernels(isa)
-    return _forms.get(isa, "none (LLVM cannot build the kernels here)")
+    if not kernels(isa):
+        return "none (LLVM cannot build the kernels here)"
+    vnni, zmm = _variant[isa]
+    if vnni:
+        return "vpdpbusd (VNNI)" + (", packed Q4_K's 8-row pass in 512-bit registers" if zmm else "")
+    return {"avx2": "vpmaddubsw/vpmaddwd", "sdot": "sdot"}.get(isa, "plain IR")
 
 
 def uses_zmm(isa: str | None = None) -> bool:
     """Whether ``isa``'s compiled module runs packed Q4_K's 8-row pass in 512-bit registers (see
     :data:`ZMM_ENV`)."""
     isa = isa or host_isa()
-    kernels(isa)
-    return _zmm.get(isa, False)
+    return bool(kernels(isa)) and _variant[isa][1]
 
 
 def dots_address(isa: str | None = None) -> int:
@@ -183,9 +185,7 @@ def _compile(isa: str) -> tuple[dict, "_ObjectCache"]:
     engine.set_object_cache(cache.store, cache.load)
     engine.finalize_object()
     _engines.append(engine)
-    _zmm[isa] = zmm
-    _forms[isa] = ("vpdpbusd (VNNI)" + (", packed Q4_K's 8-row pass in 512-bit registers" if zmm else "") if vnni
-                   else {"avx2": "vpmaddubsw/vpmaddwd", "sdot": "sdot"}.get(isa, "plain IR"))
+    _variant[isa] = (vnni, zmm)
     multi = "mmw" if isa in WIDE else f"mm{ROWS}"
     fns = {qt: (_FN(engine.get_function_address(f"mm1_{n}")), _FN(engine.get_function_address(f"{multi}_{n}")))
            for qt, (n, _, _, _) in _KERNELS.items()}

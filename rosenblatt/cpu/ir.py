@@ -653,7 +653,6 @@ def _q4_k_packed_zmm(e, rows, at, ab, bytes8, d, dmin):
     halves are adjacent (64 bytes), so one ``vpdpbusd`` chain and one ``vpmaddwd`` per sub-block
     and activation row cover all 8 rows; int32 lanes 0-7 are half 0's, 8-15 half 1's, exactly the
     256-bit form's two accumulators side by side."""
-    v64 = lambda n: _vec("i8", [n] * 64)
     scales = {}
 
     def scale512(j):        # <32 x i16>: lane 16h + 2L the scale of row 4h + L // 2, odd lanes zero
@@ -668,8 +667,8 @@ def _q4_k_packed_zmm(e, rows, at, ab, bytes8, d, dmin):
         w = {}
         for c in range(4):
             q = e.load("%row", at(160 + (cc * 4 + c) * 64), "<64 x i8>")
-            w[c, 0] = e(f"bitcast <64 x i8> {e(f'and <64 x i8> {q}, {v64(15)}')} to <16 x i32>")
-            w[c, 1] = e(f"bitcast <64 x i8> {e(f'lshr <64 x i8> {q}, {v64(4)}')} to <16 x i32>")
+            w[c, 0] = e(f"bitcast <64 x i8> {e(f'and <64 x i8> {q}, {e.bytes_(15, 64)}')} to <16 x i32>")
+            w[c, 1] = e(f"bitcast <64 x i8> {e(f'lshr <64 x i8> {q}, {e.bytes_(4, 64)}')} to <16 x i32>")
         for i in range(rows):
             for j in (2 * cc, 2 * cc + 1):
                 chain = "zeroinitializer"
@@ -680,11 +679,8 @@ def _q4_k_packed_zmm(e, rows, at, ab, bytes8, d, dmin):
                 wide = e(f"bitcast <16 x i32> {chain} to <32 x i16>")
                 prod = e(f"call <16 x i32> @llvm.x86.avx512.pmaddw.d.512(<32 x i16> {wide}, <32 x i16> {scale512(j)})")
                 isum[i] = e(f"add <16 x i32> {isum[i]}, {prod}")
-    def total(i):
-        ev = e(f"shufflevector <16 x i32> {isum[i]}, <16 x i32> undef, {_mask(range(0, 16, 2))}")
-        od = e(f"shufflevector <16 x i32> {isum[i]}, <16 x i32> undef, {_mask(range(1, 16, 2))}")
-        return e(f"add <8 x i32> {ev}, {od}")
-    return _q4_k_packed_finish(e, rows, total, ab, bytes8, d, dmin)
+    # lanes 2k, 2k + 1 are row k's (k < 8): one exact sum per row
+    return _q4_k_packed_finish(e, rows, lambda i: e._pairs("i32", 16, isum[i]), ab, bytes8, d, dmin)
 
 
 def _body_q6_k_packed(isa: str, rows: int):
@@ -988,7 +984,7 @@ def module_ir(isa: str, vnni: bool = False, zmm: bool = False) -> str:
     flavour = isa + ("+vnni" if vnni and isa == "avx2" else "")
     # 512-bit registers for packed Q4_K's 8-row pass only (prompts): ~+5 % prefill on the 1.5B shape
     # (Intel, AVX-512); the 1- and 4-row kernels and Q6_K's measured slower in them (docs/performance.md)
-    flavour_of = lambda n, r: flavour + ("+zmm" if zmm and vnni and isa == "avx2" and n == "q4_k" and r == 8 else "")
+    flavour_of = lambda n, r: flavour + ("+zmm" if zmm and n == "q4_k" and r == 8 else "")   # _IR ignores it without VNNI
     ahead = {qt for qt in _PREFETCHED if wide}
     ahead_packed = {qt for qt in _PREFETCHED_PACKED if wide}
     pk = {n: qt for qt, (n, _) in _PACKED_KERNELS.items()}

@@ -315,46 +315,21 @@ def test_packed_q4_k_at_its_integer_bounds(sign):
         assert np.array_equal(got.view(np.int32), want[:m].view(np.int32)), m
 
 
-_TWO_FORMS = """
-import numpy as np
-from rosenblatt import cpu as simd
-from rosenblatt.cpu import build
-assert not build.uses_zmm(), build.forms()
-rng = np.random.default_rng(14)
-k, n = 4608, 40
-qt = QT
-blocks = rng.integers(0, 256, (n, k // 256, 144), dtype=np.uint8)
-blocks[..., 0:2] = np.frombuffer(np.float16(0.011).tobytes(), np.uint8)     # finite d, dmin
-blocks[..., 2:4] = np.frombuffer(np.float16(0.003).tobytes(), np.uint8)
-rows = blocks.reshape(n, -1)
-packed = simd.pack(qt, rows)
-assert packed is not None and ("packed", qt) in simd.kernels()
-for m in (1, 4, 8, 13):
-    acts = simd.quantize_activations(rng.standard_normal((m, k)).astype(np.float32) * 3, simd.Q8_256)
-    want = simd.KernelGroup([qt], [rows], simd.kernels("portable"))(acts)
-    for parts in (1, 2):
-        got = simd.KernelGroup([qt], [packed], simd.kernels())(acts, parts)
-        assert np.array_equal(got.view(np.int32), want.view(np.int32)), (m, parts)
-print("256-bit form: same bits")
-"""
-
-
 def test_packed_q4_k_in_256_bit_registers_where_the_host_runs_512():
     """On a CPU with AVX-512 VNNI + BW packed Q4_K's 8-row kernel keeps both row halves of a group
     in one 512-bit register (what the host tests above run); a CPU with only AVX-VNNI runs the
-    256-bit form. Built here in a second process with ROSENBLATT_ZMM=0, it gives the portable
-    row-major floats too: 1, 4, 8 and 13 rows (the 8- and 4-row passes, prefetching at 4608
-    inputs), 1-2 threads."""
+    256-bit form. The host's packed Q4_K tests above, run again in a second process with
+    ROSENBLATT_ZMM=0, check that form against the portable kernel too."""
     if not build.uses_zmm():
         pytest.skip("this CPU runs the 256-bit form only, which the host tests above already check")
     import os
     import subprocess
     import sys
-    code = _TWO_FORMS.replace("QT", str(int(T.Q4_K)))
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
-                          env={**os.environ, build.ZMM_ENV: "0"})
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "256-bit form: same bits" in proc.stdout
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
+                           "packed_kernels_give_the_row_major_floats and host-Q4_K or packed_q4_k_at_its_integer_bounds"],
+                          capture_output=True, text=True, timeout=900, env={**os.environ, build.ZMM_ENV: "0"})
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert "4 passed" in proc.stdout, proc.stdout[-3000:]     # short and long inputs, both signs
 
 
 def test_the_512_bit_form_compiles_for_an_avx512_cpu_anywhere():
